@@ -1,0 +1,1 @@
+"""Readers for every mammography source; see `read_image` and `lesion_masks`."""
