@@ -1,0 +1,107 @@
+"""VQ-VAE (paper eq. 2): reconstruction MSE + codebook loss + 0.25 x commitment loss, straight-through
+gradients; anomaly score = reconstruction MSE. The 8 x 8 code indices are the 64 discrete latents of
+the SPN stage. Codebook health is logged (perplexity, dead codes) and dead codes are re-seeded from
+encoder outputs every ``revive_every`` steps so that K = 512 does not collapse to a handful."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_modules.cae import ReconstructionDetector, batch_images
+from lightning_modules.networks import LATENT_DIM, VQAutoencoder, perplexity
+
+
+class VQVAE(ReconstructionDetector):
+    """VQ-VAE over the shared trunk + ``num_residual_blocks`` residual blocks; ``num_embeddings`` = K."""
+
+    def __init__(
+        self,
+        lr: float = 1e-4,
+        num_embeddings: int = 512,
+        embedding_dim: int = LATENT_DIM,
+        commitment: float = 0.25,
+        num_residual_blocks: int = 6,
+        revive_every: int = 100,
+        dead_threshold: float = 0.03,
+        usage_decay: float = 0.99,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = VQAutoencoder(
+            num_embeddings=num_embeddings,
+            embedding_dim=embedding_dim,
+            num_residual_blocks=num_residual_blocks,
+            commitment=commitment,
+        )
+        self._last_z: Tensor | None = None
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.net.quantizer.num_embeddings
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return self.net(x)[0]
+
+    def _losses(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        recon, vq_loss, idx, z = self.net(x)
+        mse = (recon.float() - x.float()).pow(2).mean(dim=(1, 2, 3))
+        return mse, vq_loss, idx, z
+
+    def per_sample_loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Score = reconstruction MSE per patch (the codebook terms only shape training)."""
+        mse, _, _, _ = self._losses(x)
+        return mse, {}
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x = batch_images(batch)
+        mse, vq_loss, idx, z = self._losses(x)
+        loss = (mse + vq_loss).mean()
+        hist = self.net.quantizer.update_usage(idx, self.hparams.usage_decay)
+        n = x.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/mse", mse.mean().detach(), batch_size=n)
+        self.log("train/vq_loss", vq_loss.mean().detach(), batch_size=n)
+        self.log("train/perplexity", perplexity(hist), prog_bar=True, batch_size=n)
+        dead = (self.net.quantizer.usage < self.hparams.dead_threshold).sum().float()
+        self.log("train/dead_codes", dead, batch_size=n)
+        self._last_z = z.detach()
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x = batch_images(batch)
+        mse, vq_loss, idx, _ = self._losses(x)
+        loss = (mse + vq_loss).mean()
+        n = x.shape[0]
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=n)
+        self.log("val/mse", mse.mean(), sync_dist=True, batch_size=n)
+        hist = torch.bincount(idx.flatten(), minlength=self.num_embeddings).float()
+        self.log("val/perplexity", perplexity(hist / hist.sum()), sync_dist=True, batch_size=n)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Every ``revive_every`` optimiser steps, re-seeds dead codes (identically on every DDP rank)."""
+        every = self.hparams.revive_every
+        if self._last_z is None or every <= 0 or self.global_step == 0 or self.global_step % every:
+            return
+        gen = torch.Generator().manual_seed(int(self.hparams.seed) * 1_000_003 + int(self.global_step))
+        revived = self.net.quantizer.revive(self._last_z, self.hparams.dead_threshold, gen)
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(self.net.quantizer.embedding.weight.data, src=0)
+            dist.broadcast(self.net.quantizer.usage, src=0)
+        self.log("train/revived_codes", float(revived), batch_size=1)
+        self._last_z = None
+
+    def encode_codes(self, x: Tensor) -> Tensor:
+        """The 8 x 8 code indices flattened: LongTensor N x 64 in [0, K); eval mode, no gradient."""
+        return self._eval_call(self.net.encode_codes, x)
+
+    def codebook_usage(self, x: Tensor) -> dict[str, float]:
+        """Perplexity and number of unused codes over the patches ``x`` (for reports)."""
+        codes = self.encode_codes(x)
+        hist = torch.bincount(codes.flatten(), minlength=self.num_embeddings).float()
+        return {"perplexity": float(perplexity(hist / hist.sum())), "unused_codes": int((hist == 0).sum())}
