@@ -1,0 +1,166 @@
+"""Anomaly maps, segmentation and per-image results on small hand-made images."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from experiments import evaluation, metrics
+
+
+def _grid(breast: np.ndarray, stride: int, origin: tuple[int, int] = (8, 8)) -> np.ndarray:
+    rows = np.arange(origin[0], breast.shape[0], stride)
+    cols = np.arange(origin[1], breast.shape[1], stride)
+    rr, cc = np.meshgrid(rows, cols, indexing="ij")
+    centers = np.stack([rr.ravel(), cc.ravel()], axis=1)
+    return centers[breast[centers[:, 0], centers[:, 1]]]
+
+
+def test_linear_field_interpolated_exactly_and_masked_outside_breast() -> None:
+    h, w, stride = 100, 130, 16
+    breast = np.zeros((h, w), bool)
+    breast[:, :90] = True
+    centers = _grid(np.ones((h, w), bool), stride)
+    field = lambda r, c: 0.5 + 0.01 * r - 0.02 * c  # noqa: E731
+    scores = field(centers[:, 0], centers[:, 1])
+    amap = evaluation.anomaly_map(scores, centers, breast, stride)
+    assert amap.dtype == np.float32 and amap.shape == (h, w)
+    rr, cc = np.mgrid[:h, :w]
+    inside = (rr >= 8) & (rr <= centers[:, 0].max()) & (cc >= 8) & (cc <= centers[:, 1].max()) & breast
+    np.testing.assert_allclose(amap[inside], field(rr, cc)[inside], atol=1e-5)
+    assert np.isnan(amap[~breast]).all()
+    # Outside the grid's hull (first 8 rows) the value is clamped to the nearest node row.
+    np.testing.assert_allclose(amap[0, 8:90], field(8, cc[0, 8:90]), atol=1e-5)
+
+
+def test_missing_grid_cells_take_nearest_score() -> None:
+    h, w, stride = 64, 64, 16
+    breast = np.zeros((h, w), bool)
+    breast[:, :30] = True  # grid columns 8 and 24 scored; 40 and 56 not
+    centers = _grid(breast, stride)
+    scores = np.where(centers[:, 1] == 8, 1.0, 3.0)
+    full_breast = np.ones((h, w), bool)
+    amap = evaluation.anomaly_map(scores, centers, full_breast, stride)
+    np.testing.assert_allclose(amap[:, 24:], 3.0, atol=1e-6)  # filled from the column-24 nodes
+    np.testing.assert_allclose(amap[:, 16], 2.0, atol=1e-6)  # halfway between 8 and 24
+
+
+def test_anomaly_map_errors_and_empty() -> None:
+    breast = np.ones((32, 32), bool)
+    assert np.isnan(evaluation.anomaly_map(np.zeros(0), np.zeros((0, 2)), breast, 16)).all()
+    with pytest.raises(ValueError, match="scores for"):
+        evaluation.anomaly_map(np.zeros(3), np.zeros((2, 2)), breast, 16)
+    with pytest.raises(ValueError, match="one grid"):
+        evaluation.anomaly_map(np.zeros(2), np.array([[8, 8], [9, 24]]), breast, 16)
+
+
+def _item(image_id: str, lesion_center: tuple[int, int] | None, has_annotation: bool = True) -> dict:
+    h, w, stride = 96, 128, 16
+    rr, cc = np.mgrid[:h, :w]
+    breast = np.hypot(rr - h / 2, cc) < 110
+    lesion = np.zeros((h, w), bool)
+    if lesion_center is not None:
+        lesion = np.hypot(rr - lesion_center[0], cc - lesion_center[1]) < 10
+    centers = _grid(breast, stride)
+    return {
+        "image_id": image_id,
+        "patient_id": f"P_{image_id}",
+        "image": np.where(lesion, 0.9, 0.3).astype(np.float32),
+        "breast_mask": breast,
+        "lesion_mask": lesion,
+        "centers": centers,
+        "spacing_mm": 0.2,
+        "stride": stride,
+        "meta": {"density": 2, "lesion_type": "mass", "has_pixel_annotation": has_annotation},
+    }
+
+
+def _scores(item: dict) -> np.ndarray:
+    c = item["centers"]
+    lesion = item["lesion_mask"]
+    ys, xs = np.nonzero(lesion) if lesion.any() else (np.array([0]), np.array([0]))
+    d = np.hypot(c[:, 0] - ys.mean(), c[:, 1] - xs.mean())
+    return 1.0 / (1.0 + d / 16.0)
+
+
+def test_evaluate_image_metrics_and_exclusions() -> None:
+    item = _item("a", (40, 60))
+    result, amap, seg = evaluation.evaluate_image(item, _scores(item))
+    breast, lesion = item["breast_mask"], item["lesion_mask"]
+    assert result.auc == pytest.approx(roc_auc_score(lesion[breast], amap[breast]))
+    assert result.auc > 0.95
+    assert result.threshold == pytest.approx(np.percentile(amap[breast], 99))
+    assert result.segmentation_area_px == int(seg.sum()) > 0
+    assert seg.sum() <= 0.011 * breast.sum() + 1
+    assert result.hausdorff_px == pytest.approx(metrics.hausdorff_distance(seg, lesion))
+    assert result.hausdorff_mm == pytest.approx(0.2 * result.hausdorff_px)
+    assert result.excluded == "" and result.density == "2" and result.n_patches == len(item["centers"])
+    assert 0.0 <= result.top1_near_border_fraction <= 1.0
+
+    healthy = _item("h", None)
+    res_h, _, _ = evaluation.evaluate_image(healthy, _scores(healthy))
+    assert res_h.excluded == "no_lesion_in_breast" and math.isnan(res_h.auc)
+    unannotated = _item("u", (40, 60), has_annotation=False)
+    assert evaluation.evaluate_image(unannotated, _scores(unannotated))[0].excluded == "no_pixel_annotation"
+    fixed, _, seg_fixed = evaluation.evaluate_image(item, _scores(item), "fixed", threshold_value=0.5)
+    assert fixed.threshold == 0.5 and seg_fixed.sum() == int((amap[breast] > 0.5).sum())
+    with pytest.raises(ValueError, match="unknown"):
+        evaluation.evaluate_image(item, _scores(item), "otsu")
+
+
+def test_top_fraction_near_border_counts_border_hotspots() -> None:
+    breast = np.zeros((200, 200), bool)
+    breast[20:180, 20:180] = True
+    amap = np.zeros((200, 200), np.float32)
+    amap[100:105, 100:105] = 1.0  # 25 hottest pixels in the centre, far (75+ px) from the border
+    assert evaluation.top_fraction_near_border(amap, breast, top_percent=0.1) == 0.0
+    amap2 = np.zeros((200, 200), np.float32)
+    amap2[20:25, 20:25] = 1.0  # hottest at the corner
+    assert evaluation.top_fraction_near_border(amap2, breast, top_percent=0.1) == 1.0
+    # The image edge counts as border too.
+    assert evaluation.border_distance(np.ones((5, 5), bool))[0, 2] == 1.0
+
+
+def test_accumulator_summary_histogram_and_files(tmp_path) -> None:
+    acc = evaluation.EvaluationAccumulator()
+    items = [_item("a", (40, 60)), _item("b", (60, 30)), _item("h", None)]
+    maps = []
+    for it in items:
+        _, amap, _ = acc.add(it, _scores(it))
+        maps.append(amap)
+    s = acc.summary()
+    lesion_items = items[:2]
+    expected_pixel = metrics.pixel_auc(maps[:2], [i["lesion_mask"] for i in lesion_items],
+                                       [i["breast_mask"] for i in lesion_items])
+    assert s["pixel_auc"] == pytest.approx(expected_pixel)
+    assert s["n_images"] == 3 and s["n_evaluated"] == 2 and s["n_excluded"] == 1
+    assert s["excluded_reasons"]["no_lesion_in_breast"] == 1
+    assert s["threshold_rule"] == "image_percentile_99"
+    assert s["n_hausdorff"] == 2 and s["n_hausdorff_empty"] == 0
+    aucs = [r.auc for r in acc.results[:2]]
+    assert s["image_auc_mean"] == pytest.approx(np.mean(aucs))
+    hist = acc.score_histogram(bins=10)
+    assert hist["bin_edges"].shape == (11,)
+    assert hist["lesion"].sum() == s["n_lesion_pixels"] == sum(int(i["lesion_mask"].sum()) for i in lesion_items)
+    assert hist["healthy"].sum() == s["n_healthy_pixels"]
+
+    # Merging states (the distributed path) skips duplicates and keeps the numbers.
+    other = evaluation.EvaluationAccumulator()
+    other.merge_state(acc.state())
+    other.merge_state(acc.state())
+    assert other.summary()["pixel_auc"] == s["pixel_auc"] and other.summary()["n_images"] == 3
+
+    evaluation.write_metrics_json(tmp_path / "metrics.json", s)
+    evaluation.write_per_image_csv(tmp_path / "per_image.csv", acc.results)
+    loaded = json.loads((tmp_path / "metrics.json").read_text())
+    assert loaded["pixel_auc"] == pytest.approx(s["pixel_auc"])
+    rows = list(csv.DictReader((tmp_path / "per_image.csv").open()))
+    assert [r["image_id"] for r in rows] == ["a", "b", "h"]
+    assert rows[2]["auc"] == "" and rows[2]["excluded"] == "no_lesion_in_breast"
+    assert float(rows[0]["auc"]) == pytest.approx(acc.results[0].auc)
+    assert not list(tmp_path.glob("*.tmp"))
