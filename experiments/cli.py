@@ -1,12 +1,252 @@
-"""The `lightning` command: a LightningCLI over every model and data module (filled in by experiments)."""
+"""The `lightning` command: a LightningCLI over every model and data module of the project.
+
+`lightning fit|validate|test|predict --config configs/<model>.yaml [--config profile.yaml] [--a.b c]`.
+Each run lives in one folder ``<run.root>/<run.name>/`` (resolved ``config.yaml``, ``checkpoints/``
+with ``last.ckpt`` and ``best.ckpt`` by ``val/loss``, CSV logs, offline W&B runs); evaluation outputs
+go to ``<run.results_dir>/<run.name>/``. See docs/cli.md.
+"""
 
 from __future__ import annotations
 
-from pytorch_lightning.cli import LightningCLI
+import importlib
+import inspect
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from experiments.loggers import build_loggers, wandb_mode
+from lightning_modules.base import AnomalyDetector
+
+#: monitored by the default checkpoint callback; every model logs it in validation
+MONITOR_KEY = "val/loss"
 
 
-def main(args: list[str] | None = None) -> None:
-    LightningCLI(subclass_mode_model=True, subclass_mode_data=True, args=args)
+def _import_optional(module_name: str) -> Any | None:
+    """Imports a module other engineers provide, or returns None while it does not exist yet."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name is not None and module_name.startswith(err.name):
+            return None
+        raise
+
+
+# Importing the packages registers their classes as subclasses, so `class_path: CAE` resolves.
+for _package in ("lightning_modules", "datamodules"):
+    _import_optional(_package)
+
+
+@dataclass
+class RunOptions:
+    """Where a run writes and how W&B names it (the `run` section of a config)."""
+
+    name: str | None = None
+    """Run folder name; default ``<model>-<data>-s<seed>``."""
+    root: str = "runs"
+    """Folder holding every run folder (config, checkpoints, logs)."""
+    results_dir: str = "results"
+    """Evaluation outputs (metrics.json, per_image.csv, maps, predictions) go to ``<results_dir>/<name>/``."""
+    project: str = "mammospn"
+    """W&B project."""
+    group: str | None = None
+    """W&B group (e.g. one per Table 1 reproduction); default ``<model>-<data>``."""
+    stage: str | None = None
+    """W&B job_type; default the subcommand (fit, test, ...)."""
+    tags: list[str] = field(default_factory=list)
+    """Extra W&B tags (model, data, stage and seed are always added)."""
+    evaluate: bool = True
+    """Add the evaluation callback (full-image metrics in test, lesion-validation curves in fit)."""
+
+
+class ConfigSaver(SaveConfigCallback):
+    """Saves the resolved config as ``<run folder>/config.yaml``, atomically, overwriting an earlier run's."""
+
+    def __init__(self, parser: LightningArgumentParser, config: Any, run_dir: str | Path = ".", **kwargs: Any):
+        kwargs["save_to_log_dir"] = False
+        kwargs.setdefault("overwrite", True)
+        super().__init__(parser, config, **kwargs)
+        self.run_dir = Path(run_dir)
+
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        target = self.run_dir / self.config_filename
+        tmp = target.with_name(f".{target.name}.tmp")
+        text = self.parser.dump(self.config, skip_none=False)
+        tmp.write_text(text)
+        os.replace(tmp, target)
+
+
+class AnomalyMapWriter(BasePredictionWriter):
+    """`lightning predict`: per image the anomaly map (.npy), a heatmap overlay PNG and the thresholded mask PNG."""
+
+    def __init__(self, output_dir: str | Path, percentile: float = 99.0) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self.percentile = percentile
+        self.written: list[str] = []
+
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Any,
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        from experiments.figures import write_prediction
+
+        scores = prediction["scores"] if isinstance(prediction, dict) else prediction
+        paths = write_prediction(batch, scores, self.output_dir, percentile=self.percentile)
+        self.written.extend(str(p) for p in paths)
+
+
+def _model_name(config: Any) -> str:
+    class_path = str(config.get("model", {}).get("class_path") or "model")
+    return class_path.rsplit(".", 1)[-1].lower()
+
+
+def _data_name(config: Any) -> str:
+    data = config.get("data") or {}
+    init_args = data.get("init_args") or {}
+    source = init_args.get("source") if hasattr(init_args, "get") else None
+    if source:
+        test_set = init_args.get("test_set")
+        return f"{source}-{test_set}" if test_set else str(source)
+    class_path = str(data.get("class_path") or "data")
+    return class_path.rsplit(".", 1)[-1].lower()
+
+
+def _evaluation_callback(output_dir: Path) -> Callback | None:
+    """The evaluation engineer's EvaluationCallback writing to ``output_dir``, or None while it is absent."""
+    module = _import_optional("experiments.callbacks")
+    if module is None or not hasattr(module, "EvaluationCallback"):
+        warnings.warn("experiments.callbacks.EvaluationCallback not available: no full-image metrics", stacklevel=2)
+        return None
+    cls = module.EvaluationCallback
+    params = inspect.signature(cls).parameters
+    kwargs = {"output_dir": str(output_dir)} if "output_dir" in params else {}
+    callback = cls(**kwargs)
+    if not kwargs and hasattr(callback, "output_dir"):
+        callback.output_dir = output_dir
+    return callback
+
+
+class MammoCLI(LightningCLI):
+    """LightningCLI with one run folder per run, W&B + CSV loggers, checkpoints and the evaluation callback."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(RunOptions, "run", fail_untyped=False)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        run = config["run"]
+        seed = config.get("seed_everything")
+        self.model_name = _model_name(config)
+        self.data_name = _data_name(config)
+        if not run.name:
+            run.name = f"{self.model_name}-{self.data_name}-s{seed}"
+        self.run_dir = Path(run.root) / run.name
+        self.results_dir = Path(run.results_dir) / run.name
+        self.save_config_kwargs = {**self.save_config_kwargs, "run_dir": self.run_dir}
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        run = config["run"]
+        trainer_cfg = config.get("trainer") or {}
+        seed = config.get("seed_everything")
+        if trainer_cfg.get("default_root_dir") is None:
+            kwargs["default_root_dir"] = str(self.run_dir)
+        if trainer_cfg.get("logger") is None:
+            kwargs["logger"] = build_loggers(
+                self.run_dir,
+                name=run.name,
+                project=run.project,
+                group=run.group or f"{self.model_name}-{self.data_name}",
+                job_type=run.stage or self.subcommand or "run",
+                tags=[self.model_name, self.data_name, f"seed{seed}", *(run.tags or [])],
+                config=self._flat_config(),
+            )
+        callbacks = trainer_cfg.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
+        if self.subcommand in (None, "fit") and trainer_cfg.get("enable_checkpointing", True) is not False and not any(
+            isinstance(c, ModelCheckpoint) for c in callbacks
+        ):
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=self.run_dir / "checkpoints",
+                    filename="best",
+                    monitor=MONITOR_KEY,
+                    mode="min",
+                    save_top_k=1,
+                    save_last=True,
+                    enable_version_counter=False,
+                    auto_insert_metric_name=False,
+                )
+            )
+        if self.subcommand == "predict":
+            if not any(isinstance(c, BasePredictionWriter) for c in callbacks):
+                callbacks.append(AnomalyMapWriter(self.results_dir / "predictions"))
+        elif run.evaluate and self.subcommand in (None, "fit", "validate", "test"):
+            callback = _evaluation_callback(self.results_dir)
+            if callback is not None:
+                callbacks.append(callback)
+        kwargs["callbacks"] = callbacks
+        return super().instantiate_trainer(**kwargs)
+
+    def _flat_config(self) -> dict[str, Any]:
+        """The resolved config as plain data, for the W&B run's config panel."""
+        try:
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            return config.clone().as_dict()
+        except Exception:  # noqa: BLE001 - a config that does not serialise only loses the W&B panel
+            return {}
+
+
+def _checkpoint_model_args(args: list[str]) -> list[str]:
+    """`lightning test --ckpt_path X` without a config: take the model class from the checkpoint."""
+    if not args or args[0] not in ("validate", "test", "predict"):
+        return args
+    if any(a == "--config" or a.startswith(("--config=", "--model", "-c")) for a in args):
+        return args
+    ckpt = None
+    for i, a in enumerate(args):
+        if a == "--ckpt_path" and i + 1 < len(args):
+            ckpt = args[i + 1]
+        elif a.startswith("--ckpt_path="):
+            ckpt = a.split("=", 1)[1]
+    if not ckpt or not Path(ckpt).is_file():
+        return args
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    class_path = state.get("anomaly_model_class") or (state.get("hyper_parameters") or {}).get("_class_path")
+    return [*args, "--model", class_path] if class_path else args
+
+
+def main(args: list[str] | None = None, run: bool = True) -> MammoCLI:
+    """Entry point of `lightning`; returns the CLI so callers (Table 1, tests) can read its trainer and paths."""
+    argv = list(sys.argv[1:] if args is None else args)
+    argv = _checkpoint_model_args(argv)
+    if wandb_mode() != "disabled":
+        os.environ.setdefault("WANDB_SILENT", "true")
+    return MammoCLI(
+        model_class=AnomalyDetector,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=ConfigSaver,
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        args=argv,
+        run=run,
+    )
 
 
 if __name__ == "__main__":

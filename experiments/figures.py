@@ -1,0 +1,249 @@
+"""Pictures: prediction outputs (map .npy, heatmap overlay, thresholded mask) and the paper's Fig. 2 and Fig. 3.
+
+Fig. 2 (`figure2`): per test set, the scan, its ground truth, then per model the heatmap and the
+thresholded mask with its Hausdorff distance, read from the evaluation callback's ``maps/<image_id>.npz``.
+Fig. 3 (`figure3`): healthy vs lesion pixel score distributions per model, from ``score_hist.npz``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def grid_to_map(
+    scores: Any, centers: Any, shape: tuple[int, int], stride: int, breast_mask: np.ndarray | None = None
+) -> np.ndarray:
+    """Per-pixel anomaly map from grid scores: bilinear interpolation between grid nodes, NaN outside the breast.
+
+    Grid nodes without a score (centre outside the breast) take their nearest scored node's value, so
+    interpolation near the skin line is not pulled towards an arbitrary fill value.
+    """
+    scores = _as_numpy(scores).astype(np.float64).reshape(-1)
+    centers = _as_numpy(centers).astype(np.int64).reshape(-1, 2)
+    height, width = int(shape[0]), int(shape[1])
+    out = np.full((height, width), np.nan, dtype=np.float32)
+    if scores.size == 0:
+        return out
+    if scores.size != centers.shape[0]:
+        raise ValueError(f"{scores.size} scores for {centers.shape[0]} grid centres")
+    origin = centers.min(axis=0) % stride
+    idx = (centers - origin) // stride
+    grid_shape = (int(idx[:, 0].max()) + 1, int(idx[:, 1].max()) + 1)
+    grid = np.zeros(grid_shape, dtype=np.float64)
+    known = np.zeros(grid_shape, dtype=bool)
+    grid[idx[:, 0], idx[:, 1]] = scores
+    known[idx[:, 0], idx[:, 1]] = True
+    if not known.all():
+        nearest = ndimage.distance_transform_edt(~known, return_distances=False, return_indices=True)
+        grid = grid[tuple(nearest)]
+    rows = (np.arange(height, dtype=np.float64) - origin[0]) / stride
+    cols = (np.arange(width, dtype=np.float64) - origin[1]) / stride
+    rr, cc = np.meshgrid(rows, cols, indexing="ij")
+    dense = ndimage.map_coordinates(grid, [rr, cc], order=1, mode="nearest")
+    out[:] = dense.astype(np.float32)
+    if breast_mask is not None:
+        out[~np.asarray(breast_mask, dtype=bool)] = np.nan
+    return out
+
+
+def threshold_mask(anomaly_map: np.ndarray, percentile: float = 99.0) -> np.ndarray:
+    """Segmentation: pixels at or above the given percentile of the image's own (finite, in-breast) scores.
+
+    ``>=`` rather than ``>`` so that a plateau of equal top scores (a clamped map border) is not lost.
+    """
+    finite = np.isfinite(anomaly_map)
+    if not finite.any():
+        return np.zeros(anomaly_map.shape, dtype=bool)
+    level = np.percentile(anomaly_map[finite], percentile)
+    return finite & (np.nan_to_num(anomaly_map, nan=-np.inf) >= level)
+
+
+def normalise_map(anomaly_map: np.ndarray) -> np.ndarray:
+    """Scores scaled to [0, 1] by the 1st and 99.9th percentile of the finite values (0 elsewhere)."""
+    finite = np.isfinite(anomaly_map)
+    out = np.zeros(anomaly_map.shape, dtype=np.float32)
+    if not finite.any():
+        return out
+    lo, hi = np.percentile(anomaly_map[finite], [1.0, 99.9])
+    scale = hi - lo if hi > lo else 1.0
+    out[finite] = np.clip((anomaly_map[finite] - lo) / scale, 0.0, 1.0)
+    return out
+
+
+def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """uint8 RGB: the grey scan with a jet heatmap blended in where the map is finite (inside the breast)."""
+    grey = (np.clip(_as_numpy(image).astype(np.float32), 0.0, 1.0) * 255).astype(np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    heat = cv2.applyColorMap((normalise_map(anomaly_map) * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
+    inside = np.isfinite(anomaly_map)
+    blended = rgb.copy()
+    blended[inside] = (alpha * heat[inside] + (1 - alpha) * rgb[inside]).astype(np.uint8)
+    return blended
+
+
+def _write_atomic_png(path: Path, image: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    data = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
+    if not cv2.imwrite(str(tmp), data):
+        raise OSError(f"could not write {path}")
+    os.replace(tmp, path)
+
+
+def _write_atomic_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def _safe_name(image_id: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(image_id)) or "image"
+
+
+def write_prediction(
+    item: Mapping[str, Any], scores: Any, output_dir: str | Path, percentile: float = 99.0
+) -> list[Path]:
+    """Writes ``<id>_map.npy`` (float32, NaN outside the breast), ``<id>_overlay.png`` and ``<id>_mask.png``."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    image = _as_numpy(item["image"]).astype(np.float32)
+    image = image.reshape(image.shape[-2:])
+    breast = item.get("breast_mask")
+    breast = _as_numpy(breast).astype(bool).reshape(image.shape) if breast is not None else None
+    stride = int(_as_numpy(item.get("stride", 16)))
+    anomaly_map = grid_to_map(scores, item["centers"], image.shape, stride, breast)
+    mask = threshold_mask(anomaly_map, percentile)
+    stem = _safe_name(item.get("image_id", "image"))
+    paths = [output_dir / f"{stem}_map.npy", output_dir / f"{stem}_overlay.png", output_dir / f"{stem}_mask.png"]
+    _write_atomic_npy(paths[0], anomaly_map)
+    _write_atomic_png(paths[1], heatmap_overlay(image, anomaly_map))
+    _write_atomic_png(paths[2], mask.astype(np.uint8) * 255)
+    return paths
+
+
+# --- Table 1 figures -----------------------------------------------------------------------------
+
+
+def _pick(data: Mapping[str, Any], *names: str) -> np.ndarray | None:
+    for name in names:
+        if name in data:
+            return np.asarray(data[name])
+    return None
+
+
+def _save_figure(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def common_image_ids(map_dirs: Sequence[Path]) -> list[str]:
+    """Image ids that have a ``maps/<id>.npz`` in every given folder, sorted."""
+    sets = [{p.stem for p in Path(d).glob("*.npz")} for d in map_dirs]
+    return sorted(set.intersection(*sets)) if sets else []
+
+
+def figure2(
+    map_dirs: Mapping[str, Path], out_path: str | Path, image_id: str | None = None, title: str = ""
+) -> Path | None:
+    """Fig. 2: scan, ground truth, then per model heatmap and thresholded mask (H in the title).
+
+    ``map_dirs`` maps model name -> its evaluation ``maps/`` folder; the image shown is ``image_id`` or
+    the first image every model has a map for. Returns None when no image is shared by all models.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dirs = {k: Path(v) for k, v in map_dirs.items()}
+    ids = common_image_ids(list(dirs.values()))
+    if image_id is None:
+        if not ids:
+            return None
+        image_id = ids[0]
+    loaded = {name: dict(np.load(d / f"{image_id}.npz", allow_pickle=False)) for name, d in dirs.items()}
+    first = next(iter(loaded.values()))
+    scan = _pick(first, "image", "scan")
+    truth = _pick(first, "lesion_mask", "ground_truth", "gt")
+    ncols = 2 + 2 * len(loaded)
+    fig, axes = plt.subplots(1, ncols, figsize=(1.9 * ncols, 2.6), squeeze=False)
+    axes = axes[0]
+    axes[0].imshow(scan if scan is not None else np.zeros((2, 2)), cmap="gray")
+    axes[0].set_title("scan", fontsize=8)
+    axes[1].imshow(truth if truth is not None else np.zeros((2, 2)), cmap="gray")
+    axes[1].set_title("ground truth", fontsize=8)
+    for k, (name, data) in enumerate(loaded.items()):
+        amap = _pick(data, "anomaly_map", "map", "scores")
+        seg = _pick(data, "segmentation", "threshold_mask", "pred_mask", "mask")
+        if amap is None:
+            amap = np.zeros((2, 2))
+        if seg is None:
+            seg = threshold_mask(amap.astype(np.float32))
+        h = _pick(data, "hausdorff_px", "hausdorff", "H")
+        h_text = f"H={float(h):.1f}" if h is not None and np.size(h) == 1 and np.isfinite(float(h)) else "H=n/a"
+        axes[2 + 2 * k].imshow(normalise_map(amap.astype(np.float32)), cmap="jet", vmin=0, vmax=1)
+        axes[2 + 2 * k].set_title(f"{name}", fontsize=8)
+        axes[3 + 2 * k].imshow(seg, cmap="gray")
+        axes[3 + 2 * k].set_title(h_text, fontsize=8)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title or f"{image_id}", fontsize=9)
+    return _save_figure(fig, Path(out_path))
+
+
+def figure3(hist_files: Mapping[str, Path], out_path: str | Path, title: str = "") -> Path | None:
+    """Fig. 3: healthy vs lesion pixel score distributions of one model, one panel per test set.
+
+    ``hist_files`` maps test-set name -> ``score_hist.npz`` holding bin ``edges`` and ``healthy`` /
+    ``lesion`` counts (or raw score samples under the same names). Returns None when none exist.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = {k: Path(v) for k, v in hist_files.items() if Path(v).is_file()}
+    if not files:
+        return None
+    fig, axes = plt.subplots(1, len(files), figsize=(4.2 * len(files), 3.0), squeeze=False)
+    for ax, (set_name, path) in zip(axes[0], files.items()):
+        data = dict(np.load(path, allow_pickle=False))
+        edges = _pick(data, "edges", "bin_edges", "bins")
+        for label, keys, color in (
+            ("healthy", ("healthy", "healthy_counts", "normal"), "tab:blue"),
+            ("lesion", ("lesion", "lesion_counts", "anomalous", "anomaly"), "tab:red"),
+        ):
+            values = _pick(data, *keys)
+            if values is None:
+                continue
+            if edges is not None and values.size == edges.size - 1:
+                total = values.sum()
+                density = values / (total * np.diff(edges)) if total > 0 else values
+                ax.stairs(density, edges, label=label, color=color, fill=True, alpha=0.4)
+            else:
+                ax.hist(values.ravel(), bins=50, density=True, alpha=0.4, label=label, color=color)
+        ax.set_title(f"{title} {set_name}".strip(), fontsize=9)
+        ax.set_xlabel("anomaly score")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=8)
+    return _save_figure(fig, Path(out_path))

@@ -1,0 +1,97 @@
+"""W&B plus a local CSV log for every run, working with and without a W&B account or network.
+
+Mode: ``WANDB_MODE`` when set (``online`` / ``offline`` / ``disabled``); otherwise ``online`` when an
+API key is configured (``WANDB_API_KEY`` or a ``~/.netrc`` entry for the W&B host), else ``offline``.
+Offline runs land in ``<run folder>/wandb/offline-run-*`` and are uploaded later with ``wandb sync``.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from pytorch_lightning.loggers import CSVLogger, Logger
+
+_MODES = ("online", "offline", "disabled")
+
+
+def _has_wandb_credentials() -> bool:
+    """True when W&B could log in without asking: an API key in the environment or in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = os.environ.get("NETRC", os.path.join(os.path.expanduser("~"), ".netrc"))
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode() -> str:
+    """The W&B mode a run will use: ``WANDB_MODE`` if valid, else online with credentials, offline without."""
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode == "dryrun":
+        return "offline"
+    if mode in _MODES:
+        return mode
+    if mode:
+        raise ValueError(f"WANDB_MODE={mode!r} is not one of {_MODES}; unset it or pick one of those")
+    return "online" if _has_wandb_credentials() else "offline"
+
+
+def build_loggers(
+    run_dir: str | Path,
+    name: str,
+    project: str = "mammospn",
+    group: str | None = None,
+    job_type: str | None = None,
+    tags: list[str] | None = None,
+    config: dict[str, Any] | None = None,
+) -> list[Logger]:
+    """CSV logger (``<run_dir>/logs/version_N/metrics.csv``) plus, unless disabled, a W&B logger in ``run_dir``.
+
+    W&B never uploads checkpoints (``log_model=False``): offline mode forbids it and checkpoints stay local.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="logs")]
+    mode = wandb_mode()
+    if mode == "disabled":
+        return loggers
+    from pytorch_lightning.loggers import WandbLogger
+
+    # unique-ish tags, W&B limits each to 64 characters
+    clean_tags = list(dict.fromkeys(str(t)[:64] for t in (tags or []) if t))
+    wandb_logger = WandbLogger(
+        name=name,
+        save_dir=str(run_dir),
+        project=project,
+        group=group,
+        job_type=job_type,
+        tags=clean_tags,
+        offline=mode == "offline",
+        log_model=False,
+        config=config or {},
+        settings=_wandb_settings(),
+    )
+    return [wandb_logger, *loggers]
+
+
+def _wandb_settings() -> Any:
+    """Quiet, network-tolerant W&B settings (no console capture, which fights with progress bars)."""
+    import wandb
+
+    return wandb.Settings(console="off", silent=True)
+
+
+def finish_wandb() -> None:
+    """Closes the active W&B run, so the next in-process run starts its own."""
+    try:
+        import wandb
+    except ImportError:  # pragma: no cover - wandb is a dependency
+        return
+    if wandb.run is not None:
+        wandb.finish()

@@ -1,0 +1,278 @@
+"""The `lightning` CLI on tiny stand-ins: help, config merging, overrides, run folders, resume, W&B modes, predict."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import yaml
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from experiments import cli, figures, loggers
+from lightning_modules.base import AnomalyDetector
+
+
+class TinyDetector(AnomalyDetector):
+    """A linear autoencoder on 64 x 64 patches; score = per-patch MSE."""
+
+    def __init__(self, hidden: int = 4, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.encoder = nn.Linear(64 * 64, hidden)
+        self.decoder = nn.Linear(hidden, 64 * 64)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decoder(self.encoder(x.flatten(1))).view_as(x)
+
+    def _loss(self, x: Tensor) -> Tensor:
+        return ((self(x) - x) ** 2).mean()
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss = self._loss(batch["image"])
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.log("val/loss", self._loss(batch["image"]))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+    def score_patches(self, x: Tensor) -> Tensor:
+        return ((self(x) - x) ** 2).flatten(1).mean(1)
+
+
+class _Patches(Dataset):
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(n, 1, 64, 64, generator=g) * 0.2 + 0.4
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {
+            "image": self.images[i],
+            "index": torch.tensor(i),
+            "center": torch.tensor([32, 32]),
+            "patient_id": f"p{i % 4}",
+            "label": torch.tensor(0),
+        }
+
+
+def _evaluation_item(k: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed + k)
+    h, w = 96, 80
+    image = (rng.random((h, w)) * 0.2 + 0.4).astype(np.float32)
+    breast = np.zeros((h, w), dtype=bool)
+    breast[:, : w - 16] = True
+    centers = np.array([(r, c) for r in range(0, h, 16) for c in range(0, w, 16) if breast[r, c]], dtype=np.int64)
+    padded = np.pad(image, 32, mode="reflect")
+    patches = np.stack([padded[r : r + 64, c : c + 64] for r, c in centers])[:, None]
+    return {
+        "image_id": f"img{k}",
+        "patient_id": f"q{k}",
+        "image": torch.from_numpy(image),
+        "breast_mask": torch.from_numpy(breast),
+        "lesion_mask": torch.zeros(h, w, dtype=torch.bool),
+        "centers": torch.from_numpy(centers),
+        "patches": torch.from_numpy(patches.astype(np.float32)),
+        "spacing_mm": 0.2,
+        "stride": 16,
+        "meta": {"density": 2},
+    }
+
+
+class TinyData(pl.LightningDataModule):
+    """Healthy patch batches and evaluation items in the contract's format."""
+
+    def __init__(self, n: int = 48, batch_size: int = 16, seed: int = 0, source: str = "tiny") -> None:
+        super().__init__()
+        self.n, self.batch_size, self.seed, self.source = n, batch_size, seed, source
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Patches(self.n, self.seed), batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(_Patches(self.batch_size, self.seed + 1), batch_size=self.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader([_evaluation_item(k, self.seed) for k in range(2)], batch_size=None)
+
+    predict_dataloader = test_dataloader
+
+
+def _write(path: Path, data: dict) -> str:
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+BASE = {
+    "model": {"class_path": f"{__name__}.TinyDetector", "init_args": {"hidden": 4}},
+    "data": {"class_path": f"{__name__}.TinyData"},
+    "trainer": {
+        "max_epochs": 1,
+        "accelerator": "cpu",
+        "enable_model_summary": False,
+        "enable_progress_bar": False,
+        "log_every_n_steps": 1,
+    },
+    "run": {"evaluate": False},
+}
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    return tmp_path
+
+
+def test_help_lists_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for sub in ("fit", "validate", "test", "predict"):
+        assert sub in out
+
+
+def test_configs_merge_in_order_and_dotted_overrides_win(workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    first = _write(workdir / "a.yaml", {**BASE, "trainer": {**BASE["trainer"], "max_epochs": 7}})
+    second = _write(workdir / "b.yaml", {"trainer": {"max_epochs": 2, "limit_train_batches": 3}})
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "--config", first, "--config", second, "--model.init_args.hidden", "9", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["max_epochs"] == 2
+    assert printed["trainer"]["limit_train_batches"] == 3
+    assert printed["model"]["init_args"]["hidden"] == 9
+    assert printed["model"]["class_path"].endswith("TinyDetector")
+    assert printed["seed_everything"] == 0
+    assert printed["run"]["root"] == "runs"
+
+
+def test_config_typo_names_the_key(workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    config = _write(workdir / "a.yaml", BASE)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", "--config", config, "--model.init_args.hiden", "9"])
+    assert exit_info.value.code != 0
+    assert "hiden" in capsys.readouterr().err
+
+
+def test_fit_writes_run_folder_and_resumes_from_last(workdir: Path) -> None:
+    config = _write(workdir / "a.yaml", BASE)
+    run = cli.main(["fit", "--config", config, "--run.name", "tiny"])
+    run_dir = workdir / "runs" / "tiny"
+    assert run.run_dir == Path("runs/tiny")
+    assert (run_dir / "config.yaml").is_file()
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["hidden"] == 4 and saved["run"]["name"] == "tiny"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    rows = list(csv.DictReader((run_dir / "logs" / "version_0" / "metrics.csv").open()))
+    assert any(r.get("val/loss") for r in rows)
+    assert run.trainer.global_step == 3  # 48 patches / batch 16
+
+    # interrupted after epoch 1 of 3: resume from last continues at epoch 1 and step 3
+    resumed = cli.main(
+        ["fit", "--config", config, "--run.name", "tiny", "--trainer.max_epochs", "3", "--ckpt_path", "last"]
+    )
+    assert resumed.trainer.current_epoch == 3
+    assert resumed.trainer.global_step == 9
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["max_epochs"] == 3
+    assert (run_dir / "logs" / "version_1" / "metrics.csv").is_file()
+
+    # a fresh run in the same folder neither fails on config.yaml nor leaves temporary files
+    cli.main(["fit", "--config", config, "--run.name", "tiny"])
+    assert not list(run_dir.glob(".*tmp*"))
+
+
+def test_ckpt_path_restores_hyperparameters_and_test_runs(workdir: Path) -> None:
+    config = _write(workdir / "a.yaml", BASE)
+    cli.main(["fit", "--config", config, "--run.name", "h", "--model.init_args.hidden", "6"])
+    ckpt = str(workdir / "runs" / "h" / "checkpoints" / "best.ckpt")
+    tested = cli.main(["test", "--config", config, "--run.name", "h-test", "--ckpt_path", ckpt])
+    assert tested.model.hparams.hidden == 6
+    assert tested.model.encoder.out_features == 6
+
+
+def test_default_run_name_from_model_data_and_seed(workdir: Path) -> None:
+    config = _write(workdir / "a.yaml", BASE)
+    run = cli.main(["--config", config, "--seed_everything", "3", "--trainer.max_epochs", "1"], run=False)
+    assert run.run_dir == Path("runs/tinydetector-tiny-s3")
+
+
+def test_predict_writes_map_overlay_and_mask(workdir: Path) -> None:
+    config = _write(workdir / "a.yaml", BASE)
+    cli.main(["fit", "--config", config, "--run.name", "p"])
+    ckpt = str(workdir / "runs" / "p" / "checkpoints" / "best.ckpt")
+    cli.main(["predict", "--config", config, "--run.name", "p", "--ckpt_path", ckpt])
+    out = workdir / "results" / "p" / "predictions"
+    for k in range(2):
+        amap = np.load(out / f"img{k}_map.npy")
+        assert amap.shape == (96, 80) and amap.dtype == np.float32
+        assert np.isnan(amap[:, 64:]).all() and np.isfinite(amap[:, :64]).all()
+        overlay = figures.cv2.imread(str(out / f"img{k}_overlay.png"))
+        assert overlay.shape == (96, 80, 3)
+        mask = figures.cv2.imread(str(out / f"img{k}_mask.png"), figures.cv2.IMREAD_GRAYSCALE)
+        # the mask is exactly the in-breast pixels at or above the image's 99th percentile
+        level = np.percentile(amap[:, :64], 99.0)
+        assert np.array_equal(mask > 0, np.nan_to_num(amap, nan=-np.inf) >= level)
+        assert 60 <= (mask > 0).sum() < 96 * 64 // 10 and not (mask[:, 64:] > 0).any()
+
+
+def test_wandb_offline_run_records_keys_and_disabled_writes_nothing(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _write(workdir / "a.yaml", BASE)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cli.main(["fit", "--config", config, "--run.name", "off"])
+    assert not (workdir / "runs" / "off" / "wandb").exists()
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(workdir / "runs" / "on"))
+    cli.main(["fit", "--config", config, "--run.name", "on", "--run.group", "g1", "--run.stage", "fit-ae"])
+    loggers.finish_wandb()
+    runs = list((workdir / "runs" / "on" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    record = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
+    for key in (b"val/loss", b"train/loss", b"g1", b"fit-ae", b"tinydetector"):
+        assert key in record, key
+
+
+def test_wandb_mode_follows_env_and_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert loggers.wandb_mode() == "offline"
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    os.chmod(tmp_path / "netrc", 0o600)
+    assert loggers.wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert loggers.wandb_mode() == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(ValueError, match="WANDB_MODE"):
+        loggers.wandb_mode()
+
+
+def test_grid_to_map_interpolates_bilinearly() -> None:
+    centers = np.array([(r, c) for r in (8, 24) for c in (8, 24, 40)])
+    scores = centers[:, 1].astype(float) / 8.0  # linear in the column: 1, 3, 5
+    amap = figures.grid_to_map(scores, centers, (32, 48), 16)
+    assert amap[8, 16] == pytest.approx(2.0)
+    assert amap[20, 32] == pytest.approx(4.0)
+    assert amap[0, 0] == pytest.approx(1.0)  # clamped beyond the outer nodes
+    assert amap[:, 47] == pytest.approx(np.full(32, 5.0))
+    mask = np.ones((32, 48), dtype=bool)
+    mask[:, :10] = False
+    masked = figures.grid_to_map(scores, centers, (32, 48), 16, mask)
+    assert np.isnan(masked[:, :10]).all() and np.isfinite(masked[:, 10:]).all()
+    seg = figures.threshold_mask(masked, 90.0)
+    # the top decile is the clamped plateau of the highest node (columns 40-47 all score 5)
+    assert seg[:, 40:].all() and not seg[:, :40].any()
