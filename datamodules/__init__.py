@@ -1,0 +1,46 @@
+"""Data layer: readers, preprocessing (breast masks, [0, 1] images), healthy patch caches, evaluation
+grids and the LightningDataModules every config names (`MammographyDataModule`)."""
+
+from datamodules.datamodules import (
+    EvaluationDataModule,
+    EvaluationDataset,
+    HealthyPatchDataModule,
+    MammographyDataModule,
+    SourceRecords,
+    build_evaluation_cache,
+    list_source_records,
+)
+from datamodules.grids import extract_patches, grid_centers, select_test_image
+from datamodules.patches import PatchCache, PatchDataset, build_patch_cache, sample_centers, split_patients
+from datamodules.preprocessing import (
+    PreprocessedImage,
+    breast_mask,
+    normalize_intensity,
+    preprocess_mammogram,
+    preprocess_record,
+    resample,
+)
+
+__all__ = [
+    "EvaluationDataModule",
+    "EvaluationDataset",
+    "HealthyPatchDataModule",
+    "MammographyDataModule",
+    "PatchCache",
+    "PatchDataset",
+    "PreprocessedImage",
+    "SourceRecords",
+    "breast_mask",
+    "build_evaluation_cache",
+    "build_patch_cache",
+    "extract_patches",
+    "grid_centers",
+    "list_source_records",
+    "normalize_intensity",
+    "preprocess_mammogram",
+    "preprocess_record",
+    "resample",
+    "sample_centers",
+    "select_test_image",
+    "split_patients",
+]

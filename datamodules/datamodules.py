@@ -1,0 +1,664 @@
+"""LightningDataModules: healthy training patches, evaluation images, and `MammographyDataModule`
+combining them from one data config (``configs/data/*.yaml``).
+
+Batches (contracts): training / validation = dicts of cached patches (see `PatchDataset`); test / predict /
+lesion validation = one evaluation item per batch (DataLoader ``batch_size=None``), see `EvaluationDataset`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.grids import (
+    SelectionDecision,
+    extract_patches,
+    grid_centers,
+    select_test_image,
+    write_selection_report,
+)
+from datamodules.patches import (
+    PatchCache,
+    PatchDataset,
+    build_patch_cache,
+    cache_key,
+    collate_patch_batch,
+    listing_fingerprint,
+    split_patients,
+    to_uint8,
+)
+from datamodules.preprocessing import preprocess_record
+from datamodules.records import DataError, ImageRecord
+
+log = logging.getLogger(__name__)
+
+#: test_set name -> lesion kind of `datamodules.readers.lesion_masks`
+TEST_SET_KINDS = {"mass": "mass", "calc": "calcification"}
+SOURCES = ("synthetic", "cbis_ddsm", "ddsm", "mini_ddsm", "mias", "manifest")
+EVAL_CACHE_FORMAT = 1
+
+
+def _kind(test_set: str) -> str:
+    if test_set not in TEST_SET_KINDS:
+        raise DataError(f"data.test_set must be one of {sorted(TEST_SET_KINDS)}, got {test_set!r}")
+    return TEST_SET_KINDS[test_set]
+
+
+def _item_meta(record: ImageRecord, meta: dict[str, Any], kind: str | None) -> dict[str, Any]:
+    lesion_types = sorted({lesion.kind for lesion in record.lesions})
+    pathologies = sorted({str(lesion.pathology) for lesion in record.lesions if lesion.pathology})
+    return {
+        "density": meta.get("density"),
+        "lesion_type": kind if kind and kind in lesion_types else (",".join(lesion_types) or None),
+        "pathology": meta.get("pathology") or (",".join(pathologies) or None),
+        "side": meta.get("side"),
+        "view": meta.get("view"),
+        "source_path": str(record.path),
+        "has_pixel_annotation": bool(record.has_pixel_annotation and record.lesions),
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+class EvaluationDataset(Dataset):
+    """Evaluation items, one image each: from cached ``.npz`` files or read from records on access.
+
+    Item (contract): ``image_id``, ``patient_id``, ``image`` float32 H x W in [0, 1], ``breast_mask`` and
+    ``lesion_mask`` bool H x W, ``centers`` int64 M x 2 (every ``stride`` px inside the breast), ``patches``
+    float32 M x 1 x s x s (reflect-padded), ``spacing_mm``, ``stride``, ``meta``. Images are quantised to
+    uint8 like the training patches, so a model sees the same grey levels in training and evaluation.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[Path | ImageRecord],
+        stride: int = 16,
+        patch_size: int = 64,
+        spacing_mm: float = 0.2,
+        kind: str | None = None,
+        remove_pectoral: bool = False,
+    ) -> None:
+        self.items = list(items)
+        self.stride = int(stride)
+        self.patch_size = int(patch_size)
+        self.spacing_mm = float(spacing_mm)
+        self.kind = kind
+        self.remove_pectoral = remove_pectoral
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _load(self, entry: Path | ImageRecord) -> dict[str, Any]:
+        if isinstance(entry, ImageRecord):
+            pre = preprocess_record(entry, self.spacing_mm, self.remove_pectoral, with_lesions=self.kind is not None)
+            lesion = pre.lesion_masks.get(self.kind) if self.kind else None
+            return {
+                "image_id": entry.image_id,
+                "patient_id": entry.patient_id,
+                "image": to_uint8(pre.image),
+                "breast_mask": pre.breast_mask,
+                "lesion_mask": lesion if lesion is not None else np.zeros_like(pre.breast_mask),
+                "spacing_mm": pre.spacing_mm,
+                "meta": _item_meta(entry, pre.meta, self.kind),
+            }
+        with np.load(entry, allow_pickle=False) as z:
+            return {
+                "image_id": str(z["image_id"]),
+                "patient_id": str(z["patient_id"]),
+                "image": z["image"],
+                "breast_mask": z["breast_mask"],
+                "lesion_mask": z["lesion_mask"],
+                "spacing_mm": float(z["spacing_mm"]),
+                "meta": json.loads(str(z["meta"])),
+            }
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        raw = self._load(self.items[index])
+        image = raw["image"].astype(np.float32) / 255.0
+        breast = raw["breast_mask"].astype(bool)
+        centers = grid_centers(breast, self.stride)
+        patches = extract_patches(image, centers, self.patch_size)
+        return {
+            "image_id": raw["image_id"],
+            "patient_id": raw["patient_id"],
+            "image": torch.from_numpy(image),
+            "breast_mask": torch.from_numpy(breast),
+            "lesion_mask": torch.from_numpy(raw["lesion_mask"].astype(bool)),
+            "centers": torch.from_numpy(centers),
+            "patches": torch.from_numpy(patches).unsqueeze(1),
+            "spacing_mm": raw["spacing_mm"],
+            "stride": self.stride,
+            "meta": raw["meta"],
+        }
+
+
+def build_evaluation_cache(
+    records: Sequence[ImageRecord],
+    cache_root: str | Path,
+    test_set: str,
+    *,
+    name: str = "test",
+    spacing_mm: float = 0.2,
+    patch_size: int = 64,
+    max_lesion_area_patches: float = 4,
+    remove_pectoral: bool = False,
+    extra_key: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> tuple[list[Path], dict[str, Any]]:
+    """Preprocesses, selects (the test-set rule) and caches lesion images once; returns (npz paths, summary).
+
+    The selection report (every candidate, selected or not and why) is ``<cache>/selection.json``.
+    """
+    kind = _kind(test_set)
+    lesion_fp = hashlib.sha256(
+        "".join(repr([(x.kind, str(x.mask_path), x.outline, x.circle) for x in r.lesions]) for r in records).encode()
+    ).hexdigest()
+    params = {
+        "format": EVAL_CACHE_FORMAT,
+        "name": name,
+        "test_set": test_set,
+        "spacing_mm": float(spacing_mm),
+        "patch_size": int(patch_size),
+        "max_lesion_area_patches": float(max_lesion_area_patches),
+        "remove_pectoral": bool(remove_pectoral),
+        "normalisation": "background-median/breast-p99.5, uint8",
+        "listing": listing_fingerprint(records),
+        "lesions": lesion_fp,
+        **(extra_key or {}),
+    }
+    key = cache_key(params)
+    cache_root = Path(cache_root)
+    final = cache_root / f"eval-{name}-{test_set}-{key}"
+    done = final / "DONE.json"
+    if done.is_file():
+        info = json.loads(done.read_text())
+        log.info("evaluation cache reused: %s (%d images)", final, len(info["files"]))
+        return [final / f for f in info["files"]], info["summary"]
+    cache_root.mkdir(parents=True, exist_ok=True)
+    tmp = cache_root / f".eval-{name}-{test_set}-{key}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    iterator: Any = records
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(records, total=len(records), desc=f"{name} images", unit="img")
+    try:
+        decisions: list[SelectionDecision] = []
+        files: list[str] = []
+        skipped: list[dict[str, str]] = []
+        for record in iterator:
+            try:
+                pre = preprocess_record(record, spacing_mm, remove_pectoral, with_lesions=True)
+            except Exception as err:  # noqa: BLE001 - reported and skipped, never fatal mid-run
+                log.warning("skipped unreadable image %s: %s", record.path, err)
+                skipped.append({"path": str(record.path), "error": str(err)})
+                continue
+            lesion = pre.lesion_masks.get(kind)
+            decision = select_test_image(
+                record.image_id, record.patient_id, lesion, pre.breast_mask, kind,
+                has_pixel_annotation=record.has_pixel_annotation,
+                max_lesion_area_patches=max_lesion_area_patches, patch_size=patch_size,
+            )
+            decisions.append(decision)
+            if not decision.selected:
+                continue
+            fname = f"{len(files):05d}.npz"
+            np.savez(
+                tmp / fname,
+                image_id=np.array(record.image_id),
+                patient_id=np.array(record.patient_id),
+                image=to_uint8(pre.image),
+                breast_mask=pre.breast_mask,
+                lesion_mask=lesion,
+                spacing_mm=np.array(pre.spacing_mm),
+                meta=np.array(json.dumps(_json_safe(_item_meta(record, pre.meta, kind)))),
+            )
+            files.append(fname)
+        if skipped:
+            log.warning("%d of %d %s images skipped (unreadable)", len(skipped), len(records), name)
+        summary = write_selection_report(decisions, tmp / "selection.json")
+        summary["skipped_unreadable"] = len(skipped)
+        info = {"key": key, "params": params, "files": files, "summary": summary, "skipped": skipped}
+        (tmp / "DONE.json").write_text(json.dumps(info, indent=1))
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("%s set (%s): %d of %d images selected; report %s", name, test_set, summary["selected"],
+             len(records), final / "selection.json")
+    return [final / f for f in files], summary
+
+
+class HealthyPatchDataModule(pl.LightningDataModule):
+    """Train / validation patches of healthy images, split by patient, served from the patch cache."""
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        cache_dir: str | Path = "cache",
+        pixel_spacing_mm: float = 0.2,
+        patch_size: int = 64,
+        patches_inside: int = 60,
+        patches_contour: int = 60,
+        val_fraction: float = 0.1,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        remove_pectoral: bool = False,
+        cache_key_extra: dict[str, Any] | None = None,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        self.records = list(records)
+        self.cache_dir = Path(cache_dir)
+        self.pixel_spacing_mm = pixel_spacing_mm
+        self.patch_size = patch_size
+        self.patches_inside = patches_inside
+        self.patches_contour = patches_contour
+        self.val_fraction = val_fraction
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.remove_pectoral = remove_pectoral
+        self.cache_key_extra = cache_key_extra or {}
+        self.progress = progress
+        self.cache: PatchCache | None = None
+        self.train_dataset: PatchDataset | None = None
+        self.val_dataset: PatchDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Builds (or reuses) the patch cache and splits it by patient."""
+        if self.cache is not None:
+            return
+        self.cache = build_patch_cache(
+            self.records, self.cache_dir, spacing_mm=self.pixel_spacing_mm, patch_size=self.patch_size,
+            n_inside=self.patches_inside, n_contour=self.patches_contour, seed=self.seed,
+            remove_pectoral=self.remove_pectoral, extra_key=self.cache_key_extra, progress=self.progress,
+        )
+        _, val_patients = split_patients(self.cache.patients, self.val_fraction, self.seed)
+        val_numbers = [i for i, p in enumerate(self.cache.patients) if p in val_patients]
+        is_val = np.isin(self.cache.patient_index, val_numbers)
+        self.train_dataset = PatchDataset(self.cache, np.flatnonzero(~is_val))
+        self.val_dataset = PatchDataset(self.cache, np.flatnonzero(is_val))
+        log.info("healthy patches: %d train, %d validation (%d / %d patients)", len(self.train_dataset),
+                 len(self.val_dataset), len(self.cache.patients) - len(val_patients), len(val_patients))
+
+    def _loader(self, dataset: PatchDataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            self.setup("fit")
+            return self._loader(self.train_dataset if shuffle else self.val_dataset, shuffle)
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset, batch_size=self.batch_size, shuffle=shuffle, collate_fn=collate_patch_batch,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0, generator=generator,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, shuffle=False)
+
+
+class EvaluationDataModule(pl.LightningDataModule):
+    """Test images (selected by the test-set rule, cached), lesion validation images, and predict files."""
+
+    def __init__(
+        self,
+        test_records: Sequence[ImageRecord] = (),
+        lesion_validation_records: Sequence[ImageRecord] = (),
+        predict_records: Sequence[ImageRecord] = (),
+        test_set: str = "mass",
+        cache_dir: str | Path = "cache",
+        pixel_spacing_mm: float = 0.2,
+        patch_size: int = 64,
+        stride: int = 16,
+        max_lesion_area_patches: float = 4,
+        num_workers: int = 0,
+        remove_pectoral: bool = False,
+        cache_key_extra: dict[str, Any] | None = None,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        _kind(test_set)
+        self.test_records = list(test_records)
+        self.lesion_validation_records = list(lesion_validation_records)
+        self.predict_records = list(predict_records)
+        self.test_set = test_set
+        self.cache_dir = Path(cache_dir)
+        self.pixel_spacing_mm = pixel_spacing_mm
+        self.patch_size = patch_size
+        self.stride = stride
+        self.max_lesion_area_patches = max_lesion_area_patches
+        self.num_workers = num_workers
+        self.remove_pectoral = remove_pectoral
+        self.cache_key_extra = cache_key_extra or {}
+        self.progress = progress
+        self.selection: dict[str, dict[str, Any]] = {}
+        self._datasets: dict[str, EvaluationDataset] = {}
+
+    def dataset(self, name: str) -> EvaluationDataset:
+        """The evaluation dataset ``"test"``, ``"lesion_validation"`` or ``"predict"`` (built on first use)."""
+        if name in self._datasets:
+            return self._datasets[name]
+        common = dict(stride=self.stride, patch_size=self.patch_size, spacing_mm=self.pixel_spacing_mm,
+                      remove_pectoral=self.remove_pectoral)
+        if name == "predict":
+            if not self.predict_records:
+                raise DataError("nothing to predict: set data.predict_path to an image file or folder")
+            ds = EvaluationDataset(self.predict_records, kind=None, **common)
+        elif name in ("test", "lesion_validation"):
+            records = self.test_records if name == "test" else self.lesion_validation_records
+            if not records:
+                raise DataError(f"the data source lists no {name.replace('_', ' ')} images for test_set "
+                                f"{self.test_set!r}; check data.root and data.source")
+            files, summary = build_evaluation_cache(
+                records, self.cache_dir, self.test_set, name=name, spacing_mm=self.pixel_spacing_mm,
+                patch_size=self.patch_size, max_lesion_area_patches=self.max_lesion_area_patches,
+                remove_pectoral=self.remove_pectoral, extra_key=self.cache_key_extra, progress=self.progress,
+            )
+            self.selection[name] = summary
+            ds = EvaluationDataset(files, kind=_kind(self.test_set), **common)
+        else:
+            raise KeyError(f"unknown evaluation set {name!r}")
+        self._datasets[name] = ds
+        return ds
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage == "test":
+            self.dataset("test")
+        elif stage == "predict":
+            self.dataset("predict")
+
+    def _loader(self, name: str) -> DataLoader:
+        return DataLoader(self.dataset(name), batch_size=None, shuffle=False, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")
+
+    def lesion_validation_dataloader(self) -> DataLoader:
+        """Lesion images of the validation split (never the test set), for AUC curves during fit."""
+        return self._loader("lesion_validation")
+
+
+@dataclass
+class SourceRecords:
+    """What a data source lists: healthy images, lesion test images, lesion validation images."""
+
+    healthy: list[ImageRecord]
+    test: list[ImageRecord]
+    lesion_validation: list[ImageRecord]
+
+
+def _split_lesion_records(
+    records: list[ImageRecord], fraction: float, seed: int
+) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """(test, validation) lesion records, split by patient."""
+    if not records or fraction <= 0:
+        return records, []
+    _, val_patients = split_patients([r.patient_id for r in records], fraction, seed)
+    return ([r for r in records if r.patient_id not in val_patients],
+            [r for r in records if r.patient_id in val_patients])
+
+
+def list_source_records(
+    source: str,
+    root: str | Path,
+    test_set: str = "mass",
+    *,
+    healthy_source: str | None = None,
+    healthy_root: str | Path | None = None,
+    source_options: dict[str, Any] | None = None,
+    healthy_options: dict[str, Any] | None = None,
+    lesion_validation_fraction: float = 0.2,
+    seed: int = 0,
+    scale: str = "quick",
+) -> SourceRecords:
+    """Lists healthy, test and lesion-validation records of a configured source (see `MammographyDataModule`)."""
+    from datamodules.readers import list_source
+
+    if source not in SOURCES:
+        raise DataError(f"data.source must be one of {list(SOURCES)}, got {source!r}")
+    kind = _kind(test_set)
+    root = Path(root)
+    opts = dict(source_options or {})
+    healthy_opts = dict(healthy_options or {})
+    abnormality = test_set
+
+    def has_kind(r: ImageRecord) -> bool:
+        return any(lesion.kind == kind for lesion in r.lesions)
+
+    if source == "synthetic":
+        from datamodules.synthetic import ensure_synthetic
+
+        root = Path(ensure_synthetic(root, seed=seed, scale=scale))
+        healthy = list_source("ddsm", root / "ddsm", diagnosis="normals")
+        cbis = root / "cbis-ddsm"
+        test = list_source("cbis_ddsm", cbis, abnormality=abnormality, split="test")
+        val = list_source("cbis_ddsm", cbis, abnormality=abnormality, split="train")
+    elif source == "cbis_ddsm":
+        if healthy_root is None:
+            raise DataError("data.source cbis_ddsm has no normal mammograms: set data.healthy_root to a DDSM "
+                            "folder (with cases/normals) and data.healthy_source (default ddsm)")
+        test = list_source("cbis_ddsm", root, abnormality=abnormality, split="test", **opts)
+        val = list_source("cbis_ddsm", root, abnormality=abnormality, split="train", **opts)
+        healthy = []
+    elif source == "ddsm":
+        diagnoses = opts.pop("lesion_diagnoses", ["cancers", "benigns"])
+        healthy = list_source("ddsm", root, diagnosis=opts.pop("diagnosis", "normals"), **opts)
+        lesion = [r for d in diagnoses for r in list_source("ddsm", root, diagnosis=d, **opts)]
+        test, val = _split_lesion_records([r for r in lesion if has_kind(r)], lesion_validation_fraction, seed)
+    else:  # mini_ddsm, mias, manifest: one listing, healthy = label 0
+        listed = list_source(source, root, **opts)
+        healthy = [r for r in listed if r.label == 0]
+        lesion = [r for r in listed if r.label != 0 and has_kind(r)]
+        test, val = _split_lesion_records(lesion, lesion_validation_fraction, seed)
+    if healthy_root is not None:
+        hsource = healthy_source or "ddsm"
+        if hsource == "ddsm":
+            healthy_opts.setdefault("diagnosis", "normals")
+        healthy = list_source(hsource, healthy_root, **healthy_opts)
+        if hsource != "ddsm":
+            healthy = [r for r in healthy if r.label == 0]
+    lesion_patients = {r.patient_id for r in test + val}
+    overlap = [r for r in healthy if r.patient_id in lesion_patients]
+    if overlap:
+        log.info("%d healthy images dropped: their patients have lesion images in the test/validation sets",
+                 len(overlap))
+        healthy = [r for r in healthy if r.patient_id not in lesion_patients]
+    return SourceRecords(healthy=list(healthy), test=list(test), lesion_validation=list(val))
+
+
+class MammographyDataModule(pl.LightningDataModule):
+    """The data module every config names: healthy patches (fit), a lesion test set (test), files (predict).
+
+    Args:
+        source: "synthetic" (generated on first use under ``root``), "cbis_ddsm", "ddsm", "mini_ddsm",
+            "mias" or "manifest" (``root`` = the manifest CSV).
+        root: folder (or manifest file) of the source.
+        test_set: "mass" or "calc": which lesions the test / lesion-validation sets hold.
+        healthy_source / healthy_root / healthy_options: where healthy training images come from when not
+            from ``source`` itself; required for "cbis_ddsm" (e.g. ``ddsm`` at a DDSM root with cases/normals).
+        source_options: extra keyword arguments of ``datamodules.readers.list_source`` for ``source``
+            (e.g. ``csv_dir`` for CBIS-DDSM, ``lesion_diagnoses`` for DDSM).
+        scale, seed: synthetic set size and seed; ``seed`` also seeds patch sampling, splits and shuffling.
+        predict_path: an image file or folder scored by ``lightning predict``.
+        cache_dir: where patch and evaluation caches live (keyed by every parameter that shapes them).
+        pixel_spacing_mm, patch_size, patches_inside, patches_contour, val_fraction, stride,
+        max_lesion_area_patches, remove_pectoral: see PROTOCOL "Data" and "Scoring full images".
+        lesion_validation_fraction: for sources without a lesion validation split of their own, the fraction
+            of lesion patients held out from the test set for validation curves.
+        max_healthy_images: use only the first N healthy images (quick runs; None = all).
+    """
+
+    def __init__(
+        self,
+        source: str = "synthetic",
+        root: str = "data/synthetic",
+        test_set: str = "mass",
+        healthy_source: str | None = None,
+        healthy_root: str | None = None,
+        healthy_options: dict[str, Any] | None = None,
+        source_options: dict[str, Any] | None = None,
+        scale: str = "quick",
+        predict_path: str | None = None,
+        cache_dir: str = "cache",
+        pixel_spacing_mm: float = 0.2,
+        patch_size: int = 64,
+        patches_inside: int = 60,
+        patches_contour: int = 60,
+        val_fraction: float = 0.1,
+        stride: int = 16,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        max_lesion_area_patches: float = 4,
+        remove_pectoral: bool = False,
+        lesion_validation_fraction: float = 0.2,
+        max_healthy_images: int | None = None,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        if source not in SOURCES:
+            raise DataError(f"data.source must be one of {list(SOURCES)}, got {source!r}")
+        _kind(test_set)
+        self.save_hyperparameters()
+        self.source = source
+        self.root = root
+        self.test_set = test_set
+        self.healthy_source = healthy_source
+        self.healthy_root = healthy_root
+        self.healthy_options = healthy_options
+        self.source_options = source_options
+        self.scale = scale
+        self.predict_path = predict_path
+        self.cache_dir = cache_dir
+        self.pixel_spacing_mm = pixel_spacing_mm
+        self.patch_size = patch_size
+        self.patches_inside = patches_inside
+        self.patches_contour = patches_contour
+        self.val_fraction = val_fraction
+        self.stride = stride
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.max_lesion_area_patches = max_lesion_area_patches
+        self.remove_pectoral = remove_pectoral
+        self.lesion_validation_fraction = lesion_validation_fraction
+        self.max_healthy_images = max_healthy_images
+        self.progress = progress
+        self._records: SourceRecords | None = None
+        self._healthy: HealthyPatchDataModule | None = None
+        self._evaluation: EvaluationDataModule | None = None
+
+    def _key_extra(self) -> dict[str, Any]:
+        return {"source": self.source, "root": str(Path(self.root).resolve()), "scale": self.scale,
+                "healthy_root": str(self.healthy_root), "synthetic_seed": self.seed if self.source == "synthetic"
+                else None}
+
+    @property
+    def records(self) -> SourceRecords:
+        """The source's listing (read once)."""
+        if self._records is None:
+            self._records = list_source_records(
+                self.source, self.root, self.test_set, healthy_source=self.healthy_source,
+                healthy_root=self.healthy_root, source_options=self.source_options,
+                healthy_options=self.healthy_options, lesion_validation_fraction=self.lesion_validation_fraction,
+                seed=self.seed, scale=self.scale,
+            )
+            if self.max_healthy_images is not None:
+                self._records.healthy = self._records.healthy[: self.max_healthy_images]
+        return self._records
+
+    @property
+    def healthy(self) -> HealthyPatchDataModule:
+        """The healthy-patch data module (train / val)."""
+        if self._healthy is None:
+            self._healthy = HealthyPatchDataModule(
+                self.records.healthy, self.cache_dir, self.pixel_spacing_mm, self.patch_size,
+                self.patches_inside, self.patches_contour, self.val_fraction, self.batch_size,
+                self.num_workers, self.seed, self.remove_pectoral, self._key_extra(), self.progress,
+            )
+        return self._healthy
+
+    @property
+    def evaluation(self) -> EvaluationDataModule:
+        """The evaluation data module (test / lesion validation / predict)."""
+        if self._evaluation is None:
+            predict: list[ImageRecord] = []
+            if self.predict_path:
+                from datamodules.readers import list_source
+
+                predict = list_source("images", self.predict_path)
+            self._evaluation = EvaluationDataModule(
+                [], [], predict, self.test_set, self.cache_dir,
+                self.pixel_spacing_mm, self.patch_size, self.stride, self.max_lesion_area_patches,
+                min(self.num_workers, 2), self.remove_pectoral, self._key_extra(), self.progress,
+            )
+        return self._evaluation
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit", "validate"):
+            self.healthy.setup(stage)
+        if stage == "test":
+            self._listed_evaluation().setup(stage)
+        if stage == "predict":
+            self.evaluation.setup(stage)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.healthy.train_dataloader()
+
+    def val_dataloader(self) -> DataLoader:
+        return self.healthy.val_dataloader()
+
+    def _listed_evaluation(self) -> EvaluationDataModule:
+        """The evaluation module with the source's lesion listings filled in (listed on first need only,
+        so ``predict`` on files never generates or lists a data set)."""
+        evaluation = self.evaluation
+        if not evaluation.test_records and not evaluation.lesion_validation_records:
+            evaluation.test_records = list(self.records.test)
+            evaluation.lesion_validation_records = list(self.records.lesion_validation)
+        return evaluation
+
+    def test_dataloader(self) -> DataLoader:
+        return self._listed_evaluation().test_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.evaluation.predict_dataloader()
+
+    def lesion_validation_dataloader(self) -> DataLoader:
+        """Evaluation items of the lesion validation set (for AUC curves during fit)."""
+        return self._listed_evaluation().lesion_validation_dataloader()
+
+    def selection_summary(self) -> dict[str, Any]:
+        """Test / lesion-validation selection summaries built so far (counts by exclusion reason)."""
+        return dict(self.evaluation.selection)
