@@ -45,14 +45,15 @@ def threshold_rule_name(rule: str, percentile: float = 99.0, value: float | None
     return f"{rule}_{percentile:g}"
 
 
-def _as_numpy(x: object) -> np.ndarray:
+def as_numpy(x: object) -> np.ndarray:
+    """Tensor (any device) or array-like -> numpy array."""
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()  # type: ignore[union-attr]
     return np.asarray(x)
 
 
 def _as_float(x: object) -> float:
-    return float(_as_numpy(x).reshape(-1)[0])
+    return float(as_numpy(x).reshape(-1)[0])
 
 
 def _interpolation_matrix(n_pixels: int, origin: int, stride: int, n_nodes: int) -> np.ndarray:
@@ -85,10 +86,10 @@ def anomaly_map(
     breast mask get ``outside`` (NaN by default). No score at all gives a map that is ``outside``
     everywhere.
     """
-    breast = _as_numpy(breast_mask).astype(bool)
+    breast = as_numpy(breast_mask).astype(bool)
     height, width = breast.shape
-    s = _as_numpy(scores).astype(np.float64).reshape(-1)
-    c = _as_numpy(centers).astype(np.int64).reshape(-1, 2)
+    s = as_numpy(scores).astype(np.float64).reshape(-1)
+    c = as_numpy(centers).astype(np.int64).reshape(-1, 2)
     if s.size != c.shape[0]:
         raise ValueError(f"{s.size} scores for {c.shape[0]} grid centres")
     out = np.full((height, width), outside, dtype=np.float32)
@@ -216,9 +217,9 @@ def evaluate_image(
         raise ValueError(f"threshold rule {threshold_rule!r} unknown; choose one of {THRESHOLD_RULES}")
     if threshold_rule != "image_percentile" and threshold_value is None:
         raise ValueError(f"threshold rule {threshold_rule!r} needs a threshold value")
-    breast = _as_numpy(item["breast_mask"]).astype(bool)
-    lesion = _as_numpy(item["lesion_mask"]).astype(bool) & breast
-    s = _as_numpy(scores).astype(np.float64).reshape(-1)
+    breast = as_numpy(item["breast_mask"]).astype(bool)
+    lesion = as_numpy(item["lesion_mask"]).astype(bool) & breast
+    s = as_numpy(scores).astype(np.float64).reshape(-1)
     spacing = _as_float(item["spacing_mm"])
     amap = anomaly_map(s, item["centers"], breast, int(_as_float(item["stride"])))
     meta = item.get("meta") or {}
@@ -302,8 +303,8 @@ class EvaluationAccumulator:
             item, scores, self.threshold_rule, self.percentile, self.threshold_value
         )
         if not result.excluded:
-            breast = _as_numpy(item["breast_mask"]).astype(bool)
-            lesion = _as_numpy(item["lesion_mask"]).astype(bool)
+            breast = as_numpy(item["breast_mask"]).astype(bool)
+            lesion = as_numpy(item["lesion_mask"]).astype(bool)
             self.pixels.update(amap[breast], lesion[breast])
         self.results.append(result)
         return result, amap, seg
@@ -445,9 +446,9 @@ def write_map(path: str | Path, item: Mapping, amap: np.ndarray, seg: np.ndarray
     """Saves what Fig. 2 needs for one image: scan, masks, anomaly map (float16), segmentation."""
     return write_npz(
         path,
-        image=_as_numpy(item["image"]).astype(np.float32),
-        breast_mask=_as_numpy(item["breast_mask"]).astype(bool),
-        lesion_mask=_as_numpy(item["lesion_mask"]).astype(bool),
+        image=as_numpy(item["image"]).astype(np.float32),
+        breast_mask=as_numpy(item["breast_mask"]).astype(bool),
+        lesion_mask=as_numpy(item["lesion_mask"]).astype(bool),
         anomaly_map=amap.astype(np.float16),
         segmentation=seg.astype(bool),
         image_id=np.array(result.image_id),

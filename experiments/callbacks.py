@@ -1,0 +1,347 @@
+"""`EvaluationCallback`: full-image evaluation as a Lightning callback, at test time and during fit.
+
+At ``test`` it turns each evaluation item's grid scores (``outputs["scores"]`` of the model's
+``test_step``) into an anomaly map, accumulates the metrics, logs the scalars (``test/pixel_auc``, ...)
+to every logger, per-image tables, heatmap panels (uint8) and the score distribution to W&B, and writes
+``metrics.json``, ``per_image.csv``, ``score_hist.npz`` and ``maps/<image_id>.npz`` under ``output_dir``.
+During ``fit`` it scores the datamodule's lesion validation set (never the test set) every
+``every_n_epochs`` epochs and logs ``val_lesion/pixel_auc`` etc., so curves show while training and a
+``ModelCheckpoint`` can monitor them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities import rank_zero_warn
+
+from experiments import evaluation
+
+#: scalars of the summary that are logged to every logger (prefix "test/" or ``monitor_prefix``/)
+LOGGED_KEYS = (
+    "pixel_auc",
+    "image_auc_mean",
+    "image_auc_std",
+    "hausdorff_px_mean",
+    "hausdorff_px_std",
+    "hausdorff_mm_mean",
+    "hausdorff_mm_std",
+    "top1_near_border_fraction_mean",
+    "n_images",
+    "n_evaluated",
+    "n_excluded",
+)
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def heatmap_panel(
+    image: np.ndarray, breast_mask: np.ndarray, lesion_mask: np.ndarray, amap: np.ndarray, seg: np.ndarray
+) -> np.ndarray:
+    """A uint8 RGB panel (H x 3W x 3): scan | heatmap over the scan | segmentation (green) vs truth (red).
+
+    W&B renders float images black; this is what goes to ``wandb.Image``.
+    """
+    from matplotlib import colormaps
+
+    image = np.nan_to_num(np.asarray(image, np.float32))
+    gray = np.repeat(image[..., None], 3, axis=2)
+    values = amap[breast_mask]
+    norm = np.zeros_like(image)
+    if values.size:
+        low, high = float(np.min(values)), float(np.max(values))
+        norm = np.where(breast_mask, (np.nan_to_num(amap, nan=low) - low) / max(high - low, 1e-12), 0.0)
+    heat = colormaps["inferno"](norm)[..., :3]
+    overlay = np.where(breast_mask[..., None], 0.45 * gray + 0.55 * heat, gray)
+    masks = 0.6 * gray
+    masks[lesion_mask] = 0.5 * masks[lesion_mask] + 0.5 * np.array([1.0, 0.0, 0.0])
+    masks[seg] = 0.5 * masks[seg] + 0.5 * np.array([0.0, 1.0, 0.0])
+    return _to_uint8(np.concatenate([gray, overlay, masks], axis=1))
+
+
+def score_distribution_image(hist: Mapping[str, np.ndarray], title: str) -> np.ndarray:
+    """A uint8 RGB plot of the healthy vs lesion pixel-score densities (Fig. 3 style)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    edges = np.asarray(hist["bin_edges"])
+    fig = Figure(figsize=(5, 3.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for key, color in (("healthy", "tab:blue"), ("lesion", "tab:red")):
+        counts = np.asarray(hist[key], np.float64)
+        total = counts.sum()
+        if total > 0:
+            density = counts / (total * np.diff(edges))
+            ax.stairs(density, edges, fill=True, alpha=0.5, color=color, label=f"{key} ({int(total)} px)")
+    ax.set_xlabel("anomaly score")
+    ax.set_ylabel("density")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+class EvaluationCallback(pl.Callback):
+    """Scores full images into anomaly maps and logs / writes the paper's metrics (see module docstring).
+
+    Args:
+        output_dir: where the files go; default ``<trainer.log_dir>/evaluation``.
+        every_n_epochs: during fit, evaluate the lesion validation set at epochs 0, N, 2N, ... and the
+            last one (so a checkpoint monitor always finds the key); 0 = only at test.
+        threshold: segmentation rule: "image_percentile" (the image's own breast pixels, paper),
+            "healthy_percentile" (of the healthy validation patch scores), or "fixed" (``threshold_value``).
+        percentile: the percentile both percentile rules use (99 = top 1 %).
+        save_maps: how many test images get ``maps/<image_id>.npz`` and a W&B heatmap panel.
+        monitor_prefix: prefix of the keys logged during fit (``val_lesion/pixel_auc``, ...).
+        threshold_value: the threshold of the "fixed" rule.
+        healthy_max_patches: at most this many healthy validation patches set the "healthy_percentile".
+        dataset: name written into metrics.json; default from the datamodule's ``source`` / ``test_set``.
+        histogram_bins: bins of ``score_hist.npz``.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | None = None,
+        every_n_epochs: int = 0,
+        threshold: str = "image_percentile",
+        percentile: float = 99.0,
+        save_maps: int = 4,
+        monitor_prefix: str = "val_lesion",
+        threshold_value: float | None = None,
+        healthy_max_patches: int = 20000,
+        dataset: str | None = None,
+        histogram_bins: int = 100,
+    ) -> None:
+        super().__init__()
+        if threshold not in evaluation.THRESHOLD_RULES:
+            raise ValueError(
+                f"EvaluationCallback.threshold={threshold!r} unknown; choose one of {evaluation.THRESHOLD_RULES}"
+            )
+        if threshold == "fixed" and threshold_value is None:
+            raise ValueError("EvaluationCallback.threshold='fixed' needs threshold_value")
+        if not 0.0 < percentile < 100.0:
+            raise ValueError(f"EvaluationCallback.percentile={percentile} must lie in (0, 100)")
+        if every_n_epochs < 0 or save_maps < 0:
+            raise ValueError("EvaluationCallback.every_n_epochs and save_maps must be >= 0")
+        self.output_dir = output_dir
+        self.every_n_epochs = int(every_n_epochs)
+        self.threshold = threshold
+        self.percentile = float(percentile)
+        self.save_maps = int(save_maps)
+        self.monitor_prefix = monitor_prefix
+        self.threshold_value = threshold_value
+        self.healthy_max_patches = int(healthy_max_patches)
+        self.dataset = dataset
+        self.histogram_bins = int(histogram_bins)
+        self.last_summary: dict[str, Any] = {}
+        self.last_fit_summary: dict[str, Any] = {}
+        self._acc: evaluation.EvaluationAccumulator | None = None
+        self._panels: list[tuple[str, np.ndarray]] = []
+        self._maps_written = 0
+        self._eval_seconds = 0.0
+        self._start = 0.0
+
+    # ------------------------------------------------------------------ helpers
+
+    def resolve_output_dir(self, trainer: pl.Trainer) -> Path:
+        """The folder results go to (``output_dir`` or ``<trainer.log_dir>/evaluation``)."""
+        if self.output_dir:
+            return Path(self.output_dir)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "evaluation"
+
+    def _dataset_name(self, trainer: pl.Trainer) -> str:
+        if self.dataset:
+            return self.dataset
+        dm = getattr(trainer, "datamodule", None)
+        if dm is None:
+            return "unknown"
+        hparams = getattr(dm, "hparams", {}) or {}
+        parts = [getattr(dm, key, None) or hparams.get(key) for key in ("source", "test_set")]
+        parts = [str(p) for p in parts if p]
+        return "/".join(parts) or type(dm).__name__
+
+    def _healthy_threshold(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        """The ``percentile`` of healthy validation patch scores (the "healthy_percentile" rule)."""
+        dm = getattr(trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "val_dataloader"):
+            raise RuntimeError(
+                "EvaluationCallback.threshold='healthy_percentile' needs a datamodule with val_dataloader() "
+                "(healthy validation patches); use threshold='image_percentile' or 'fixed' otherwise"
+            )
+        scores, seen = [], 0
+        for batch in dm.val_dataloader():
+            images = batch["image"] if isinstance(batch, Mapping) else batch
+            scores.append(pl_module.score_grid(images).detach().cpu().numpy())
+            seen += len(scores[-1])
+            if seen >= self.healthy_max_patches:
+                break
+        if not seen:
+            raise RuntimeError("EvaluationCallback: the healthy validation set is empty; no threshold")
+        return float(np.percentile(np.concatenate(scores)[: self.healthy_max_patches], self.percentile))
+
+    def _new_accumulator(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> evaluation.EvaluationAccumulator:
+        value = self.threshold_value
+        if self.threshold == "healthy_percentile":
+            value = self._healthy_threshold(trainer, pl_module)
+        return evaluation.EvaluationAccumulator(self.threshold, self.percentile, value)
+
+    def _gather(self, trainer: pl.Trainer, acc: evaluation.EvaluationAccumulator) -> evaluation.EvaluationAccumulator:
+        """Under DDP, every rank gets the union of all ranks' images (duplicates dropped by image_id)."""
+        if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return acc
+        states: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(states, acc.state())
+        merged = evaluation.EvaluationAccumulator(acc.threshold_rule, acc.percentile, acc.threshold_value)
+        for state in states:
+            merged.merge_state(state)
+        return merged
+
+    @staticmethod
+    def _log_scalars(pl_module: pl.LightningModule, prefix: str, summary: Mapping[str, Any]) -> None:
+        for key in LOGGED_KEYS:
+            value = summary.get(key)
+            if value is None:
+                continue
+            pl_module.log(f"{prefix}/{key}", float(value), sync_dist=False)
+
+    # ------------------------------------------------------------------ test
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._acc = self._new_accumulator(trainer, pl_module)
+        self._panels = []
+        self._maps_written = 0
+        self._eval_seconds = 0.0
+        self._start = time.perf_counter()
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._acc is None:  # test hooks called without on_test_epoch_start (defensive)
+            self._acc = self._new_accumulator(trainer, pl_module)
+        scores = outputs["scores"] if isinstance(outputs, Mapping) else outputs
+        if scores is None:
+            raise RuntimeError(
+                f"EvaluationCallback: {type(pl_module).__name__}.test_step returned no 'scores'; it must return "
+                "{'scores': Tensor[M]} (see lightning_modules.base.AnomalyDetector)"
+            )
+        if not isinstance(batch, Mapping) or "centers" not in batch:
+            raise RuntimeError(
+                "EvaluationCallback: test batches must be evaluation items (dicts with 'centers', 'breast_mask', "
+                "'lesion_mask', ...; DataLoader batch_size=None)"
+            )
+        begin = time.perf_counter()
+        result, amap, seg = self._acc.add(batch, scores)
+        if self._maps_written < self.save_maps:
+            out = self.resolve_output_dir(trainer) / "maps" / f"{evaluation.safe_file_stem(result.image_id)}.npz"
+            evaluation.write_map(out, batch, amap, seg, result)
+            self._maps_written += 1
+            if any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
+                breast = evaluation.as_numpy(batch["breast_mask"]).astype(bool)
+                lesion = evaluation.as_numpy(batch["lesion_mask"]).astype(bool)
+                image = evaluation.as_numpy(batch["image"]).astype(np.float32)
+                caption = (f"{result.image_id}: AUC {result.auc:.3f}, H {result.hausdorff_px:.1f} px "
+                           f"({result.hausdorff_mm:.1f} mm), {self._acc.rule_name}")
+                self._panels.append((caption, heatmap_panel(image, breast, lesion & breast, amap, seg)))
+        self._eval_seconds += time.perf_counter() - begin
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._acc is None:
+            return
+        acc = self._gather(trainer, self._acc)
+        elapsed = time.perf_counter() - self._start
+        summary: dict[str, Any] = acc.summary()
+        summary.update(
+            dataset=self._dataset_name(trainer),
+            model=f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
+            percentile=self.percentile,
+            test_seconds=elapsed,
+            evaluation_seconds=self._eval_seconds,
+            images_per_s=summary["n_images"] / elapsed if elapsed > 0 else math.nan,
+            patches_per_s=summary["n_patches"] / elapsed if elapsed > 0 else math.nan,
+            world_size=trainer.world_size,
+        )
+        self.last_summary = summary
+        self._log_scalars(pl_module, "test", summary)
+        if trainer.is_global_zero:
+            out = self.resolve_output_dir(trainer)
+            hist = acc.score_histogram(self.histogram_bins)
+            evaluation.write_metrics_json(out / "metrics.json", summary)
+            evaluation.write_per_image_csv(out / "per_image.csv", acc.results)
+            evaluation.write_npz(out / "score_hist.npz", threshold_rule=np.array(summary["threshold_rule"]),
+                                 model=np.array(summary["model"]), **hist)
+            self._log_wandb(trainer, acc, summary, hist)
+        self._acc = None
+
+    def _log_wandb(self, trainer: pl.Trainer, acc: evaluation.EvaluationAccumulator,
+                   summary: Mapping[str, Any], hist: Mapping[str, np.ndarray]) -> None:
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not loggers:
+            return
+        import wandb
+
+        columns = evaluation.ImageResult.columns()
+        rows = [[getattr(r, c) for c in columns] for r in acc.results]
+        title = f"{summary['model'].rsplit('.', 1)[-1]} on {summary['dataset']}"
+        payload = {
+            "test/per_image": wandb.Table(columns=columns, data=rows),
+            "test/heatmaps": [wandb.Image(panel, caption=caption) for caption, panel in self._panels],
+            "test/score_distribution": wandb.Image(score_distribution_image(hist, title), caption=title),
+        }
+        for logger in loggers:
+            logger.experiment.log(payload)
+            logger.experiment.summary["test/threshold_rule"] = summary["threshold_rule"]
+            logger.experiment.summary["test/empty_policy"] = summary["empty_policy"]
+
+    # ------------------------------------------------------------------ fit
+
+    def _due(self, trainer: pl.Trainer) -> bool:
+        if self.every_n_epochs <= 0 or trainer.sanity_checking:
+            return False
+        epoch = trainer.current_epoch
+        last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch == trainer.max_epochs - 1
+        return epoch % self.every_n_epochs == 0 or last
+
+    def evaluate_lesion_validation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Scores every item of ``trainer.datamodule.lesion_validation_dataloader()``; returns the summary."""
+        loader = getattr(trainer.datamodule, "lesion_validation_dataloader", None)
+        if loader is None:
+            raise RuntimeError("the datamodule has no lesion_validation_dataloader()")
+        acc = self._new_accumulator(trainer, pl_module)
+        with torch.no_grad():
+            for item in loader():
+                acc.add(item, pl_module.score_grid(item["patches"]).detach().cpu())
+        return acc.summary()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._due(trainer):
+            return
+        if getattr(trainer, "datamodule", None) is None or not hasattr(
+            trainer.datamodule, "lesion_validation_dataloader"
+        ):
+            rank_zero_warn(
+                "EvaluationCallback(every_n_epochs>0) needs a datamodule with lesion_validation_dataloader(); "
+                "lesion validation metrics are not logged"
+            )
+            return
+        summary = self.evaluate_lesion_validation(trainer, pl_module) if trainer.is_global_zero else None
+        summary = trainer.strategy.broadcast(summary, src=0)
+        self.last_fit_summary = summary
+        self._log_scalars(pl_module, self.monitor_prefix, summary)
