@@ -14,61 +14,14 @@ from typing import Any
 
 import cv2
 import numpy as np
-from scipy import ndimage
+
+from experiments import evaluation
 
 
 def _as_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "detach"):
         value = value.detach().cpu().numpy()
     return np.asarray(value)
-
-
-def grid_to_map(
-    scores: Any, centers: Any, shape: tuple[int, int], stride: int, breast_mask: np.ndarray | None = None
-) -> np.ndarray:
-    """Per-pixel anomaly map from grid scores: bilinear interpolation between grid nodes, NaN outside the breast.
-
-    Grid nodes without a score (centre outside the breast) take their nearest scored node's value, so
-    interpolation near the skin line is not pulled towards an arbitrary fill value.
-    """
-    scores = _as_numpy(scores).astype(np.float64).reshape(-1)
-    centers = _as_numpy(centers).astype(np.int64).reshape(-1, 2)
-    height, width = int(shape[0]), int(shape[1])
-    out = np.full((height, width), np.nan, dtype=np.float32)
-    if scores.size == 0:
-        return out
-    if scores.size != centers.shape[0]:
-        raise ValueError(f"{scores.size} scores for {centers.shape[0]} grid centres")
-    origin = centers.min(axis=0) % stride
-    idx = (centers - origin) // stride
-    grid_shape = (int(idx[:, 0].max()) + 1, int(idx[:, 1].max()) + 1)
-    grid = np.zeros(grid_shape, dtype=np.float64)
-    known = np.zeros(grid_shape, dtype=bool)
-    grid[idx[:, 0], idx[:, 1]] = scores
-    known[idx[:, 0], idx[:, 1]] = True
-    if not known.all():
-        nearest = ndimage.distance_transform_edt(~known, return_distances=False, return_indices=True)
-        grid = grid[tuple(nearest)]
-    rows = (np.arange(height, dtype=np.float64) - origin[0]) / stride
-    cols = (np.arange(width, dtype=np.float64) - origin[1]) / stride
-    rr, cc = np.meshgrid(rows, cols, indexing="ij")
-    dense = ndimage.map_coordinates(grid, [rr, cc], order=1, mode="nearest")
-    out[:] = dense.astype(np.float32)
-    if breast_mask is not None:
-        out[~np.asarray(breast_mask, dtype=bool)] = np.nan
-    return out
-
-
-def threshold_mask(anomaly_map: np.ndarray, percentile: float = 99.0) -> np.ndarray:
-    """Segmentation: pixels at or above the given percentile of the image's own (finite, in-breast) scores.
-
-    ``>=`` rather than ``>`` so that a plateau of equal top scores (a clamped map border) is not lost.
-    """
-    finite = np.isfinite(anomaly_map)
-    if not finite.any():
-        return np.zeros(anomaly_map.shape, dtype=bool)
-    level = np.percentile(anomaly_map[finite], percentile)
-    return finite & (np.nan_to_num(anomaly_map, nan=-np.inf) >= level)
 
 
 def normalise_map(anomaly_map: np.ndarray) -> np.ndarray:
@@ -109,24 +62,25 @@ def _write_atomic_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _safe_name(image_id: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(image_id)) or "image"
-
-
 def write_prediction(
     item: Mapping[str, Any], scores: Any, output_dir: str | Path, percentile: float = 99.0
 ) -> list[Path]:
-    """Writes ``<id>_map.npy`` (float32, NaN outside the breast), ``<id>_overlay.png`` and ``<id>_mask.png``."""
+    """Writes ``<id>_map.npy`` (float32, NaN outside the breast), ``<id>_overlay.png`` and ``<id>_mask.png``.
+
+    Map and mask are those of the evaluation (bilinear grid map; pixels above the image's own percentile).
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     image = _as_numpy(item["image"]).astype(np.float32)
     image = image.reshape(image.shape[-2:])
     breast = item.get("breast_mask")
     breast = _as_numpy(breast).astype(bool).reshape(image.shape) if breast is not None else None
+    breast = breast if breast is not None else np.ones(image.shape, dtype=bool)
     stride = int(_as_numpy(item.get("stride", 16)))
-    anomaly_map = grid_to_map(scores, item["centers"], image.shape, stride, breast)
-    mask = threshold_mask(anomaly_map, percentile)
-    stem = _safe_name(item.get("image_id", "image"))
+    anomaly_map = evaluation.anomaly_map(scores, item["centers"], breast, stride)
+    threshold = evaluation.image_percentile_threshold(anomaly_map, breast, percentile)
+    mask = evaluation.segment(anomaly_map, breast, threshold)
+    stem = evaluation.safe_file_stem(item.get("image_id", "image"))
     paths = [output_dir / f"{stem}_map.npy", output_dir / f"{stem}_overlay.png", output_dir / f"{stem}_mask.png"]
     _write_atomic_npy(paths[0], anomaly_map)
     _write_atomic_png(paths[1], heatmap_overlay(image, anomaly_map))
@@ -197,7 +151,9 @@ def figure2(
         if amap is None:
             amap = np.zeros((2, 2))
         if seg is None:
-            seg = threshold_mask(amap.astype(np.float32))
+            finite = np.isfinite(amap)
+            level = evaluation.image_percentile_threshold(amap.astype(np.float32), finite)
+            seg = evaluation.segment(amap.astype(np.float32), finite, level)
         h = _pick(data, "hausdorff_px", "hausdorff", "H")
         h_text = f"H={float(h):.1f}" if h is not None and np.size(h) == 1 and np.isfinite(float(h)) else "H=n/a"
         axes[2 + 2 * k].imshow(normalise_map(amap.astype(np.float32)), cmap="jet", vmin=0, vmax=1)
