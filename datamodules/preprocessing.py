@@ -170,8 +170,9 @@ def breast_side_is_left(breast: np.ndarray) -> bool:
 def pectoral_mask(image: np.ndarray, breast: np.ndarray) -> np.ndarray:
     """The pectoral muscle of an MLO view: the bright triangle in the chest-wall top corner.
 
-    Works in the chest-wall-left orientation: the upper third of the breast, Otsu threshold of the
-    breast pixels there, the connected component touching the top-left corner region.
+    Works in the chest-wall-left orientation: the upper half of the image, Otsu threshold of the breast
+    pixels there, the bright connected component that fills most of the corner where the breast's
+    chest-wall edge begins.
     """
     flip = not breast_side_is_left(breast)
     img = image[:, ::-1] if flip else image
@@ -186,7 +187,9 @@ def pectoral_mask(image: np.ndarray, breast: np.ndarray) -> np.ndarray:
     otsu, _ = cv2.threshold(values.reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     bright = (cv2.GaussianBlur(u8, (9, 9), 0) > otsu).astype(np.uint8)
     count, labels = cv2.connectedComponents(bright, connectivity=8)
-    corner = labels[: max(1, rows // 8), : max(1, brs.shape[1] // 8)]
+    edge_rows = np.flatnonzero(brs[:rows, 0])
+    top = int(edge_rows[0]) if edge_rows.size else 0
+    corner = labels[top : top + max(1, rows // 4), : max(1, brs.shape[1] // 8)]
     ids = [i for i in np.unique(corner) if i != 0]
     if not ids:
         return out
