@@ -54,6 +54,8 @@ def read_pnm(path: Path) -> np.ndarray:
         raise DataError(f"{path}: not a readable PGM file ({exc})") from exc
     dtype = np.dtype(">u2") if maxval > 255 else np.dtype(np.uint8)
     if magic == b"P5":
+        if len(data) - offset < width * height * dtype.itemsize:
+            raise DataError(f"{path}: PGM raster is truncated ({len(data) - offset} bytes for {width}x{height})")
         raster = np.frombuffer(data, dtype=dtype, count=width * height, offset=offset)
     elif magic == b"P2":
         body = re.sub(rb"#[^\n\r]*", b" ", data[offset - 1 :])
