@@ -22,7 +22,7 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from experiments.loggers import build_loggers, wandb_mode
+from experiments.loggers import build_loggers, finish_wandb, wandb_mode
 from lightning_modules.base import AnomalyDetector
 
 #: monitored by the default checkpoint callback; every model logs it in validation
@@ -237,16 +237,22 @@ def main(args: list[str] | None = None, run: bool = True) -> MammoCLI:
     argv = _checkpoint_model_args(argv)
     if wandb_mode() != "disabled":
         os.environ.setdefault("WANDB_SILENT", "true")
-    return MammoCLI(
-        model_class=AnomalyDetector,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_callback=ConfigSaver,
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
-        args=argv,
-        run=run,
-    )
+    exit_code = 1
+    try:
+        cli = MammoCLI(
+            model_class=AnomalyDetector,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=ConfigSaver,
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=0,
+            args=argv,
+            run=run,
+        )
+        exit_code = 0
+    finally:
+        finish_wandb(exit_code)
+    return cli
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -87,11 +88,14 @@ def _wandb_settings() -> Any:
     return wandb.Settings(console="off", silent=True)
 
 
-def finish_wandb() -> None:
-    """Closes the active W&B run, so the next in-process run starts its own."""
-    try:
-        import wandb
-    except ImportError:  # pragma: no cover - wandb is a dependency
+def finish_wandb(exit_code: int = 0) -> None:
+    """Closes the active W&B run and flushes it to disk, so the next in-process run starts its own.
+
+    ``wandb.finish`` returns before the W&B service has written an offline run; ``teardown`` waits for it.
+    """
+    wandb = sys.modules.get("wandb")
+    if wandb is None:
         return
     if wandb.run is not None:
-        wandb.finish()
+        wandb.finish(exit_code=exit_code)
+    wandb.teardown()
