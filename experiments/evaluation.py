@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import cv2
 import numpy as np
 from scipy import ndimage
 
@@ -139,24 +140,35 @@ def segment(amap: np.ndarray, breast_mask: np.ndarray, threshold: float) -> np.n
 
 
 def border_distance(breast_mask: np.ndarray) -> np.ndarray:
-    """Distance (px) of every pixel to the nearest non-breast pixel, the image edge counting as outside."""
-    padded = np.pad(breast_mask.astype(bool), 1, constant_values=False)
-    return ndimage.distance_transform_edt(padded)[1:-1, 1:-1]
+    """Exact Euclidean distance (px, float32) of every pixel to the nearest non-breast pixel.
+
+    The image edge counts as outside (chest-wall side). OpenCV's precise L2 transform: exact like
+    scipy's EDT and about 20 times faster on a full mammogram.
+    """
+    padded = np.pad(breast_mask.astype(np.uint8), 1, constant_values=0)
+    return cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
 
 
 def top_fraction_near_border(
-    amap: np.ndarray, breast_mask: np.ndarray, top_percent: float = 1.0, distance_px: float = PATCH_SIZE
+    amap: np.ndarray,
+    breast_mask: np.ndarray,
+    top_percent: float = 1.0,
+    distance_px: float = PATCH_SIZE,
+    border_dist: np.ndarray | None = None,
 ) -> float:
     """Share of the top ``top_percent`` % breast pixels lying within ``distance_px`` of the breast border.
 
-    PROTOCOL "Known traps": border and skin-line patches are where autoencoder scores fail first; a value
-    near the border area's own share means the score is not merely a border detector.
+    PROTOCOL "Known traps": border and skin-line patches are where autoencoder scores fail first; compare
+    with the border zone's share of the breast (``border_area_fraction``). ``border_dist`` may pass a
+    precomputed `border_distance`.
     """
     threshold = image_percentile_threshold(amap, breast_mask, 100.0 - top_percent)
     top = segment(amap, breast_mask, threshold)
     if not top.any():
         return math.nan
-    return float((border_distance(breast_mask)[top] <= distance_px).mean())
+    if border_dist is None:
+        border_dist = border_distance(breast_mask)
+    return float((border_dist[top] <= distance_px).mean())
 
 
 @dataclass
@@ -206,12 +218,14 @@ def evaluate_image(
     threshold_rule: str = "image_percentile",
     percentile: float = 99.0,
     threshold_value: float | None = None,
+    pixel_accumulator: metrics.ExactAUC | None = None,
 ) -> tuple[ImageResult, np.ndarray, np.ndarray]:
     """Scores of one evaluation item -> (per-image result, anomaly map, segmentation).
 
     ``item`` is an evaluation item (``image_id``, ``patient_id``, ``breast_mask``, ``lesion_mask``,
     ``centers``, ``spacing_mm``, ``stride``, ``meta``). Images without pixel annotation, without scores,
-    or without lesion pixels inside the breast get NaN metrics and an ``excluded`` reason.
+    or without lesion pixels inside the breast get NaN metrics and an ``excluded`` reason. The breast
+    pixels of included images are added to ``pixel_accumulator`` (the pooled pixel AUC) when given.
     """
     if threshold_rule not in THRESHOLD_RULES:
         raise ValueError(f"threshold rule {threshold_rule!r} unknown; choose one of {THRESHOLD_RULES}")
@@ -247,9 +261,19 @@ def evaluate_image(
         excluded = ""
     auc_value = h_px = math.nan
     if not excluded:
-        auc_value = metrics.auc(amap[breast], lesion[breast])
+        positive = metrics.value_counts(amap[lesion])
+        negative = metrics.value_counts(amap[breast & ~lesion])
+        auc_value = metrics.auc_from_counts(*positive, *negative)
+        if pixel_accumulator is not None:
+            pixel_accumulator.update_counts(positive, negative)
         h_px = metrics.hausdorff_distance(seg, lesion)
-    border_near = border_distance(breast) <= PATCH_SIZE if n_breast else np.zeros_like(breast)
+    border_near = border_distance(breast) <= PATCH_SIZE
+    # The top 1 % is the segmentation itself under the default rule: reuse it instead of a second percentile.
+    if threshold_rule == "image_percentile" and percentile == 99.0:
+        top = seg
+    else:
+        top = segment(amap, breast, image_percentile_threshold(amap, breast, 99.0) if s.size else math.nan)
+    top1_near_border = float(border_near[top].mean()) if top.any() else math.nan
     result = ImageResult(
         image_id=str(item["image_id"]),
         patient_id=str(item.get("patient_id", "")),
@@ -268,7 +292,7 @@ def evaluate_image(
         auc=auc_value,
         hausdorff_px=h_px,
         hausdorff_mm=h_px * spacing,
-        top1_near_border_fraction=top_fraction_near_border(amap, breast) if s.size else math.nan,
+        top1_near_border_fraction=top1_near_border,
         border_area_fraction=float(border_near[breast].mean()) if n_breast else math.nan,
         score_mean=float(s.mean()) if s.size else math.nan,
         score_max=float(s.max()) if s.size else math.nan,
@@ -300,12 +324,8 @@ class EvaluationAccumulator:
     def add(self, item: Mapping, scores: object) -> tuple[ImageResult, np.ndarray, np.ndarray]:
         """Evaluates one item; returns its (result, anomaly map, segmentation)."""
         result, amap, seg = evaluate_image(
-            item, scores, self.threshold_rule, self.percentile, self.threshold_value
+            item, scores, self.threshold_rule, self.percentile, self.threshold_value, self.pixels
         )
-        if not result.excluded:
-            breast = as_numpy(item["breast_mask"]).astype(bool)
-            lesion = as_numpy(item["lesion_mask"]).astype(bool)
-            self.pixels.update(amap[breast], lesion[breast])
         self.results.append(result)
         return result, amap, seg
 

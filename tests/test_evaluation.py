@@ -100,6 +100,7 @@ def test_evaluate_image_metrics_and_exclusions() -> None:
     assert result.hausdorff_px == pytest.approx(metrics.hausdorff_distance(seg, lesion))
     assert result.hausdorff_mm == pytest.approx(0.2 * result.hausdorff_px)
     assert result.excluded == "" and result.density == "2" and result.n_patches == len(item["centers"])
+    assert result.top1_near_border_fraction == pytest.approx(evaluation.top_fraction_near_border(amap, breast))
     assert 0.0 <= result.top1_near_border_fraction <= 1.0
 
     healthy = _item("h", None)
@@ -109,6 +110,7 @@ def test_evaluate_image_metrics_and_exclusions() -> None:
     assert evaluation.evaluate_image(unannotated, _scores(unannotated))[0].excluded == "no_pixel_annotation"
     fixed, _, seg_fixed = evaluation.evaluate_image(item, _scores(item), "fixed", threshold_value=0.5)
     assert fixed.threshold == 0.5 and seg_fixed.sum() == int((amap[breast] > 0.5).sum())
+    assert fixed.top1_near_border_fraction == pytest.approx(result.top1_near_border_fraction)
     with pytest.raises(ValueError, match="unknown"):
         evaluation.evaluate_image(item, _scores(item), "otsu")
 
