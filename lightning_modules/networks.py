@@ -78,6 +78,11 @@ class DenseAutoencoder(nn.Module):
         self._feature_shape = (c, s, s)
         self.to_latent = nn.Linear(c * s * s, latent_dim * (2 if variational else 1))
         self.from_latent = nn.Linear(latent_dim, c * s * s)
+        if variational:
+            # start with a narrow posterior (var ~ e^-4): early training behaves like the plain AE instead
+            # of decoding prior noise, and the KL term widens it where the data allows
+            with torch.no_grad():
+                self.to_latent.bias[latent_dim:].fill_(-4.0)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Returns (mean, log-variance); log-variance is None for the deterministic AE."""
@@ -131,6 +136,7 @@ class VectorQuantizer(nn.Module):
         self.embedding = nn.Embedding(num_embeddings, embedding_dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / num_embeddings, 1.0 / num_embeddings)
         self.register_buffer("usage", torch.ones(num_embeddings))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
     def codes(self, z: Tensor) -> Tensor:
         """Nearest code index per position: N x D x H x W -> LongTensor N x H x W."""
@@ -159,6 +165,14 @@ class VectorQuantizer(nn.Module):
         counts = torch.bincount(idx.flatten(), minlength=self.num_embeddings).float()
         self.usage.mul_(decay).add_(counts / max(idx.numel(), 1) * self.num_embeddings, alpha=1 - decay)
         return counts / counts.sum().clamp_min(1.0)
+
+    @torch.no_grad()
+    def init_from(self, z: Tensor, generator: torch.Generator | None = None) -> None:
+        """Data-dependent start: every code becomes a randomly picked encoder output of ``z`` (plus 1% noise),
+        so training does not begin with all positions mapped to the one code nearest the origin."""
+        self.usage.fill_(0.0)
+        self.revive(z, threshold=1.0, generator=generator)
+        self.initialized.fill_(True)
 
     @torch.no_grad()
     def revive(self, z: Tensor, threshold: float = 0.03, generator: torch.Generator | None = None) -> int:

@@ -83,6 +83,21 @@ class VQVAE(ReconstructionDetector):
         self.log("val/perplexity", perplexity(hist / hist.sum()), sync_dist=True, batch_size=n)
         return loss
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """On the very first training batch, seeds the codebook from that batch's encoder outputs."""
+        quantizer = self.net.quantizer
+        if bool(quantizer.initialized):
+            return
+        with torch.no_grad():
+            z = self.net.encoder(batch_images(batch).to(self.device))
+        quantizer.init_from(z, torch.Generator().manual_seed(int(self.hparams.seed)))
+        self._sync_codebook()
+
+    def _sync_codebook(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(self.net.quantizer.embedding.weight.data, src=0)
+            dist.broadcast(self.net.quantizer.usage, src=0)
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Every ``revive_every`` optimiser steps, re-seeds dead codes (identically on every DDP rank)."""
         every = self.hparams.revive_every
@@ -90,9 +105,7 @@ class VQVAE(ReconstructionDetector):
             return
         gen = torch.Generator().manual_seed(int(self.hparams.seed) * 1_000_003 + int(self.global_step))
         revived = self.net.quantizer.revive(self._last_z, self.hparams.dead_threshold, gen)
-        if dist.is_available() and dist.is_initialized():
-            dist.broadcast(self.net.quantizer.embedding.weight.data, src=0)
-            dist.broadcast(self.net.quantizer.usage, src=0)
+        self._sync_codebook()
         self.log("train/revived_codes", float(revived), batch_size=1)
         self._last_z = None
 
