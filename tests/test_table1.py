@@ -1,0 +1,210 @@
+"""`mammospn table1`: table and markdown writer on fabricated results, stage plan, reuse, and the smoke run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from experiments import evaluation, table1, tools
+
+
+def _result(test_set: str, model: str, aucs: dict[str, float], pixel: float = 0.7) -> table1.ModelResult:
+    values = np.array(list(aucs.values()))
+    summary = {
+        "pixel_auc": pixel, "image_auc_mean": float(values.mean()), "image_auc_std": float(values.std()),
+        "hausdorff_px_mean": 30.5, "hausdorff_px_std": 4.25, "hausdorff_mm_mean": 6.1, "hausdorff_mm_std": 0.85,
+        "n_images": len(aucs) + 1, "n_evaluated": len(aucs), "threshold_rule": "image_percentile_99",
+    }
+    return table1.ModelResult(test_set, model, summary, aucs)
+
+
+@pytest.fixture
+def fabricated() -> list[table1.ModelResult]:
+    rng = np.random.default_rng(0)
+    ids = [f"img{i}" for i in range(20)]
+    base = dict(zip(ids, rng.uniform(0.4, 0.7, 20)))
+    results = []
+    for test_set in ("mass", "calc"):
+        # CAE-RATSPN beats CAE on every one of 20 images: exact two-sided p = 2 / 2**20
+        results.append(_result(test_set, "CAE", base))
+        results.append(_result(test_set, "CAE-RATSPN", {i: v + 0.1 + 0.001 * k for k, (i, v) in enumerate(base.items())}))
+        # bVAE vs bVAE-RATSPN: alternating +-, no significant difference
+        results.append(_result(test_set, "bVAE", base))
+        results.append(_result(test_set, "bVAE-RATSPN", {i: v + (0.01 if k % 2 else -0.012) * (k + 1)
+                                                        for k, (i, v) in enumerate(base.items())}))
+        # VQVAE better than its SPN on every image: the AE row is the bold one
+        results.append(_result(test_set, "VQVAE", {i: v + 0.2 + 0.001 * k for k, (i, v) in enumerate(base.items())}))
+        results.append(_result(test_set, "VQVAE-RATSPN", base))
+        results.append(_result(test_set, "f-AnoGAN", base))
+        results.append(_result(test_set, "Intensity", base, pixel=0.65))
+    return results
+
+
+def test_build_table_marks_significant_pairs_with_known_p_values(fabricated: list[table1.ModelResult]) -> None:
+    rows = table1.build_table(fabricated)
+    assert [r["model"] for r in rows[:8]] == list(table1.MODEL_ORDER)
+    assert [r["test_set"] for r in rows] == ["mass"] * 8 + ["calc"] * 8
+    by = {(r["test_set"], r["model"]): r for r in rows}
+    exact = 2 * 0.5**20
+    assert by[("mass", "CAE")]["wilcoxon_p"] == pytest.approx(exact, rel=1e-9)
+    assert by[("mass", "CAE-RATSPN")]["wilcoxon_p"] == pytest.approx(exact, rel=1e-9)
+    assert by[("mass", "CAE-RATSPN")]["better"] and not by[("mass", "CAE")]["better"]
+    b = [r for r in fabricated if r.test_set == "mass" and r.model.startswith("bVAE")]
+    ids = sorted(b[0].per_image_auc)
+    expected = stats.wilcoxon([b[1].per_image_auc[i] for i in ids], [b[0].per_image_auc[i] for i in ids]).pvalue
+    assert by[("mass", "bVAE")]["wilcoxon_p"] == pytest.approx(expected)
+    assert expected > 0.01
+    assert not by[("mass", "bVAE")]["better"] and not by[("mass", "bVAE-RATSPN")]["better"]
+    assert by[("calc", "VQVAE")]["better"] and not by[("calc", "VQVAE-RATSPN")]["better"]
+    assert by[("mass", "VQVAE")]["pair"] == "VQVAE-RATSPN" and by[("mass", "VQVAE")]["wilcoxon_n"] == 20
+    assert math.isnan(by[("mass", "f-AnoGAN")]["wilcoxon_p"]) and by[("mass", "Intensity")]["pair"] == ""
+
+
+def test_markdown_and_csv_layout(fabricated: list[table1.ModelResult], tmp_path: Path) -> None:
+    rows = table1.build_table(fabricated)
+    md_path = table1.write_table1(rows, tmp_path, "Table 1 (test)", ["a note"])
+    md = md_path.read_text()
+    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(lines) == 1 + 16
+    assert "image_percentile_99" in md and "p < 0.01" in md and "a note" in md
+    cae_spn = next(line for line in lines if "| **CAE-RATSPN** |" in line and "masses" in line)
+    cae_p = f"{2 * 0.5**20:.1e}"
+    assert f"{cae_p} (CAE)" in cae_spn
+    assert "**" not in next(line for line in lines if line.startswith("| masses | CAE |"))
+    assert "**0.70**" in cae_spn  # pixel AUC in bold on the better row
+    bvae = next(line for line in lines if "| bVAE |" in line)
+    assert "**" not in bvae and "30.50 ± 4.25" in bvae and "20/21" in bvae
+    with (tmp_path / "table1.csv").open() as handle:
+        parsed = list(csv.DictReader(handle))
+    assert len(parsed) == 16 and tuple(parsed[0]) == table1.CSV_COLUMNS
+    assert float(parsed[1]["wilcoxon_p"]) == pytest.approx(2 * 0.5**20)
+    assert parsed[1]["better"] == "True" and parsed[6]["wilcoxon_p"] == ""
+    assert float(parsed[0]["hausdorff_mm_mean"]) == pytest.approx(6.1)
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_reads_the_evaluation_callbacks_files(tmp_path: Path) -> None:
+    folder = tmp_path / "test-mass-cae"
+    acc = evaluation.EvaluationAccumulator()
+    rng = np.random.default_rng(1)
+    for k in range(3):
+        h, w = 64, 64
+        breast = np.ones((h, w), dtype=bool)
+        lesion = np.zeros((h, w), dtype=bool)
+        lesion[20:40, 20:40] = True
+        centers = np.array([(r, c) for r in range(0, h, 16) for c in range(0, w, 16)])
+        scores = rng.random(len(centers)) + np.array([1.0 if 20 <= r < 40 and 20 <= c < 40 else 0.0
+                                                      for r, c in centers]) * k
+        item = {"image_id": f"i{k}", "patient_id": "p", "image": np.zeros((h, w), np.float32),
+                "breast_mask": breast, "lesion_mask": lesion, "centers": centers, "spacing_mm": 0.2,
+                "stride": 16, "meta": {}}
+        acc.add(item, scores)
+    evaluation.write_metrics_json(folder / "metrics.json", acc.summary())
+    evaluation.write_per_image_csv(folder / "per_image.csv", acc.results)
+    result = table1.read_model_result(folder, "mass", "CAE")
+    assert set(result.per_image_auc) == {"i0", "i1", "i2"}
+    assert result.per_image_auc["i2"] > result.per_image_auc["i0"]
+    assert result.summary["image_auc_mean"] == pytest.approx(np.mean(list(result.per_image_auc.values())))
+    with pytest.raises(FileNotFoundError, match="metrics.json"):
+        table1.read_model_result(tmp_path / "nothing", "mass", "CAE")
+
+
+def test_stage_plan_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    stages = table1.build_stages("quick", "synthetic", str(tmp_path / "data"), seed=3)
+    assert len(stages) == 8 + 16
+    assert [s.name for s in stages[:8]] == ["cae", "bvae", "vqvae", "cae_spn", "bvae_spn", "vqvae_spn",
+                                            "fanogan_gan", "fanogan"]
+    tests = [s for s in stages if s.kind == "test"]
+    assert {s.model for s in tests} == set(table1.MODEL_ORDER) and {s.test_set for s in tests} == {"mass", "calc"}
+    spn_args = table1.stage_args(stages[3], tmp_path / "runs", tmp_path / "eval", "g")
+    assert spn_args[spn_args.index("--model.init_args.autoencoder_ckpt") + 1] == str(
+        tmp_path / "runs" / "cae" / "checkpoints" / "best.ckpt")
+    enc_args = table1.stage_args(stages[7], tmp_path / "runs", tmp_path / "eval", "g")
+    assert enc_args[enc_args.index("--model.init_args.generator_ckpt") + 1].endswith("fanogan_gan/checkpoints/last.ckpt")
+    intensity = next(s for s in tests if s.model == "Intensity")
+    args = table1.stage_args(intensity, tmp_path / "runs", tmp_path / "eval", "g")
+    assert "experiments.table1.IntensityBaseline" in args and "--ckpt_path" not in args
+    assert args[args.index("--data.init_args.seed") + 1] == "3"
+    assert tools.main(["table1", "--profile", "smoke", "--dry-run", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 24 and out[0].startswith("[ 1/24] lightning fit --config")
+    assert tools.main(["table1", "--data", "cbis_ddsm", "--dry-run"]) in (0, 2)
+
+
+def test_intensity_baseline_scores_mean_patch_intensity() -> None:
+    x = torch.stack([torch.full((1, 64, 64), 0.25), torch.linspace(0, 1, 64 * 64).view(1, 64, 64)])
+    scores = table1.IntensityBaseline().score_grid(x)
+    assert scores.tolist() == pytest.approx([0.25, 0.5])
+
+
+def test_run_stages_reuses_finished_stages_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from experiments import cli
+
+    calls: list[list[str]] = []
+
+    def fake_main(args: list[str]) -> None:
+        calls.append(args)
+        name = args[args.index("--run.name") + 1]
+        run_dir = Path(args[args.index("--run.root") + 1]) / name
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text("x: 1\n")
+        if args[0] == "fit":
+            if name == "vqvae" and len([c for c in calls if "vqvae" in c]) == 1:
+                (run_dir / "checkpoints" / "last.ckpt").write_text("partial")
+                raise SystemExit(1)  # crash mid-fit, leaving last.ckpt
+            for f in ("best.ckpt", "last.ckpt"):
+                (run_dir / "checkpoints" / f).write_text("ckpt")
+        else:
+            eval_dir = Path(args[args.index("--run.results_dir") + 1]) / name
+            eval_dir.mkdir(parents=True, exist_ok=True)
+            (eval_dir / "metrics.json").write_text("{}")
+
+    monkeypatch.setattr(cli, "main", fake_main)
+    stages = table1.build_stages("smoke")
+    lines: list[str] = []
+    with pytest.raises(RuntimeError, match="vqvae"):
+        table1.run_stages(stages, tmp_path, "g", log=lines.append)
+    assert len(calls) == 3 and "ETA" in lines[0]
+    table1.run_stages(stages, tmp_path, "g", log=lines.append)
+    assert len(calls) == 3 + 22  # vqvae again, then the 21 others not yet done
+    resumed = calls[3]
+    assert resumed[resumed.index("--run.name") + 1] == "vqvae"
+    assert resumed[resumed.index("--ckpt_path") + 1] == "last"
+    assert sum("reused" in line for line in lines) == 2
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert len(timings["stages"]) == 24 and timings["total_seconds"] >= 0
+    table1.run_stages(stages, tmp_path, "g", log=lines.append)
+    assert len(calls) == 25  # everything reused
+
+
+@pytest.mark.slow
+def test_smoke_profile_runs_the_whole_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "results"
+    code = tools.main(["table1", "--profile", "smoke", "--out", str(out), "--data-root", str(tmp_path / "synth")])
+    assert code == 0
+    with (out / "table1.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 16
+    assert [r["model"] for r in rows[:8]] == list(table1.MODEL_ORDER)
+    for r in rows:
+        assert 0.0 <= float(r["pixel_auc"]) <= 1.0
+        assert 0.0 <= float(r["image_auc_mean"]) <= 1.0 and float(r["image_auc_std"]) >= 0.0
+        assert math.isfinite(float(r["hausdorff_px_mean"])) and float(r["hausdorff_px_mean"]) >= 0.0
+        assert int(r["n_evaluated"]) >= 1
+    for r in rows:
+        if r["pair"]:
+            assert 0.0 < float(r["wilcoxon_p"]) <= 1.0
+    md = (out / "table1.md").read_text()
+    assert md.count("\n| ") == 17
+    assert (out / "fig2_mass.png").is_file() and (out / "fig3_cae.png").is_file()
+    timings = json.loads((out / "timings.json").read_text())
+    assert len(timings["stages"]) == 24
