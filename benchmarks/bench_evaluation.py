@@ -24,7 +24,7 @@ from experiments.callbacks import EvaluationCallback
 
 HEIGHT, WIDTH, STRIDE, PATCH = 1000, 600, 16, 64
 N_IMAGES = 2
-ROUNDS = 3
+ROUNDS = 2
 
 
 def _model() -> pl.LightningModule:

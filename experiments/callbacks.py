@@ -98,8 +98,10 @@ class EvaluationCallback(pl.Callback):
 
     Args:
         output_dir: where the files go; default ``<trainer.log_dir>/evaluation``.
-        every_n_epochs: during fit, evaluate the lesion validation set at epochs 0, N, 2N, ... and the
-            last one (so a checkpoint monitor always finds the key); 0 = only at test.
+        every_n_epochs: during fit, evaluate the lesion validation set at the 1st, (N+1)th, (2N+1)th ...
+            validation run (= epochs 0, N, 2N, ... with ``check_val_every_n_epoch=1``) and in the last
+            epoch, so a checkpoint monitoring ``val_lesion/...`` always finds the key; 0 = only at test.
+            All test dataloaders of one ``trainer.test`` call are pooled into one evaluation.
         threshold: segmentation rule: "image_percentile" (the image's own breast pixels, paper),
             "healthy_percentile" (of the healthy validation patch scores), or "fixed" (``threshold_value``).
         percentile: the percentile both percentile rules use (99 = top 1 %).
@@ -152,6 +154,7 @@ class EvaluationCallback(pl.Callback):
         self._maps_written = 0
         self._eval_seconds = 0.0
         self._start = 0.0
+        self._validation_runs = 0
 
     # ------------------------------------------------------------------ helpers
 
@@ -312,12 +315,18 @@ class EvaluationCallback(pl.Callback):
 
     # ------------------------------------------------------------------ fit
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validation_runs = 0
+
     def _due(self, trainer: pl.Trainer) -> bool:
+        """Due on the first validation run, every ``every_n_epochs``-th one after it, and the last epoch's."""
         if self.every_n_epochs <= 0 or trainer.sanity_checking:
             return False
+        runs = self._validation_runs
+        self._validation_runs = runs + 1
         epoch = trainer.current_epoch
         last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch == trainer.max_epochs - 1
-        return epoch % self.every_n_epochs == 0 or last
+        return runs % self.every_n_epochs == 0 or last
 
     def evaluate_lesion_validation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         """Scores every item of ``trainer.datamodule.lesion_validation_dataloader()``; returns the summary."""

@@ -232,7 +232,13 @@ def evaluate_image(
     if threshold_rule != "image_percentile" and threshold_value is None:
         raise ValueError(f"threshold rule {threshold_rule!r} needs a threshold value")
     breast = as_numpy(item["breast_mask"]).astype(bool)
-    lesion = as_numpy(item["lesion_mask"]).astype(bool) & breast
+    lesion = as_numpy(item["lesion_mask"]).astype(bool)
+    if breast.ndim != 2 or lesion.shape != breast.shape:
+        raise ValueError(
+            f"image {item.get('image_id')!r}: breast_mask {breast.shape} and lesion_mask {lesion.shape} "
+            "must be two masks of the same H x W"
+        )
+    lesion &= breast
     s = as_numpy(scores).astype(np.float64).reshape(-1)
     spacing = _as_float(item["spacing_mm"])
     amap = anomaly_map(s, item["centers"], breast, int(_as_float(item["stride"])))

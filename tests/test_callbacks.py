@@ -160,14 +160,14 @@ def test_wandb_offline_logs_table_and_uint8_images(tmp_path, monkeypatch) -> Non
     monkeypatch.setattr(logger.experiment, "log", recording_log)
     callback = EvaluationCallback(output_dir=str(tmp_path / "eval"), save_maps=2)
     trainer = _trainer(tmp_path, [callback], logger=logger)
-    items = [make_item(i) for i in range(2)]
+    items = [make_item(i) for i in range(2)] + [make_item(7, lesion=False)]
     try:
         trainer.test(MeanIntensity(), dataloaders=DataLoader(items, batch_size=None), verbose=False)
     finally:
         wandb.finish()
     payload = next(d for d in logged if "test/per_image" in d)
     table = payload["test/per_image"]
-    assert isinstance(table, wandb.Table) and len(table.data) == 2
+    assert isinstance(table, wandb.Table) and len(table.data) == 3
     assert table.columns[0] == "image_id" and "hausdorff_mm" in table.columns
     assert len(payload["test/heatmaps"]) == 2
     assert all(isinstance(img, wandb.Image) for img in payload["test/heatmaps"])
@@ -213,9 +213,18 @@ def test_fit_logs_lesion_validation_curves_and_checkpoint_monitors_them(tmp_path
     dm = LesionValidationData()
     callback = EvaluationCallback(every_n_epochs=2, threshold="healthy_percentile")
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_lesion/pixel_auc", mode="max")
-    trainer = _trainer(tmp_path, [callback, ckpt], max_epochs=2, num_sanity_val_steps=0,
+    trainer = _trainer(tmp_path, [callback, ckpt], max_epochs=4, num_sanity_val_steps=0,
                        limit_train_batches=1, limit_val_batches=1)
+    evaluated_at: list[int] = []
+    real_evaluate = callback.evaluate_lesion_validation
+
+    def recording_evaluate(trainer_: pl.Trainer, module: pl.LightningModule) -> dict:
+        evaluated_at.append(trainer_.current_epoch)
+        return real_evaluate(trainer_, module)
+
+    callback.evaluate_lesion_validation = recording_evaluate
     trainer.fit(MeanIntensity(), datamodule=dm)
+    assert evaluated_at == [0, 2, 3]  # first, every 2nd validation run, and the last epoch
     expected = expected_pixel_auc(dm.items)
     assert trainer.callback_metrics["val_lesion/pixel_auc"].item() == pytest.approx(expected, abs=1e-6)
     assert callback.last_fit_summary["threshold_rule"] == "healthy_percentile_99"
