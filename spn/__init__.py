@@ -1,0 +1,14 @@
+"""RAT-SPN density estimation in plain torch: exact (marginal) likelihoods, stochastic EM, sampling, MPE."""
+
+from spn.distributed import all_reduce_stats, default_stats_reducer
+from spn.rat_spn import RatSpn
+from spn.region_graph import RegionGraph, balanced_region_sizes, random_region_graph
+
+__all__ = [
+    "RatSpn",
+    "RegionGraph",
+    "all_reduce_stats",
+    "balanced_region_sizes",
+    "default_stats_reducer",
+    "random_region_graph",
+]

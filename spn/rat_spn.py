@@ -1,0 +1,579 @@
+"""RAT-SPN: random tensorized sum-product network with exact inference and stochastic EM.
+
+Peharz et al., "Random Sum-Product Networks: A Simple and Effective Approach to Probabilistic Deep
+Learning" (UAI 2020), evaluated the Einsum-Network way (Peharz et al., ICML 2020): every sum layer is
+one log-einsum-exp, and the EM statistics are gradients of the log-likelihood with respect to the
+(normalised) weights and the leaves' sufficient-statistic coefficients, taken once per batch.
+
+Layout (R repetitions, G = 2**depth leaf regions per repetition, I leaf components per region,
+S internal sums, C roots): leaf regions ``(R, G, N, I)`` -> ``depth`` product+sum layers that pair the
+sibling regions ``2j, 2j+1`` and take weighted sums over all I x I (or S x S) products -> one root
+value per repetition and root ``(R, N, C)`` -> a mixing layer over the repetitions ``(N, C)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spn.distributed import default_stats_reducer
+from spn.region_graph import random_region_graph
+
+#: log-probability floor for categorical entries set to zero by a full (step 1.0) M-step.
+LOG_FLOOR = -80.0
+#: a categorical row whose old parameters keep less than this weight is rewritten densely.
+_RESET_BELOW = 1e-6
+#: expected counts below this (plus the pseudo-count) leave a component's parameters unchanged.
+_MIN_COUNT = 1e-8
+
+StatsReducer = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+
+
+class RatSpn(nn.Module):
+    """RAT-SPN density p(x) over ``num_vars`` variables with Gaussian or categorical leaves.
+
+    Parameters (paper setting ``RatSpn(64, depth=1, num_repetitions=50, num_input_distributions=45)``,
+    Gaussian leaves): leaves 64 x 50 x 45 x (mean, variance) = 288,000; product-sum weights
+    50 x 45 x 45 = 101,250; a separate mixing layer over the repetitions, 50. Total **389,300**
+    (counted the EinsumNetworks way; without the mixing layer it would be 389,250).
+
+    Sum weights and Gaussian leaves are ``nn.Parameter`` (so DDP can wrap the module and gradient
+    training is possible); EM (:meth:`em_update`) writes them in place. Categorical leaves are buffers
+    kept normalised by EM only: ``p(k) = exp(leaf_log_scale) * leaf_table[k]`` (``leaf_log_table`` is the
+    log of ``leaf_table``, kept for the look-ups), a factorisation that lets an online-EM step touch
+    only the codes seen in the batch (K = 512 costs O(batch), not O(K)).
+    """
+
+    def __init__(
+        self,
+        num_vars: int,
+        depth: int = 1,
+        num_repetitions: int = 50,
+        num_input_distributions: int = 45,
+        num_sums: int = 10,
+        num_roots: int = 1,
+        leaf: str = "gaussian",
+        num_categories: int | None = None,
+        seed: int = 0,
+        min_var: float = 1e-3,
+        max_var: float = 100.0,
+        pseudo_count: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if leaf not in ("gaussian", "categorical"):
+            raise ValueError(f"leaf must be 'gaussian' or 'categorical', got {leaf!r}")
+        if leaf == "categorical" and (num_categories is None or num_categories < 2):
+            raise ValueError("categorical leaves need num_categories >= 2")
+        if not 0 < min_var <= max_var:
+            raise ValueError(f"need 0 < min_var <= max_var, got {min_var}, {max_var}")
+        for name, value in (("num_input_distributions", num_input_distributions), ("num_sums", num_sums), ("num_roots", num_roots)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.num_vars = num_vars
+        self.depth = depth
+        self.num_repetitions = num_repetitions
+        self.num_input_distributions = num_input_distributions
+        self.num_sums = num_sums
+        self.num_roots = num_roots
+        self.leaf = leaf
+        self.num_categories = num_categories if leaf == "categorical" else None
+        self.seed = seed
+        self.min_var = min_var
+        self.max_var = max_var
+        self.pseudo_count = pseudo_count
+
+        gen = torch.Generator().manual_seed(seed)
+        graph = random_region_graph(num_vars, depth, num_repetitions, gen)
+        self.region_sizes = graph.sizes
+        self.region_starts = graph.starts
+        self.register_buffer("permutation", graph.permutation)
+        self.register_buffer("region_of", graph.region_of)
+        self.register_buffer("assignment", graph.assignment)
+        # Gaussian leaves live in "slots": region g of repetition r owns slots [g * smax, g * smax + size_g);
+        # slot_var maps a slot to its variable (num_vars = padding), slot_of maps (v, r) back to its slot.
+        G, smax = 2**depth, max(graph.sizes)
+        self.max_region_size = smax
+        slot_var = torch.full((num_repetitions, G * smax), num_vars, dtype=torch.long)
+        slot_of = torch.empty(num_vars, num_repetitions, dtype=torch.long)
+        for g, (start, size) in enumerate(zip(graph.starts, graph.sizes)):
+            slots = torch.arange(g * smax, g * smax + size)
+            slot_var[:, slots] = graph.permutation[:, start : start + size]
+            slot_of.scatter_(0, graph.permutation[:, start : start + size].T, slots[:, None].expand(size, num_repetitions))
+        self.register_buffer("slot_var", slot_var, persistent=False)
+        self.register_buffer("slot_of", slot_of, persistent=False)
+        self.register_buffer("slot_valid", (slot_var < num_vars).view(num_repetitions, G, smax, 1), persistent=False)
+
+        R, V, I = num_repetitions, num_vars, num_input_distributions  # noqa: E741 (I = input distributions, as in the paper)
+        # sum layers, top (level 0: one region per repetition, C roots) to bottom (inputs: I leaves)
+        weights = []
+        for level in range(depth):
+            regions = 2**level
+            s_out = num_roots if level == 0 else num_sums
+            s_in = I if level == depth - 1 else num_sums
+            w = 0.01 + 0.98 * torch.rand(R, regions, s_out, s_in, s_in, generator=gen)
+            weights.append(nn.Parameter(torch.log(w / w.sum((-2, -1), keepdim=True))))
+        self.log_weights = nn.ParameterList(weights)
+        mix = 0.01 + 0.98 * torch.rand(num_roots, R, generator=gen)
+        self.log_mix = nn.Parameter(torch.log(mix / mix.sum(-1, keepdim=True)))
+
+        if leaf == "gaussian":
+            shape = (R, 2**depth, self.max_region_size, I)
+            self.leaf_mean = nn.Parameter(torch.randn(shape, generator=gen) * self.slot_valid)
+            self.leaf_log_var = nn.Parameter(torch.zeros(shape))
+        else:
+            K = num_categories
+            probs = 0.01 + 0.98 * torch.rand(R, V, K, I, generator=gen)
+            probs = probs / probs.sum(2, keepdim=True)
+            self.register_buffer("leaf_table", probs.reshape(R * V * K, I))
+            self.register_buffer("leaf_log_table", torch.log(probs).reshape(R * V * K, I))
+            self.register_buffer("leaf_log_scale", torch.zeros(R, V, I))
+            # flat table row of (repetition, position) before adding the code: (r * V + v) * K
+            base = (torch.arange(R)[:, None] * V + graph.permutation) * K
+            self.register_buffer("table_base", base, persistent=False)
+
+    # ------------------------------------------------------------------ structure helpers
+    @property
+    def num_parameters(self) -> int:
+        """Free-parameter count the EinsumNetworks way (leaf parameters + every sum weight)."""
+        weights = sum(w.numel() for w in self.log_weights) + self.log_mix.numel()
+        if self.leaf == "gaussian":
+            return weights + 2 * int(self.slot_valid.sum()) * self.num_input_distributions
+        return weights + self.leaf_log_table.numel()
+
+    def leaf_variance(self) -> Tensor:
+        """Gaussian leaf variances in slot layout (R, G, smax, I), clamped to [min_var, max_var]."""
+        return self.leaf_log_var.exp().clamp(self.min_var, self.max_var)
+
+    def gaussian_leaves(self) -> tuple[Tensor, Tensor]:
+        """Gaussian leaf (mean, variance), each V x R x I: variable v's component i in repetition r."""
+        R, I = self.num_repetitions, self.num_input_distributions  # noqa: E741 (I = input distributions, as in the paper)
+        rep = torch.arange(R, device=self.slot_of.device)[None].expand_as(self.slot_of)
+        mean = self.leaf_mean.reshape(R, -1, I)[rep, self.slot_of]
+        var = self.leaf_variance().reshape(R, -1, I)[rep, self.slot_of]
+        return mean, var
+
+    def categorical_log_probs(self, rep: int, var: int) -> Tensor:
+        """Leaf log-probabilities (K x I) of variable ``var`` in repetition ``rep`` (categorical)."""
+        K = self.num_categories
+        row = (rep * self.num_vars + var) * K
+        return self.leaf_log_table[row : row + K] + self.leaf_log_scale[rep, var][None, :]
+
+    def _observed(self, x: Tensor, missing: Tensor | None) -> Tensor:
+        if x.dim() != 2 or x.shape[1] != self.num_vars:
+            raise ValueError(f"expected x of shape (N, {self.num_vars}), got {tuple(x.shape)}")
+        if missing is None:
+            return torch.ones(x.shape, dtype=self._float_dtype(), device=x.device)
+        if missing.shape != x.shape:
+            raise ValueError(f"missing must have the shape of x {tuple(x.shape)}, got {tuple(missing.shape)}")
+        return (~missing.bool()).to(self._float_dtype())
+
+    def _float_dtype(self) -> torch.dtype:
+        return self.log_mix.dtype
+
+    # ------------------------------------------------------------------ leaves
+    def _gaussian_coefficients(self) -> Tensor:
+        """(R*G, 3*smax, I) coefficients of (x^2, x, 1) in log N(x; mean, var): the leaf as a quadratic form."""
+        var = self.leaf_variance()
+        mean = self.leaf_mean
+        coeffs = torch.stack(
+            [-0.5 / var, mean / var, -0.5 * mean * mean / var - 0.5 * torch.log(2 * math.pi * var)], dim=2
+        )  # R x G x 3 x smax x I
+        R, G = self.num_repetitions, 2**self.depth
+        return coeffs.reshape(R * G, 3 * self.max_region_size, self.num_input_distributions)
+
+    def _gaussian_regions(self, x: Tensor, obs: Tensor, coeffs: Tensor) -> Tensor:
+        """Leaf-region log-densities (R, G, N, I): one batched matmul of per-region (x^2, x, 1) features.
+
+        Missing variables contribute zero features, i.e. they are integrated out exactly.
+        """
+        R, G, I, smax = self.num_repetitions, 2**self.depth, self.num_input_distributions, self.max_region_size  # noqa: E741 (I = input distributions, as in the paper)
+        N = x.shape[0]
+        x = torch.where(obs > 0, x.to(obs.dtype), torch.zeros_like(obs))
+        features = torch.stack([x * x * obs, x * obs, obs], dim=1)  # N x 3 x V
+        features = torch.cat([features, features.new_zeros(N, 3, 1)], dim=2)[:, :, self.slot_var]  # N x 3 x R x G*smax
+        features = features.view(N, 3, R, G, smax).permute(2, 3, 0, 1, 4).reshape(R * G, N, 3 * smax)
+        return torch.bmm(features, coeffs).view(R, G, N, I)
+
+    def _categorical_regions(self, x: Tensor, obs: Tensor, log_table: Tensor, log_scale: Tensor, missing: bool) -> Tensor:
+        """Leaf-region log-probabilities (R, G, N, I) by embedding_bag look-ups (no one-hot tensor)."""
+        R, V, G, I = self.num_repetitions, self.num_vars, 2**self.depth, self.num_input_distributions  # noqa: E741 (I = input distributions, as in the paper)
+        N = x.shape[0]
+        codes = x.long().clamp(0, self.num_categories - 1)
+        if missing:
+            codes = torch.where(obs > 0, codes, torch.zeros_like(codes))
+        index = (self.table_base[None] + codes[:, self.permutation]).reshape(-1)
+        starts = torch.tensor(self.region_starts, device=x.device)
+        offsets = ((torch.arange(N * R, device=x.device) * V)[:, None] + starts[None]).reshape(-1)
+        weights = obs[:, self.permutation].reshape(-1) if missing else None
+        looked_up = F.embedding_bag(
+            index, log_table, offsets, mode="sum", per_sample_weights=weights, sparse=True
+        ).view(N, R, G, I)
+        scale = torch.einsum("vrg,rvi->vrgi", self.assignment.to(log_scale.dtype), log_scale)
+        looked_up = looked_up + (obs @ scale.reshape(V, R * G * I)).view(N, R, G, I)
+        return looked_up.permute(1, 2, 0, 3)
+
+    # ------------------------------------------------------------------ sum layers
+    @staticmethod
+    def _log_einsum_exp(left: Tensor, right: Tensor, weight: Tensor) -> Tensor:
+        """log sum_{a,b} W[s,a,b] exp(left[a] + right[b]) per (r, j, n): one batched matmul.
+
+        left/right: (R, J, N, A) log-values; weight: (R, J, S, A, A) probabilities -> (R, J, N, S).
+        """
+        R, J, N, A = left.shape
+        S = weight.shape[2]
+        ml = left.detach().amax(-1, keepdim=True)
+        mr = right.detach().amax(-1, keepdim=True)
+        ml = torch.where(torch.isfinite(ml), ml, torch.zeros_like(ml))
+        mr = torch.where(torch.isfinite(mr), mr, torch.zeros_like(mr))
+        el = torch.exp(left - ml)
+        er = torch.exp(right - mr)
+        # T[r, j, n, s, a] = sum_b er[r, j, n, b] W[r, j, s, a, b]
+        w = weight.permute(0, 1, 4, 2, 3).reshape(R * J, A, S * A)
+        t = torch.bmm(er.reshape(R * J, N, A), w).view(R, J, N, S, A)
+        out = (t * el.unsqueeze(-2)).sum(-1)
+        return torch.log(out) + ml + mr
+
+    def _upward(
+        self, regions: Tensor, weights: list[Tensor], mix: Tensor, keep: bool = False
+    ) -> tuple[Tensor, list[Tensor]]:
+        """From leaf regions (R, G, N, I) to root log-values (N, C); optionally keeps each layer's input."""
+        inputs = []
+        values = regions
+        for level in reversed(range(self.depth)):
+            if keep:
+                inputs.append(values)
+            values = self._log_einsum_exp(values[:, 0::2], values[:, 1::2], weights[level])
+        inputs.reverse()  # inputs[level] = the values feeding sum layer `level`
+        top = values[:, 0]  # R x N x C
+        m = top.detach().amax(0)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        root = torch.log(torch.einsum("rnc,cr->nc", torch.exp(top - m), mix)) + m
+        if keep:
+            inputs.append(top)
+        return root, inputs
+
+    def _normalised_weights(self) -> list[Tensor]:
+        out = []
+        for w in self.log_weights:
+            shape = w.shape
+            out.append(torch.softmax(w.reshape(*shape[:3], -1), -1).view(shape))
+        return out
+
+    def _regions(self, x: Tensor, obs: Tensor, missing: Tensor | None) -> Tensor:
+        if self.leaf == "gaussian":
+            return self._gaussian_regions(x, obs, self._gaussian_coefficients())
+        return self._categorical_regions(x, obs, self.leaf_log_table, self.leaf_log_scale, missing is not None)
+
+    # ------------------------------------------------------------------ inference
+    def log_likelihood(self, x: Tensor, missing: Tensor | None = None) -> Tensor:
+        """Exact log p(x) per root, (N, C); variables flagged in ``missing`` (bool N x V) are integrated out."""
+        obs = self._observed(x, missing)
+        root, _ = self._upward(self._regions(x, obs, missing), self._normalised_weights(), torch.softmax(self.log_mix, -1))
+        return root
+
+    forward = log_likelihood
+
+    def _descend(self, inputs: list[Tensor], root: int, choose: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+        """Top-down selection through the circuit: returns repetition (N,) and leaf component per region (N, G).
+
+        ``inputs`` are the layer inputs kept by :meth:`_upward`; ``choose`` maps scores (B, K) to indices (B,):
+        argmax for MPE, a seeded categorical draw for sampling. Scores are log-weight + child log-values,
+        i.e. the posterior over the children given the evidence.
+        """
+        top = inputs[-1]  # R x N x C
+        n = top.shape[1]
+        rows = torch.arange(n, device=top.device)
+        rep = choose((torch.log_softmax(self.log_mix, -1)[root][:, None] + top[:, :, root]).T)
+        chosen = torch.full((n, 1), root, dtype=torch.long, device=top.device)
+        for level, log_w in enumerate(self.log_weights):
+            values = inputs[level]  # R x 2J x N x A
+            J, A = log_w.shape[1], log_w.shape[-1]
+            log_w = torch.log_softmax(log_w.reshape(*log_w.shape[:3], -1), -1)
+            w = log_w[rep[:, None], torch.arange(J, device=top.device)[None], chosen]  # n x J x A*A
+            v = values[rep, :, rows]  # n x 2J x A: (rep[n], :, n, :)
+            scores = w.view(n, J, A, A) + v[:, 0::2, :, None] + v[:, 1::2, None, :]
+            flat = choose(scores.reshape(n * J, A * A)).view(n, J)
+            nxt = torch.empty(n, 2 * J, dtype=torch.long, device=top.device)
+            nxt[:, 0::2] = flat // A
+            nxt[:, 1::2] = flat % A
+            chosen = nxt
+        return rep, chosen
+
+    def _leaf_components(self, rep: Tensor, chosen: Tensor) -> Tensor:
+        """Leaf component index (N, V) of every variable under the selected sub-circuit."""
+        region = self.region_of.T[rep]  # N x V
+        return chosen.gather(1, region)
+
+    def _leaf_log_probs_categorical(self, rep: Tensor, comp: Tensor) -> Tensor:
+        """(N, V, K) log-probabilities of the selected categorical leaves."""
+        R, V, K, I = self.num_repetitions, self.num_vars, self.num_categories, self.num_input_distributions  # noqa: E741 (I = input distributions, as in the paper)
+        table = self.leaf_log_table.view(R, V, K, I)
+        var = torch.arange(V, device=rep.device)[None].expand_as(comp)
+        r = rep[:, None].expand_as(comp)
+        logits = table[r, var, :, comp]  # N x V x K
+        return logits + self.leaf_log_scale[r, var, comp][..., None]
+
+    @torch.no_grad()
+    def mpe(self, x: Tensor, missing: Tensor, root: int = 0) -> Tensor:
+        """Most probable explanation of the ``missing`` variables given the observed ones (per sample).
+
+        The usual max-product approximation for SPNs: exact bottom-up marginals, then top-down the
+        child with the largest posterior weight at every sum node; missing variables take the mode of
+        their selected leaf, observed variables are returned unchanged.
+        """
+        obs = self._observed(x, missing)
+        regions = self._regions(x, obs, missing)
+        _, inputs = self._upward(regions, self._normalised_weights(), torch.softmax(self.log_mix, -1), keep=True)
+        rep, chosen = self._descend(inputs, root, lambda s: s.argmax(-1))
+        comp = self._leaf_components(rep, chosen)
+        if self.leaf == "gaussian":
+            slot = self.slot_of.T[rep]  # N x V
+            mode = self.leaf_mean.reshape(self.num_repetitions, -1, self.num_input_distributions)[rep[:, None], slot, comp]
+            return torch.where(missing.bool(), mode.to(x.dtype), x)
+        mode = self._leaf_log_probs_categorical(rep, comp).argmax(-1)
+        return torch.where(missing.bool(), mode, x.long())
+
+    @torch.no_grad()
+    def sample(
+        self, n: int, seed: int | None = None, x: Tensor | None = None, missing: Tensor | None = None, root: int = 0
+    ) -> Tensor:
+        """``n`` exact ancestral samples (N x V); with ``x``/``missing``, samples p(missing | observed)."""
+        gen = torch.Generator(device=self.log_mix.device)
+        gen.manual_seed(self.seed + 1 if seed is None else seed)
+        dev = self.log_mix.device
+        if x is None:
+            dtype = torch.long if self.leaf == "categorical" else self._float_dtype()
+            x = torch.zeros(n, self.num_vars, dtype=dtype, device=dev)
+            missing = torch.ones(n, self.num_vars, dtype=torch.bool, device=dev)
+        elif missing is None:
+            raise ValueError("conditional sampling needs the missing mask")
+        n = x.shape[0]
+
+        def draw(scores: Tensor) -> Tensor:
+            probs = torch.softmax(scores.float(), -1)
+            return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+        obs = self._observed(x, missing)
+        regions = self._regions(x, obs, missing)
+        _, inputs = self._upward(regions, self._normalised_weights(), torch.softmax(self.log_mix, -1), keep=True)
+        rep, chosen = self._descend(inputs, root, draw)
+        comp = self._leaf_components(rep, chosen)
+        if self.leaf == "gaussian":
+            r = rep[:, None].expand_as(comp)
+            slot = self.slot_of.T[rep]
+            mean = self.leaf_mean.reshape(self.num_repetitions, -1, self.num_input_distributions)[r, slot, comp]
+            std = self.leaf_variance().reshape(self.num_repetitions, -1, self.num_input_distributions)[r, slot, comp].sqrt()
+            noise = torch.randn(mean.shape, generator=gen, device=dev, dtype=mean.dtype)
+            return torch.where(missing.bool(), mean + std * noise, x.to(mean.dtype))
+        draws = draw(self._leaf_log_probs_categorical(rep, comp).reshape(-1, self.num_categories)).view(n, -1)
+        return torch.where(missing.bool(), draws, x.long())
+
+    # ------------------------------------------------------------------ initialisation from data
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor, missing: Tensor | None = None, seed: int | None = None, sharpness: float = 0.5) -> None:
+        """Places the leaves on the data, because a step of 1e-4 barely moves a random initialisation.
+
+        Gaussian: every (repetition, component) takes its means from one random data row and the
+        per-variable data variance. Categorical: each component puts ``sharpness`` of its mass on the
+        code of one random data row and the rest on the variable's smoothed data histogram.
+        """
+        gen = torch.Generator().manual_seed(self.seed + 2 if seed is None else seed)
+        R, V, I = self.num_repetitions, self.num_vars, self.num_input_distributions  # noqa: E741 (I = input distributions, as in the paper)
+        obs = self._observed(x, missing).cpu()
+        x = x.detach().cpu()
+        picks = torch.randint(0, x.shape[0], (R, I), generator=gen)
+        if self.leaf == "gaussian":
+            xf = torch.where(obs > 0, x.to(obs.dtype), torch.zeros_like(obs))
+            count = obs.sum(0).clamp_min(1)
+            mean = xf.sum(0) / count
+            var = ((xf - mean) ** 2 * obs).sum(0) / count
+            filled = torch.where(obs > 0, xf, mean.expand_as(xf))
+            filled = torch.cat([filled, filled.new_zeros(filled.shape[0], 1)], dim=1)
+            var = torch.cat([var, var.new_ones(1)])
+            slot_var = self.slot_var.cpu()  # R x G*smax
+            means = filled[picks[:, None, :], slot_var[:, :, None]]  # R x G*smax x I
+            self.leaf_mean.copy_(means.view(self.leaf_mean.shape).to(self.leaf_mean))
+            log_var = torch.log(var.clamp(self.min_var, self.max_var))[slot_var][:, :, None].expand(means.shape)
+            self.leaf_log_var.copy_(log_var.reshape(self.leaf_log_var.shape).to(self.leaf_log_var))
+            return
+        K = self.num_categories
+        codes = x.long().clamp(0, K - 1)
+        hist = torch.zeros(V, K)
+        hist.scatter_add_(1, codes.T, obs.T.float())
+        hist = (hist + 1.0 / K) / (hist + 1.0 / K).sum(1, keepdim=True)  # V x K, smoothed
+        table = self.leaf_log_table.view(R, V, K, I)
+        for r in range(R):
+            picked = codes[picks[r]]  # I x V
+            probs = (1 - sharpness) * hist[:, :, None].expand(V, K, I).clone()
+            probs.scatter_add_(1, picked.T[:, None, :], torch.full((V, 1, I), sharpness))
+            table[r].copy_(torch.log(probs).to(table))
+        self.leaf_table.copy_(self.leaf_log_table.exp())
+        self.leaf_log_scale.zero_()
+
+    # ------------------------------------------------------------------ EM
+    def em_statistics(self, x: Tensor, missing: Tensor | None = None, root: Tensor | int = 0) -> dict[str, Tensor]:
+        """Expected sufficient statistics of one batch, from autograd of sum_n log p(x_n).
+
+        Keys: ``weights.<level>`` and ``mix`` (expected counts of every sum edge), Gaussian
+        ``leaf_n``/``leaf_x``/``leaf_xx`` (slot layout R x G x smax x I), or categorical ``leaf_n`` (R x V x I) and the sparse
+        ``leaf_table`` (rows of the flat table, I columns), plus ``log_likelihood`` (sum) and ``count``.
+        """
+        obs = self._observed(x, missing)
+        weights = [w.detach().requires_grad_() for w in self._normalised_weights()]
+        mix = torch.softmax(self.log_mix.detach(), -1).requires_grad_()
+        if self.leaf == "gaussian":
+            with torch.no_grad():
+                coeffs = self._gaussian_coefficients()
+        with torch.enable_grad():
+            if self.leaf == "gaussian":
+                coeffs = coeffs.requires_grad_()  # R*G x 3*smax x I
+                leaf_inputs = [coeffs]
+                regions = self._gaussian_regions(x, obs, coeffs)
+            else:
+                table = self.leaf_log_table.detach().requires_grad_()
+                scale = self.leaf_log_scale.detach().requires_grad_()
+                leaf_inputs = [table, scale]
+                regions = self._categorical_regions(x, obs, table, scale, missing is not None)
+            root_ll, _ = self._upward(regions, weights, mix)
+            if isinstance(root, int):
+                ll = root_ll[:, root]
+            else:
+                ll = root_ll.gather(1, root.view(-1, 1)).squeeze(1)
+            total = ll.sum()
+            grads = torch.autograd.grad(total, [*weights, mix, *leaf_inputs])
+        stats: dict[str, Tensor] = {}
+        for level, (w, g) in enumerate(zip(weights, grads[: self.depth])):
+            stats[f"weights.{level}"] = (w * g).detach()
+        stats["mix"] = (mix * grads[self.depth]).detach()
+        leaf_grads = grads[self.depth + 1 :]
+        if self.leaf == "gaussian":
+            g = leaf_grads[0].view(*self.leaf_mean.shape[:2], 3, *self.leaf_mean.shape[2:])
+            stats["leaf_xx"], stats["leaf_x"], stats["leaf_n"] = g[:, :, 0], g[:, :, 1], g[:, :, 2]
+        else:
+            stats["leaf_table"] = leaf_grads[0].coalesce()
+            stats["leaf_n"] = leaf_grads[1]
+        stats = {k: (v if v.is_sparse else v.contiguous()) for k, v in stats.items()}
+        stats["log_likelihood"] = total.detach().reshape(1)
+        stats["count"] = torch.tensor([float(x.shape[0])], device=x.device, dtype=total.dtype)
+        return stats
+
+    @torch.no_grad()
+    def em_update(
+        self,
+        x: Tensor,
+        step_size: float,
+        missing: Tensor | None = None,
+        root: Tensor | int = 0,
+        reduce: StatsReducer | None = None,
+    ) -> dict[str, float]:
+        """One stochastic (online) EM step on a batch; ``step_size`` 1.0 on the full data is classic EM.
+
+        New parameters = (1 - step) * old + step * M-step(batch statistics), the M-step smoothed
+        towards the current parameters with ``pseudo_count`` (so a component with (near) zero expected
+        count keeps its parameters instead of collapsing). ``reduce`` sums the statistics over
+        processes before the update (default: all-reduce when torch.distributed is initialised), so
+        data-parallel replicas stay identical. Returns the batch mean log-likelihood before the
+        step and how far the step moved the weights and the leaves (mean absolute change).
+        """
+        if not 0 < step_size <= 1:
+            raise ValueError(f"step_size must be in (0, 1], got {step_size}")
+        stats = self.em_statistics(x, missing, root)
+        reducer = reduce if reduce is not None else default_stats_reducer()
+        if reducer is not None:
+            stats = reducer(stats)
+        return self.apply_statistics(stats, step_size)
+
+    @torch.no_grad()
+    def apply_statistics(self, stats: dict[str, Tensor], step_size: float) -> dict[str, float]:
+        """The M-step of :meth:`em_update` from (possibly all-reduced) statistics."""
+        eta, kappa = float(step_size), float(self.pseudo_count)
+        moved_w = []
+        for level, log_w in enumerate(self.log_weights):
+            shape = log_w.shape
+            counts = stats[f"weights.{level}"].reshape(*shape[:3], -1)
+            old = torch.softmax(log_w.reshape(*shape[:3], -1), -1)
+            new = self._interpolate_weights(old, counts, eta, kappa)
+            moved_w.append((new - old).abs().mean())
+            log_w.copy_(torch.log(new.clamp_min(torch.finfo(new.dtype).tiny)).view(shape))
+        old = torch.softmax(self.log_mix, -1)
+        new = self._interpolate_weights(old, stats["mix"], eta, kappa)
+        moved_w.append((new - old).abs().mean())
+        self.log_mix.copy_(torch.log(new.clamp_min(torch.finfo(new.dtype).tiny)))
+        if self.leaf == "gaussian":
+            moved_leaf = self._update_gaussian(stats, eta, kappa)
+        else:
+            moved_leaf = self._update_categorical(stats, eta, kappa)
+        count = float(stats["count"].sum())
+        return {
+            "log_likelihood": float(stats["log_likelihood"].sum()) / max(count, 1.0),
+            "weight_change": float(torch.stack(moved_w).mean()),
+            "leaf_change": float(moved_leaf),
+        }
+
+    @staticmethod
+    def _interpolate_weights(old: Tensor, counts: Tensor, eta: float, kappa: float) -> Tensor:
+        total = counts.sum(-1, keepdim=True)
+        target = (counts + kappa * old) / (total + kappa).clamp_min(_MIN_COUNT)
+        valid = (total + kappa) > _MIN_COUNT
+        new = torch.where(valid, (1 - eta) * old + eta * target, old)
+        return new / new.sum(-1, keepdim=True)
+
+    def _update_gaussian(self, stats: dict[str, Tensor], eta: float, kappa: float) -> Tensor:
+        """Moves each leaf towards its batch moments by lam = eta * n / (n + kappa).
+
+        The same as interpolating the expectation parameters (E[x], E[x^2]) towards the smoothed
+        M-step, written as a two-component moment match so that large means lose no precision:
+        mean' = mean + lam (m_b - mean), var' = (1 - lam) var + lam v_b + lam (1 - lam) (m_b - mean)^2.
+        A component with zero count (or a padding slot) is left exactly as it is; lam = 1 is the M-step.
+        """
+        n, sx, sxx = stats["leaf_n"], stats["leaf_x"], stats["leaf_xx"]
+        mean = self.leaf_mean.detach()
+        var = self.leaf_variance()
+        safe_n = n.clamp_min(_MIN_COUNT)
+        batch_mean = sx / safe_n
+        batch_var = (sxx / safe_n).addcmul_(batch_mean, batch_mean, value=-1.0).clamp_min_(0.0)
+        lam = (eta * n / (n + kappa).clamp_min(_MIN_COUNT)).clamp_(0.0, 1.0)
+        delta = batch_mean - mean
+        new_var = torch.lerp(var, batch_var, lam).addcmul_(lam * (1 - lam), delta * delta)
+        new_mean = mean.addcmul(lam, delta)
+        moved = (lam * delta).abs().sum() / (self.slot_valid.sum() * self.num_input_distributions)
+        self.leaf_mean.copy_(new_mean)
+        self.leaf_log_var.copy_(new_var.clamp_(self.min_var, self.max_var).log_())
+        return moved
+
+    def _update_categorical(self, stats: dict[str, Tensor], eta: float, kappa: float) -> Tensor:
+        """theta' = a * theta + eta * s / (n + kappa) per (r, v, i) row, a = 1 - eta * n / (n + kappa).
+
+        ``a`` goes into the per-row log-scale and only the table entries with statistics are touched
+        (one index_add and a log refresh of those rows), so the cost is O(batch) however large K is.
+        """
+        R, V, K, I = self.num_repetitions, self.num_vars, self.num_categories, self.num_input_distributions  # noqa: E741 (I = input distributions, as in the paper)
+        n = stats["leaf_n"]  # R x V x I
+        table_stats = stats["leaf_table"]  # sparse rows x I, duplicates allowed
+        denom = (n + kappa).clamp_min(_MIN_COUNT)
+        keep = 1 - eta * n / denom
+        reset = keep < _RESET_BELOW
+        any_reset = bool(reset.any())
+        scale = self.leaf_log_scale
+        if any_reset:  # (close to) a full M-step for these rows: forget the old parameters
+            self.leaf_table.view(R, V, K, I).masked_fill_(reset[:, :, None, :], 0.0)
+            scale.masked_fill_(reset, 0.0)
+        scale.add_(torch.where(reset, torch.zeros_like(keep), torch.log(keep.clamp_min(_RESET_BELOW))))
+        factor = (eta / denom) * torch.exp(-scale)  # per row: eta / ((n + kappa) * new scale)
+        rows = table_stats._indices()[0]
+        if rows.numel():
+            values = table_stats._values() * factor.view(R * V, I).index_select(0, rows // K)
+            self.leaf_table.index_add_(0, rows, values)
+        if any_reset:
+            torch.log(self.leaf_table.clamp_min(math.exp(LOG_FLOOR)), out=self.leaf_log_table)
+        elif rows.numel():
+            self.leaf_log_table.index_copy_(0, rows, torch.log(self.leaf_table.index_select(0, rows)))
+        if float(scale.min()) < -30.0:  # fold the scale into the table long before float32 suffers
+            self.leaf_table.view(R, V, K, I).mul_(scale.exp()[:, :, None, :])
+            self.leaf_log_table.view(R, V, K, I).add_(scale[:, :, None, :])
+            scale.zero_()
+        return (1 - keep).mean()
