@@ -29,6 +29,8 @@ __all__ = ["SOURCES", "READERS", "list_source", "read_image", "lesion_masks", "r
 SOURCES = ("ddsm", "cbis_ddsm", "mini_ddsm", "mias", "manifest", "images")
 #: Valid values of ``ImageRecord.reader``.
 READERS = ("dicom", "image", "ddsm")
+#: Mammogram.meta keys that describe the decoded pixels; these always come from the decoder.
+_DECODER_KEYS = ("value_range", "photometric", "bits_stored", "spacing_from_header", "source_path")
 
 
 def _lister(name: str) -> Callable[..., list[ImageRecord]]:
@@ -74,7 +76,8 @@ def read_image(record: ImageRecord) -> Mammogram:
         from datamodules.readers.dicom import read_dicom
 
         image = read_dicom(record.path, default_spacing_mm=record.spacing_mm)
-        image.meta = {**record.meta, **image.meta}
+        decoded = {k: image.meta[k] for k in _DECODER_KEYS if k in image.meta}
+        image.meta = {**image.meta, **record.meta, **decoded}  # the listing's facts win over header tags
         return image
     if record.reader == "image":
         from datamodules.readers.ddsm import frame_spacing
