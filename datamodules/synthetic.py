@@ -1,0 +1,570 @@
+"""Synthetic mammograms written in the real DDSM and CBIS-DDSM formats (the project's embedded default data).
+
+`ensure_synthetic(root, seed, scale)` builds, once and atomically, a healthy DDSM-style set
+(``ddsm/cases/normals/<volume>/case<NNNN>/`` with ``.ics`` headers and byte-swapped lossless-JPEG
+``.LJPEG`` views in digitiser grey levels) and CBIS-DDSM-style lesion sets (``cbis-ddsm/csv/*.csv`` with
+the real columns and quirks, ``cbis-ddsm/CBIS-DDSM/<case folder>/<uid>/<uid>/00000N.dcm``), so the real
+readers load them unchanged. CBIS "test" = the test sets, CBIS "train" = the lesion validation sets.
+``mammospn synth`` is the command-line face of this module (`configure_parser` / `run`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import imagecodecs
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ImplicitVRLittleEndian, SecondaryCaptureImageStorage
+from scipy.ndimage import gaussian_filter
+from scipy.stats import rankdata
+
+from datamodules.records import DataError
+from datamodules.synthetic_anatomy import BreastImage, add_calcification_cluster, add_mass, breast_view
+
+FORMAT_VERSION = 1
+GENERATOR = "datamodules.synthetic"
+#: Native pixel spacing of every synthetic image (DDSM-like film digitised at 100 um).
+NATIVE_SPACING_MM = 0.1
+#: Spacing at which the difficulty figure is measured (the project's evaluation spacing).
+EVALUATION_SPACING_MM = 0.2
+#: Gaussian sigma (px at 0.2 mm) of the smoothed-intensity baseline: a quarter patch (64 px) wide.
+BASELINE_SIGMA_PX = 16.0
+#: The patch-area rule of the paper's test sets: lesion area < 4 patches of 64 x 64 px at 0.2 mm.
+MAX_LESION_AREA_PX = 4 * 64 * 64
+#: Optical density of an empty (black) film and of the densest tissue; grey levels come from these.
+OD_BACKGROUND = 3.5
+OD_DENSEST = 0.15
+UID_ROOT = "1.3.6.1.4.1.9590.100.1.2."
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How much to generate: patients / images per set and the native image height range (px)."""
+
+    healthy_patients: int
+    mass_test: int
+    calc_test: int
+    mass_val: int
+    calc_val: int
+    rows: tuple[int, int]
+
+
+SCALES: dict[str, Scale] = {
+    "tiny": Scale(healthy_patients=4, mass_test=6, calc_test=3, mass_val=2, calc_val=2, rows=(640, 720)),
+    "quick": Scale(healthy_patients=40, mass_test=40, calc_test=25, mass_val=15, calc_val=10, rows=(900, 1100)),
+    "full": Scale(healthy_patients=400, mass_test=160, calc_test=110, mass_val=60, calc_val=40, rows=(1800, 2300)),
+}
+
+#: DDSM scanning sites: case letter -> (DIGITIZER line, grey level from optical density).
+DIGITISERS: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
+    "A": ("HOWTEK", lambda od: (3.789 - od) / 0.00094568),
+    "B": ("LUMISYS LASER", lambda od: 4096.99 - 1009.01 * od),
+    "C": ("LUMISYS LASER", lambda od: 4096.99 - 1009.01 * od),
+    "D": ("HOWTEK", lambda od: (3.96604095240593 - od) / 0.00099055807612),
+}
+
+LESION_SETS = (("mass", "test"), ("calc", "test"), ("mass", "train"), ("calc", "train"))
+_CSV_COLUMNS = {
+    "mass": ["patient_id", "breast_density", "left or right breast", "image view", "abnormality id",
+             "abnormality type", "mass shape", "mass margins", "assessment", "pathology", "subtlety",
+             "image file path", "cropped image file path", "ROI mask file path"],
+    "calc": ["patient_id", "breast density", "left or right breast", "image view", "abnormality id",
+             "abnormality type", "calc type", "calc distribution", "assessment", "pathology", "subtlety",
+             "image file path", "cropped image file path", "ROI mask file path"],
+}
+_CASE_PREFIX = {("mass", "test"): "Mass-Test", ("mass", "train"): "Mass-Training",
+                ("calc", "test"): "Calc-Test", ("calc", "train"): "Calc-Training"}
+_DENSITY_P = [0.15, 0.4, 0.3, 0.15]
+
+
+def _set_key(kind: str, split: str) -> str:
+    return f"{kind}_{'test' if split == 'test' else 'val'}"
+
+
+def _rng(seed: int, *path: int) -> np.random.Generator:
+    """An independent generator for one item, so each image depends only on (seed, set, index)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, *path]))
+
+
+def od_from_brightness(brightness: np.ndarray) -> np.ndarray:
+    """Film optical density for a brightness in [0, 1] (bright = dense tissue = low density on film)."""
+    return OD_BACKGROUND - (OD_BACKGROUND - OD_DENSEST) * brightness.astype(np.float64)
+
+
+def grey_levels(brightness: np.ndarray, letter: str) -> np.ndarray:
+    """12-bit digitiser grey levels: the inverse of the site's optical-density formula (data README)."""
+    _, gl_of_od = DIGITISERS[letter]
+    return np.clip(np.rint(gl_of_od(od_from_brightness(brightness))), 0, 4095).astype(np.uint16)
+
+
+def dicom_values(brightness: np.ndarray) -> np.ndarray:
+    """uint16 MONOCHROME2 pixel values of a CBIS-DDSM-style full mammogram."""
+    return np.clip(np.rint(brightness.astype(np.float64) * 65535.0), 0, 65535).astype(np.uint16)
+
+
+def _uid(rng: np.random.Generator) -> str:
+    digits = rng.integers(0, 10, size=38)
+    digits[0] = rng.integers(1, 10)
+    return UID_ROOT + "".join(str(d) for d in digits)
+
+
+def _to_eval_spacing(array: np.ndarray, nearest: bool = False) -> np.ndarray:
+    factor = NATIVE_SPACING_MM / EVALUATION_SPACING_MM
+    h, w = array.shape
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    if nearest:
+        return cv2.resize(array.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+    return cv2.resize(array.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+
+
+def pixel_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Exact ROC AUC (Mann-Whitney U with tie ranks) of ``scores`` for boolean ``labels``."""
+    labels = labels.astype(bool)
+    n_pos = int(labels.sum())
+    n_neg = labels.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def baseline_arrays(pixels: np.ndarray, breast: np.ndarray, lesion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Smoothed-intensity scores and lesion labels over the breast pixels of one native-spacing image.
+
+    The image is brought to 0.2 mm, scaled to [0, 1] by its own min and max, and Gaussian-smoothed
+    (sigma `BASELINE_SIGMA_PX`); this is the "intensity as anomaly score" difficulty yardstick.
+    """
+    image = _to_eval_spacing(pixels.astype(np.float32))
+    lo, hi = float(image.min()), float(image.max())
+    image = (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
+    smooth = gaussian_filter(image, BASELINE_SIGMA_PX)
+    breast_e = _to_eval_spacing(breast, nearest=True)
+    lesion_e = _to_eval_spacing(lesion.astype(np.float32)) >= 0.5
+    return smooth[breast_e], lesion_e[breast_e]
+
+
+# ----------------------------------------------------------------------------------------- writers
+def _write_ljpeg(path: Path, grey: np.ndarray) -> None:
+    """Lossless JPEG of the 12-bit grey levels, 16-bit words byte-swapped as in the real DDSM files."""
+    swapped = grey.astype("<u2").byteswap()
+    path.write_bytes(imagecodecs.ljpeg_encode(swapped, bitspersample=16))
+
+
+def _write_ics(path: Path, case_name: str, density: int, digitiser: str, age: int, study_date: str,
+               views: dict[str, tuple[int, int]]) -> None:
+    """DDSM ``.ics`` header in the real line format (LINES = rows, RESOLUTION in microns)."""
+    lines = [" ", "ics_version 1.0", f"filename {case_name}", f"DATE_OF_STUDY {study_date}",
+             f"PATIENT_AGE {age}", "FILM ", "FILM_TYPE REGULAR", f"DENSITY {density}",
+             "DATE_DIGITIZED 28 4 1998 ", f"DIGITIZER {digitiser}", "SEQUENCE"]
+    resolution = round(NATIVE_SPACING_MM * 1000)
+    for view_name, (rows, cols) in views.items():
+        lines.append(f"{view_name} LINES {rows} PIXELS_PER_LINE {cols} BITS_PER_PIXEL 12 "
+                     f"RESOLUTION {resolution} NON_OVERLAY")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _write_dicom(path: Path, pixels: np.ndarray, *, patient: str, study_uid: str, series_uid: str,
+                 sop_uid: str, description: str, side: str, view: str, instance: int) -> None:
+    """Uncompressed (Implicit VR Little Endian) uint16 MONOCHROME2 secondary-capture DICOM, as CBIS-DDSM."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    meta.ImplementationClassUID = UID_ROOT + "999"
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyDate = "20161004"
+    ds.StudyTime = "120000"
+    ds.Modality = "MG"
+    ds.ConversionType = "WSD"
+    ds.SeriesDescription = description
+    ds.PatientName = patient
+    ds.PatientID = patient
+    ds.BodyPartExamined = "BREAST"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyID = "DDSM"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = instance
+    ds.PatientOrientation = view
+    ds.Laterality = side[0]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = int(pixels.shape[0]), int(pixels.shape[1])
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.PixelSpacing = [NATIVE_SPACING_MM, NATIVE_SPACING_MM]
+    ds.PixelData = np.ascontiguousarray(pixels, dtype="<u2").tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _image_shape(rng: np.random.Generator, scale: Scale) -> tuple[int, int]:
+    rows = int(rng.integers(scale.rows[0], scale.rows[1] + 1))
+    return rows, int(rows * rng.uniform(0.58, 0.7))
+
+
+# ----------------------------------------------------------------------------------------- healthy set
+def _write_healthy(out: Path, seed: int, scale: Scale, log: Callable[[str], None]) -> dict[str, Any]:
+    """DDSM normals: four views per patient, ``.ics`` + byte-swapped LJPEG in digitiser grey levels."""
+    normals = out / "ddsm" / "cases" / "normals"
+    letters = "ABCD"
+    n_images = 0
+    case_numbers = []
+    for k in range(scale.healthy_patients):
+        rng = _rng(seed, 0, k)
+        letter = letters[int(rng.choice(4, p=[0.35, 0.3, 0.15, 0.2]))]
+        number = k + 1
+        case_numbers.append(number)
+        case_dir = normals / f"normal_{k // 25 + 1:02d}" / f"case{number:04d}"
+        case_dir.mkdir(parents=True, exist_ok=True)
+        density = int(rng.choice(4, p=_DENSITY_P)) + 1
+        views: dict[str, tuple[int, int]] = {}
+        for side in ("LEFT", "RIGHT"):
+            for view in ("CC", "MLO"):
+                shape = _image_shape(rng, scale)
+                image = breast_view(shape, side, view, density, NATIVE_SPACING_MM, rng)
+                name = f"{side}_{view}"
+                views[name] = shape
+                _write_ljpeg(case_dir / f"{letter}_{number:04d}_1.{name}.LJPEG", grey_levels(image.brightness, letter))
+                n_images += 1
+        _write_ics(case_dir / f"{letter}-{number:04d}-1.ics", f"{letter}-{number:04d}-1", density,
+                   DIGITISERS[letter][0], int(rng.integers(38, 75)),
+                   f"{int(rng.integers(1, 29))} {int(rng.integers(1, 13))} {int(rng.integers(1993, 1998))}", views)
+        if (k + 1) % 10 == 0:
+            log(f"  healthy: {k + 1}/{scale.healthy_patients} patients")
+    return {"patients": scale.healthy_patients, "images": n_images, "folder": "ddsm/cases/normals",
+            "case_numbers": [case_numbers[0], case_numbers[-1]] if case_numbers else []}
+
+
+# ----------------------------------------------------------------------------------------- lesion sets
+def _lesion_image(rng: np.random.Generator, scale: Scale, kind: str, side: str, view: str, density: int) -> BreastImage:
+    image = breast_view(_image_shape(rng, scale), side, view, density, NATIVE_SPACING_MM, rng)
+    n_lesions = 2 if rng.random() < (0.12 if kind == "mass" else 0.15) else 1
+    for _ in range(n_lesions):
+        if kind == "mass":
+            add_mass(image, rng, NATIVE_SPACING_MM)
+        else:
+            add_calcification_cluster(image, rng, NATIVE_SPACING_MM)
+    return image
+
+
+def _write_lesion_set(out: Path, seed: int, scale: Scale, kind: str, split: str, first_patient: int,
+                      log: Callable[[str], None]) -> tuple[dict[str, Any], int]:
+    """One CBIS-DDSM set: full-image, ROI-mask and crop DICOMs plus its description CSV with the quirks."""
+    set_index = LESION_SETS.index((kind, split)) + 1
+    n_target = getattr(scale, _set_key(kind, split))
+    prefix = _CASE_PREFIX[(kind, split)]
+    root = out / "cbis-ddsm" / "CBIS-DDSM"
+    rows: list[list[str]] = []
+    scores: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    patient_number = first_patient
+    n_images = n_abnormalities = n_pass = 0
+    patients = 0
+    k = 0
+    while n_images < n_target:
+        rng = _rng(seed, set_index, k)
+        k += 1
+        patient_number += int(rng.integers(1, 4))
+        patient = f"P_{patient_number:05d}"
+        patients += 1
+        side = str(rng.choice(["LEFT", "RIGHT"]))
+        views = ["CC", "MLO"] if rng.random() < 0.6 else [str(rng.choice(["CC", "MLO"]))]
+        density = int(rng.choice(4, p=_DENSITY_P)) + 1
+        for view in views[: n_target - n_images]:
+            image = _lesion_image(rng, scale, kind, side, view, density)
+            pixels = dicom_values(image.brightness)
+            case = f"{prefix}_{patient}_{side}_{view}"
+            study, series = _uid(rng), _uid(rng)
+            full_rel = f"{case}/{study}/{series}/000000.dcm"
+            _write_dicom(root / full_rel, pixels, patient=case, study_uid=study, series_uid=series,
+                         sop_uid=_uid(rng), description="full mammogram images", side=side, view=view, instance=1)
+            union = np.zeros(pixels.shape, bool)
+            pathology = str(rng.choice(["MALIGNANT", "BENIGN", "BENIGN_WITHOUT_CALLBACK"],
+                                       p=[0.45, 0.4, 0.15] if kind == "mass" else [0.4, 0.35, 0.25]))
+            for abn_id, lesion in enumerate(image.lesions, start=1):
+                crop_rel, mask_rel = _write_roi(root, f"{case}_{abn_id}", pixels, lesion.mask, kind, side, view, rng)
+                union |= lesion.mask
+                area_eval = float(lesion.mask.sum()) * (NATIVE_SPACING_MM / EVALUATION_SPACING_MM) ** 2
+                n_pass += area_eval < MAX_LESION_AREA_PX
+                descriptors = [lesion.descriptors["mass shape"], lesion.descriptors["mass margins"]] if kind == "mass" \
+                    else [lesion.descriptors["calc type"], lesion.descriptors["calc distribution"]]
+                assessment = str(rng.choice(["3", "4", "4", "5"] if pathology == "MALIGNANT" else ["2", "3", "4", "0"]))
+                row = [patient, str(density), side, view, str(abn_id), "mass" if kind == "mass" else "calcification",
+                       *descriptors, assessment, pathology, str(int(rng.integers(1, 6))), full_rel, crop_rel, mask_rel]
+                # the real CSVs: one path field per row ends in a newline inside its quotes
+                row[13 if kind == "mass" else 12] += "\n"
+                rows.append(row)
+                n_abnormalities += 1
+            s, lab = baseline_arrays(pixels, image.breast_mask, union)
+            scores.append(s)
+            labels.append(lab)
+            n_images += 1
+        if patients % 10 == 0:
+            log(f"  {kind} {split}: {n_images}/{n_target} images")
+    csv_dir = out / "cbis-ddsm" / "csv"
+    csv_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = csv_dir / f"{kind}_case_description_{split}_set.csv"
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\r\n")
+        writer.writerow(_CSV_COLUMNS[kind])
+        writer.writerows(rows)
+    auc = pixel_auc(np.concatenate(scores), np.concatenate(labels)) if scores else float("nan")
+    summary = {"csv": str(csv_path.relative_to(out)), "patients": patients, "images": n_images,
+               "abnormalities": n_abnormalities, "abnormalities_below_area_rule": int(n_pass),
+               "intensity_baseline_pixel_auc": round(auc, 4)}
+    return summary, patient_number
+
+
+def _write_roi(root: Path, folder: str, pixels: np.ndarray, mask: np.ndarray, kind: str, side: str, view: str,
+               rng: np.random.Generator) -> tuple[str, str]:
+    """ROI mask (full size, 0/255) and crop DICOMs of one abnormality; returns their CSV paths (crop, mask).
+
+    As in CBIS-DDSM, the ``000000`` / ``000001`` names do not reliably say which file is which: the CSV
+    follows the dataset's usual naming, the files behind those names are sometimes swapped, and a few
+    abnormalities keep crop and mask in separate series (both ``000000.dcm``).
+    """
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:  # a lesion clipped away entirely cannot happen (sites are inside the breast); keep safe
+        ys, xs = np.array([pixels.shape[0] // 2]), np.array([pixels.shape[1] // 2])
+    pad_y = max(8, int(0.15 * (ys.max() - ys.min() + 1)))
+    pad_x = max(8, int(0.15 * (xs.max() - xs.min() + 1)))
+    y0, y1 = max(0, ys.min() - pad_y), min(pixels.shape[0], ys.max() + pad_y + 1)
+    x0, x1 = max(0, xs.min() - pad_x), min(pixels.shape[1], xs.max() + pad_x + 1)
+    crop = pixels[y0:y1, x0:x1]
+    roi = np.where(mask, 255, 0).astype(np.uint16)
+    study = _uid(rng)
+    case = folder.rsplit("_", 1)[0]
+    if rng.random() < 0.07:
+        crop_series, mask_series = _uid(rng), _uid(rng)
+        crop_rel = f"{folder}/{study}/{crop_series}/000000.dcm"
+        mask_rel = f"{folder}/{study}/{mask_series}/000000.dcm"
+        files = [(crop_rel, crop, crop_series, "cropped images"), (mask_rel, roi, mask_series, "ROI mask images")]
+    else:
+        series = _uid(rng)
+        crop_name, mask_name = ("000000", "000001") if kind == "mass" else ("000001", "000000")
+        crop_rel = f"{folder}/{study}/{series}/{crop_name}.dcm"
+        mask_rel = f"{folder}/{study}/{series}/{mask_name}.dcm"
+        if rng.random() < 0.3:  # the name lies: the file called the crop holds the mask, and vice versa
+            files = [(crop_rel, roi, series, "ROI mask images"), (mask_rel, crop, series, "ROI mask images")]
+        else:
+            files = [(crop_rel, crop, series, "ROI mask images"), (mask_rel, roi, series, "ROI mask images")]
+    for instance, (rel, array, series_uid, description) in enumerate(files, start=1):
+        _write_dicom(root / rel, array, patient=folder, study_uid=study, series_uid=series_uid, sop_uid=_uid(rng),
+                     description=description, side=side, view=view, instance=instance)
+    del case
+    return crop_rel, mask_rel
+
+
+# ----------------------------------------------------------------------------------------- entry points
+def generate(out: Path, seed: int, scale: str, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Write a complete synthetic set into ``out`` (non-atomic; `ensure_synthetic` is the safe entry) and
+    return its summary, which is also written last to ``out/DONE.json``."""
+    if scale not in SCALES:
+        raise DataError(f"unknown synthetic scale {scale!r}: choose one of {', '.join(SCALES)}")
+    log = log or (lambda message: None)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = SCALES[scale]
+    started = time.perf_counter()
+    healthy = _write_healthy(out, seed, spec, log)
+    lesion_sets: dict[str, Any] = {}
+    # lesion patients are numbered after the healthy cases, so no id is shared with the healthy set
+    next_patient = spec.healthy_patients + 100
+    for kind, split in LESION_SETS:
+        summary, next_patient = _write_lesion_set(out, seed, spec, kind, split, next_patient, log)
+        lesion_sets[_set_key(kind, split)] = summary
+        log(f"  {kind} {split}: {summary['images']} images, pixel AUC of smoothed intensity "
+            f"{summary['intensity_baseline_pixel_auc']:.3f}")
+    summary = {
+        "generator": GENERATOR,
+        "format_version": FORMAT_VERSION,
+        "seed": int(seed),
+        "scale": scale,
+        "native_spacing_mm": NATIVE_SPACING_MM,
+        "healthy": healthy,
+        "lesion_sets": lesion_sets,
+        "splits": {"cbis_ddsm test": "test sets", "cbis_ddsm train": "lesion validation sets"},
+        "intensity_baseline": {
+            "description": "image at 0.2 mm scaled to [0,1], Gaussian-smoothed, score = intensity, pooled over "
+                           "breast pixels of all images of a set, label = lesion mask",
+            "sigma_px_at_0.2mm": BASELINE_SIGMA_PX,
+            "pixel_auc_mass_test": lesion_sets["mass_test"]["intensity_baseline_pixel_auc"],
+        },
+        "generation_seconds": round(time.perf_counter() - started, 1),
+    }
+    tmp = out / f".DONE.json.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, out / "DONE.json")
+    return summary
+
+
+def read_summary(root: str | Path) -> dict[str, Any] | None:
+    """The DONE.json summary of a complete synthetic set at ``root``, or None when there is none."""
+    path = Path(root) / "DONE.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("generator") == GENERATOR else None
+
+
+def _matches(summary: dict[str, Any] | None, seed: int, scale: str) -> bool:
+    return (summary is not None and summary.get("seed") == seed and summary.get("scale") == scale
+            and summary.get("format_version") == FORMAT_VERSION)
+
+
+def ensure_synthetic(root: str | Path, seed: int = 0, scale: str = "quick",
+                     log: Callable[[str], None] | None = None) -> Path:
+    """Return ``root`` holding the synthetic set for (seed, scale), generating it once if needed.
+
+    The set is built in a temporary folder beside ``root`` and renamed into place after DONE.json is
+    written, so an interrupted build never looks complete. A set with another seed/scale is replaced; a
+    non-empty folder that is not a synthetic set is refused rather than overwritten.
+    """
+    if scale not in SCALES:
+        raise DataError(f"unknown synthetic scale {scale!r}: choose one of {', '.join(SCALES)}")
+    root = Path(root).expanduser().absolute()
+    if _matches(read_summary(root), seed, scale):
+        return root
+    if root.exists() and (not root.is_dir() or (read_summary(root) is None and any(root.iterdir()))):
+        raise DataError(f"{root} exists and is not a synthetic mammogram set (no DONE.json from {GENERATOR}); "
+                        f"choose an empty or new folder for the synthetic data")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
+    try:
+        generate(tmp, seed, scale, log)
+        if _matches(read_summary(root), seed, scale):  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+            return root
+        old = None
+        if root.exists():
+            old = root.with_name(f".{root.name}.old-{uuid.uuid4().hex}")
+            os.rename(root, old)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if _matches(read_summary(root), seed, scale):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return root
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+# ----------------------------------------------------------------------------------------- preview
+def _find_cbis_files(case_root: Path, full_shape: tuple[int, int]) -> np.ndarray | None:
+    """The ROI mask in an abnormality folder: the DICOM of the full image's size holding only 0 and 255."""
+    for path in sorted(case_root.rglob("*.dcm")):
+        array = pydicom.dcmread(path).pixel_array
+        if array.shape == full_shape and set(np.unique(array).tolist()) <= {0, 255}:
+            return array > 0
+    return None
+
+
+def write_preview(root: str | Path, out_png: str | Path, n_mass: int = 4, n_calc: int = 2) -> Path:
+    """Contact sheet (PNG) of a few test-set lesion images at 0.2 mm with their ROI masks outlined in red."""
+    root = Path(root)
+    tiles: list[np.ndarray] = []
+    for kind, count in (("mass", n_mass), ("calc", n_calc)):
+        csv_path = root / "cbis-ddsm" / "csv" / f"{kind}_case_description_test_set.csv"
+        with open(csv_path, newline="") as handle:
+            records = list(csv.DictReader(handle))
+        seen: list[str] = []
+        for rec in records:
+            full_rel = rec["image file path"].strip()
+            if full_rel in seen:
+                continue
+            seen.append(full_rel)
+            if len(seen) > count:
+                break
+            dicom_root = root / "cbis-ddsm" / "CBIS-DDSM"
+            full = pydicom.dcmread(dicom_root / full_rel).pixel_array
+            image = _to_eval_spacing(full.astype(np.float32) / 65535.0)
+            tile = cv2.cvtColor(np.clip(image * 255, 0, 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+            case = full_rel.split("/")[0]
+            for abn in (r for r in records if r["image file path"].strip() == full_rel):
+                mask = _find_cbis_files(dicom_root / f"{case}_{abn['abnormality id']}", full.shape)
+                if mask is not None:
+                    small = _to_eval_spacing(mask, nearest=True).astype(np.uint8)
+                    contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+                    cv2.drawContours(tile, contours, -1, (0, 0, 255), 1)
+            cv2.putText(tile, case, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 255, 255), 1, cv2.LINE_AA)
+            tiles.append(tile)
+    if not tiles:
+        raise DataError(f"no lesion images found under {root / 'cbis-ddsm'} to preview")
+    height = max(t.shape[0] for t in tiles)
+    tiles = [cv2.copyMakeBorder(t, 0, height - t.shape[0], 0, 4, cv2.BORDER_CONSTANT) for t in tiles]
+    per_row = 3
+    strips = [np.hstack(tiles[i : i + per_row]) for i in range(0, len(tiles), per_row)]
+    width = max(strip.shape[1] for strip in strips)
+    sheet = np.vstack([cv2.copyMakeBorder(s, 0, 4, 0, width - s.shape[1], cv2.BORDER_CONSTANT) for s in strips])
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(f".{out_png.stem}.{uuid.uuid4().hex}.tmp.png")
+    if not cv2.imwrite(str(tmp), sheet):
+        raise DataError(f"could not write the preview image {out_png}")
+    os.replace(tmp, out_png)
+    return out_png
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``mammospn synth``."""
+    parser.add_argument("--out", required=True, type=Path, help="folder of the synthetic set (created)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed -> identical data)")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="quick", help="how much data to generate")
+    parser.add_argument("--preview", type=Path, default=None, help="write a PNG of a few lesion images with masks")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``mammospn synth``: generate (or reuse) a set, print what it holds and the intensity-baseline AUC."""
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    existing = _matches(read_summary(args.out), args.seed, args.scale)
+    try:
+        root = ensure_synthetic(args.out, seed=args.seed, scale=args.scale, log=log)
+    except DataError as err:
+        print(f"mammospn synth: {err}", file=sys.stderr)
+        return 2
+    summary = read_summary(root)
+    assert summary is not None
+    print(f"{'reused' if existing else 'wrote'} synthetic set (seed {args.seed}, scale {args.scale}) in {root}")
+    healthy = summary["healthy"]
+    print(f"  healthy DDSM normals: {healthy['patients']} patients, {healthy['images']} images "
+          f"in {root / healthy['folder']}")
+    for key, item in summary["lesion_sets"].items():
+        print(f"  {key}: {item['images']} images, {item['abnormalities']} abnormalities "
+              f"({item['abnormalities_below_area_rule']} below the 4-patch area rule), "
+              f"pixel AUC of smoothed intensity {item['intensity_baseline_pixel_auc']:.3f} ({item['csv']})")
+    print(f"intensity-baseline pixel AUC on the mass test set: "
+          f"{summary['intensity_baseline']['pixel_auc_mass_test']:.3f} (real masses at 0.2 mm: about 0.77)")
+    if args.preview is not None:
+        print(f"preview: {write_preview(root, args.preview)}")
+    return 0
