@@ -110,6 +110,10 @@ def test_optical_density_formulas():
     assert math.isfinite(float(optical_density(np.array([0.0]), "DBA")[0]))  # log of 0 guarded
     od = np.array([-0.3, 0.0, 1.25, 4.0, 4.6], dtype=np.float32)
     np.testing.assert_allclose(display_from_od(od), [4.0, 4.0, 2.75, 0.0, 0.0])
+    levels = np.array([[0, 1, 1000, 4095, 65535]], dtype=np.uint16)  # the lookup-table path = the formula
+    for scanner in ("DBA", "HOWTEK-MGH", "HOWTEK-ISMD", "LUMISYS"):
+        np.testing.assert_allclose(optical_density(levels, scanner), optical_density(levels.astype(float), scanner),
+                                   rtol=1e-6)
     with pytest.raises(DataError, match="unknown DDSM scanner"):
         optical_density(np.array([1.0]), "AGFA")
 

@@ -234,8 +234,18 @@ def scanner_of(digitizer: str, site: str) -> str:
 
 
 def optical_density(grey_levels: np.ndarray, scanner: str) -> np.ndarray:
-    """Optical density (float32) from raw DDSM grey levels with the digitiser's published formula."""
-    gl = np.asarray(grey_levels, dtype=np.float64)
+    """Optical density (float32) from raw DDSM grey levels with the digitiser's published formula.
+
+    Integer grey levels go through a 65536-entry lookup table (a full film in ~0.1 s instead of ~1 s).
+    """
+    grey_levels = np.asarray(grey_levels)
+    if grey_levels.dtype in (np.uint8, np.uint16):
+        table = _od_formula(np.arange(1 << (8 * grey_levels.dtype.itemsize), dtype=np.float64), scanner)
+        return table[grey_levels]
+    return _od_formula(grey_levels.astype(np.float64), scanner)
+
+
+def _od_formula(gl: np.ndarray, scanner: str) -> np.ndarray:
     if scanner == "DBA":
         od = (np.log10(np.maximum(gl, 1.0)) - 4.80662) / -1.07553
     elif scanner == "HOWTEK-MGH":
@@ -251,7 +261,9 @@ def optical_density(grey_levels: np.ndarray, scanner: str) -> np.ndarray:
 
 def display_from_od(od: np.ndarray) -> np.ndarray:
     """Display intensity bright = dense: ``OD_REF - clip(OD, 0, OD_REF)`` as float32."""
-    return (np.float32(OD_REF) - np.clip(od, 0.0, OD_REF)).astype(np.float32)
+    out = np.clip(np.asarray(od, dtype=np.float32), 0.0, OD_REF)
+    np.subtract(np.float32(OD_REF), out, out=out)
+    return out
 
 
 def _roughness(words: np.ndarray) -> float:
