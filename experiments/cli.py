@@ -231,9 +231,16 @@ def _checkpoint_model_args(args: list[str]) -> list[str]:
     return [*args, "--model", class_path] if class_path else args
 
 
-def main(args: list[str] | None = None, run: bool = True) -> MammoCLI:
-    """Entry point of `lightning`; returns the CLI so callers (Table 1, tests) can read its trainer and paths."""
+def main(args: list[str] | None = None) -> int:
+    """Entry point of `lightning` (console script): runs the command, returns the exit code."""
+    run_cli(args)
+    return 0
+
+
+def run_cli(args: list[str] | None = None, run: bool = True) -> MammoCLI:
+    """Runs `lightning <args>` in this process; returns the CLI so callers (Table 1, tests) can read it."""
     argv = list(sys.argv[1:] if args is None else args)
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     argv = _checkpoint_model_args(argv)
     if wandb_mode() != "disabled":
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -256,4 +263,4 @@ def main(args: list[str] | None = None, run: bool = True) -> MammoCLI:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

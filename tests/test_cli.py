@@ -147,7 +147,7 @@ def test_configs_merge_in_order_and_dotted_overrides_win(workdir: Path, capsys: 
     first = _write(workdir / "a.yaml", {**BASE, "trainer": {**BASE["trainer"], "max_epochs": 7}})
     second = _write(workdir / "b.yaml", {"trainer": {"max_epochs": 2, "limit_train_batches": 3}})
     with pytest.raises(SystemExit):
-        cli.main(["fit", "--config", first, "--config", second, "--model.init_args.hidden", "9", "--print_config"])
+        cli.run_cli(["fit", "--config", first, "--config", second, "--model.init_args.hidden", "9", "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["trainer"]["max_epochs"] == 2
     assert printed["trainer"]["limit_train_batches"] == 3
@@ -160,14 +160,14 @@ def test_configs_merge_in_order_and_dotted_overrides_win(workdir: Path, capsys: 
 def test_config_typo_names_the_key(workdir: Path, capsys: pytest.CaptureFixture) -> None:
     config = _write(workdir / "a.yaml", BASE)
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["fit", "--config", config, "--model.init_args.hiden", "9"])
+        cli.run_cli(["fit", "--config", config, "--model.init_args.hiden", "9"])
     assert exit_info.value.code != 0
     assert "hiden" in capsys.readouterr().err
 
 
 def test_fit_writes_run_folder_and_resumes_from_last(workdir: Path) -> None:
     config = _write(workdir / "a.yaml", BASE)
-    run = cli.main(["fit", "--config", config, "--run.name", "tiny"])
+    run = cli.run_cli(["fit", "--config", config, "--run.name", "tiny"])
     run_dir = workdir / "runs" / "tiny"
     assert run.run_dir == Path("runs/tiny")
     assert (run_dir / "config.yaml").is_file()
@@ -180,7 +180,7 @@ def test_fit_writes_run_folder_and_resumes_from_last(workdir: Path) -> None:
     assert run.trainer.global_step == 3  # 48 patches / batch 16
 
     # interrupted after epoch 1 of 3: resume from last continues at epoch 1 and step 3
-    resumed = cli.main(
+    resumed = cli.run_cli(
         ["fit", "--config", config, "--run.name", "tiny", "--trainer.max_epochs", "3", "--ckpt_path", "last"]
     )
     assert resumed.trainer.current_epoch == 3
@@ -189,30 +189,30 @@ def test_fit_writes_run_folder_and_resumes_from_last(workdir: Path) -> None:
     assert (run_dir / "logs" / "version_1" / "metrics.csv").is_file()
 
     # a fresh run in the same folder neither fails on config.yaml nor leaves temporary files
-    cli.main(["fit", "--config", config, "--run.name", "tiny"])
+    cli.run_cli(["fit", "--config", config, "--run.name", "tiny"])
     assert not list(run_dir.glob(".*tmp*"))
 
 
 def test_ckpt_path_restores_hyperparameters_and_test_runs(workdir: Path) -> None:
     config = _write(workdir / "a.yaml", BASE)
-    cli.main(["fit", "--config", config, "--run.name", "h", "--model.init_args.hidden", "6"])
+    cli.run_cli(["fit", "--config", config, "--run.name", "h", "--model.init_args.hidden", "6"])
     ckpt = str(workdir / "runs" / "h" / "checkpoints" / "best.ckpt")
-    tested = cli.main(["test", "--config", config, "--run.name", "h-test", "--ckpt_path", ckpt])
+    tested = cli.run_cli(["test", "--config", config, "--run.name", "h-test", "--ckpt_path", ckpt])
     assert tested.model.hparams.hidden == 6
     assert tested.model.encoder.out_features == 6
 
 
 def test_default_run_name_from_model_data_and_seed(workdir: Path) -> None:
     config = _write(workdir / "a.yaml", BASE)
-    run = cli.main(["--config", config, "--seed_everything", "3", "--trainer.max_epochs", "1"], run=False)
+    run = cli.run_cli(["--config", config, "--seed_everything", "3", "--trainer.max_epochs", "1"], run=False)
     assert run.run_dir == Path("runs/tinydetector-tiny-s3")
 
 
 def test_predict_writes_map_overlay_and_mask(workdir: Path) -> None:
     config = _write(workdir / "a.yaml", BASE)
-    cli.main(["fit", "--config", config, "--run.name", "p"])
+    cli.run_cli(["fit", "--config", config, "--run.name", "p"])
     ckpt = str(workdir / "runs" / "p" / "checkpoints" / "best.ckpt")
-    cli.main(["predict", "--config", config, "--run.name", "p", "--ckpt_path", ckpt])
+    cli.run_cli(["predict", "--config", config, "--run.name", "p", "--ckpt_path", ckpt])
     out = workdir / "results" / "p" / "predictions"
     for k in range(2):
         amap = np.load(out / f"img{k}_map.npy")
@@ -232,12 +232,12 @@ def test_wandb_offline_run_records_keys_and_disabled_writes_nothing(
 ) -> None:
     config = _write(workdir / "a.yaml", BASE)
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    cli.main(["fit", "--config", config, "--run.name", "off"])
+    cli.run_cli(["fit", "--config", config, "--run.name", "off"])
     assert not (workdir / "runs" / "off" / "wandb").exists()
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(workdir / "runs" / "on"))
-    cli.main(["fit", "--config", config, "--run.name", "on", "--run.group", "g1", "--run.stage", "fit-ae"])
+    cli.run_cli(["fit", "--config", config, "--run.name", "on", "--run.group", "g1", "--run.stage", "fit-ae"])
     loggers.finish_wandb()
     runs = list((workdir / "runs" / "on" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1

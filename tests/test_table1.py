@@ -166,7 +166,7 @@ def test_run_stages_reuses_finished_stages_and_resumes(tmp_path: Path, monkeypat
             eval_dir.mkdir(parents=True, exist_ok=True)
             (eval_dir / "metrics.json").write_text("{}")
 
-    monkeypatch.setattr(cli, "main", fake_main)
+    monkeypatch.setattr(cli, "run_cli", fake_main)
     stages = table1.build_stages("smoke")
     lines: list[str] = []
     with pytest.raises(RuntimeError, match="vqvae"):
