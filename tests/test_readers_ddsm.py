@@ -236,3 +236,8 @@ def test_cases_layout_calibration_overlay_masks_and_missing_views(tmp_path):
 def test_unknown_source_lists_the_valid_ones(tmp_path):
     with pytest.raises(DataError, match="unknown data source 'inbreast'.*ddsm, cbis_ddsm, mini_ddsm, mias, manifest, images"):
         list_source("inbreast", tmp_path)
+
+
+def test_unknown_option_is_named_with_the_valid_ones(tmp_path):
+    with pytest.raises(DataError, match=r"unknown option\(s\) diagnoses for source 'ddsm'; valid: diagnosis, calibration"):
+        list_source("ddsm", tmp_path, diagnoses="normals")

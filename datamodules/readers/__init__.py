@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,12 @@ def list_source(name: str, root: str | Path, **options: Any) -> list[ImageRecord
     Missing files are logged with their path and skipped; one warning gives the count.
     """
     key = str(name).strip().lower().replace("-", "_")
-    return _lister(key)(root, **options)
+    lister = _lister(key)
+    valid = [p for p in inspect.signature(lister).parameters if p != "root"]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise DataError(f"unknown option(s) {', '.join(unknown)} for source {key!r}; valid: {', '.join(valid)}")
+    return lister(root, **options)
 
 
 def read_image(record: ImageRecord) -> Mammogram:

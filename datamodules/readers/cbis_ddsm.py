@@ -15,7 +15,6 @@ import os
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -162,8 +161,7 @@ def _merged_pathology(values: list[str]) -> str | None:
 
 
 def list_cbis_ddsm(root: str | Path, abnormality: str = "mass", split: str = "test",
-                   csv_dir: str | Path | None = None, spacing_mm: float = DEFAULT_SPACING_MM,
-                   **_: Any) -> list[ImageRecord]:
+                   csv_dir: str | Path | None = None, spacing_mm: float = DEFAULT_SPACING_MM) -> list[ImageRecord]:
     """One record per full mammogram of a CBIS-DDSM set, lesions of all its CSV rows attached.
 
     ``abnormality``: "mass" | "calc"; ``split``: "train" | "test". Images whose full DICOM or any ROI

@@ -20,7 +20,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -363,8 +362,7 @@ def overlay_lesions(overlay: Path, frame_shape: tuple[int, int]) -> list[Lesion]
     return lesions
 
 
-def list_ddsm(root: str | Path, diagnosis: str | list[str] | None = None, calibration: str = "od",
-              **_: Any) -> list[ImageRecord]:
+def list_ddsm(root: str | Path, diagnosis: str | list[str] | None = None, calibration: str = "od") -> list[ImageRecord]:
     """One record per view of every DDSM case under ``root`` (optionally only some diagnoses).
 
     ``diagnosis``: "normals", "benigns", "cancers", "benign_without_callbacks" or a list of them.

@@ -118,8 +118,7 @@ def _label_map_for(path: Path) -> Path | None:
     return sibling if sibling.is_file() else None
 
 
-def list_images(root: str | Path, spacing_mm: float = 0.2, include_annotations: bool = False,
-                **_: Any) -> list[ImageRecord]:
+def list_images(root: str | Path, spacing_mm: float = 0.2, include_annotations: bool = False) -> list[ImageRecord]:
     """Every DICOM/PNG/JPEG/PGM/TIFF under ``root`` (a file or a folder, recursively), unannotated.
 
     Images without spacing in the file get ``spacing_mm`` (default 0.2 mm = already at evaluation

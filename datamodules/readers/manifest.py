@@ -21,7 +21,7 @@ KNOWN = ("image_path", "patient_id", "label", "mask_path", "spacing_mm", "image_
          "pathology", "mask_is_outline")
 
 
-def list_manifest(root: str | Path, spacing_mm: float | None = None, **_: Any) -> list[ImageRecord]:
+def list_manifest(root: str | Path, spacing_mm: float | None = None) -> list[ImageRecord]:
     """Records of a manifest CSV (``root`` = the CSV path); rows whose files are missing are skipped."""
     path = Path(root)
     if not path.is_file():

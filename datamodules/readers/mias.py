@@ -56,8 +56,7 @@ def parse_info(path: str | Path) -> dict[str, list[dict[str, Any]]]:
     return rows
 
 
-def list_mias(root: str | Path, spacing_mm: float = 0.2, info: str | Path | None = None,
-              **_: Any) -> list[ImageRecord]:
+def list_mias(root: str | Path, spacing_mm: float = 0.2, info: str | Path | None = None) -> list[ImageRecord]:
     """One record per ``mdbNNN.pgm`` listed in Info.txt; abnormal images without coordinates are reported."""
     root = Path(root)
     if not root.is_dir():

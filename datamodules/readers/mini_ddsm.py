@@ -73,7 +73,7 @@ def _mask_files(image: Path, index_row: dict[str, str] | None, root: Path) -> tu
 
 
 def list_mini_ddsm(root: str | Path, spacing_mm: float = 0.1, geometry: str = "masks",
-                   classes: str | list[str] | None = None, **_: Any) -> list[ImageRecord]:
+                   classes: str | list[str] | None = None) -> list[ImageRecord]:
     """One record per MINI-DDSM image under ``root`` (optionally only some of Normal/Benign/Cancer).
 
     ``geometry``: "masks" (the outline JPEGs, default) or "overlay" (the DDSM chain codes, scaled).
