@@ -241,3 +241,16 @@ def test_unknown_source_lists_the_valid_ones(tmp_path):
 def test_unknown_option_is_named_with_the_valid_ones(tmp_path):
     with pytest.raises(DataError, match=r"unknown option\(s\) diagnoses for source 'ddsm'; valid: diagnosis, calibration"):
         list_source("ddsm", tmp_path, diagnoses="normals")
+
+
+def test_ljpeg_falls_back_to_libjpeg_and_names_packages_when_none_decodes(tmp_path, monkeypatch):
+    import sys
+
+    grey = _grey_levels(12, 10, 4)
+    path = tmp_path / "y.LJPEG"
+    path.write_bytes(imagecodecs.ljpeg_encode(grey.byteswap(), bitspersample=16))
+    monkeypatch.setitem(sys.modules, "imagecodecs", None)  # as if imagecodecs were not installed
+    np.testing.assert_array_equal(decode_ljpeg(path, 12, 10, 12), grey)  # pylibjpeg-libjpeg decodes it
+    monkeypatch.setitem(sys.modules, "libjpeg", None)
+    with pytest.raises(DataError, match=r"y\.LJPEG: no installed decoder.*pip install imagecodecs"):
+        decode_ljpeg(path, 12, 10, 12)

@@ -18,6 +18,7 @@ scaled from the .ics resolution by the size ratio, and outlines scaled to it.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -285,29 +286,44 @@ def unswap_words(words: np.ndarray, bits: int) -> tuple[np.ndarray, bool]:
     return words, False
 
 
+def _ljpeg_decoders() -> list[tuple[str, Callable[[bytes], np.ndarray]]]:
+    """Installed lossless-JPEG decoders, best first: imagecodecs (liblj92, jpegsof3), libjpeg, libjpeg-turbo."""
+    found: list[tuple[str, Callable[[bytes], np.ndarray]]] = []
+    try:
+        import imagecodecs
+    except ImportError:
+        imagecodecs = None
+    for name in ("ljpeg_decode", "jpegsof3_decode"):
+        if imagecodecs is not None and hasattr(imagecodecs, name):
+            found.append((f"imagecodecs.{name}", getattr(imagecodecs, name)))
+    try:
+        import libjpeg  # pylibjpeg-libjpeg, Thomas Richter's libjpeg: the best-maintained LJPEG decoder
+    except ImportError:
+        libjpeg = None
+    if libjpeg is not None:
+        found.append(("libjpeg.decode", libjpeg.decode))
+    if imagecodecs is not None and hasattr(imagecodecs, "jpeg8_decode"):
+        found.append(("imagecodecs.jpeg8_decode", imagecodecs.jpeg8_decode))
+    return found
+
+
 def decode_ljpeg(path: str | Path, rows: int, cols: int, bits: int) -> np.ndarray:
     """Decode a DDSM .LJPEG (lossless JPEG) to uint16 grey levels of shape (rows, cols) from the .ics."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"DDSM LJPEG file not found: {path}")
-    try:
-        import imagecodecs
-    except ImportError as exc:
-        raise DataError(f"{path}: decoding lossless JPEG needs imagecodecs (`pip install imagecodecs`)") from exc
     data = path.read_bytes()
     errors = []
     decoded = None
-    for name in ("ljpeg_decode", "jpegsof3_decode", "jpeg8_decode"):
-        func = getattr(imagecodecs, name, None)
-        if func is None:
-            continue
+    for name, func in _ljpeg_decoders():
         try:
             decoded = np.asarray(func(data))
             break
         except Exception as exc:  # noqa: BLE001 - try the next decoder
             errors.append(f"{name}: {exc}")
     if decoded is None:
-        raise DataError(f"{path}: no imagecodecs decoder reads this lossless JPEG ({'; '.join(errors)})")
+        hint = "; ".join(errors) or "no decoder installed: `pip install imagecodecs` or `pip install pylibjpeg-libjpeg`"
+        raise DataError(f"{path}: no installed decoder reads this lossless JPEG ({hint})")
     decoded = np.squeeze(decoded)
     if decoded.shape != (rows, cols):
         if decoded.size != rows * cols:
