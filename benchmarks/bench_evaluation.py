@@ -13,6 +13,7 @@ import math
 import os
 import tempfile
 import time
+import tracemalloc
 
 import numpy as np
 import pytorch_lightning as pl
@@ -105,11 +106,15 @@ def _pixel_auc_timing(n: int = 3_000_000) -> tuple[float, float, float]:
     labels = rng.random(n) < 0.01
     scores[labels] += 1.0
     acc = metrics.ExactAUC()
+    tracemalloc.start()
     start = time.perf_counter()
     for part in range(0, n, 300_000):  # image-sized updates, as the callback feeds it
         acc.update(scores[part : part + 300_000], labels[part : part + 300_000])
     ours = acc.compute()
     t_ours = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    print(f"exact streaming AUC memory: peak {peak / n:.1f} bytes per pooled pixel ({peak / 2**20:.0f} MiB for {n})")
     start = time.perf_counter()
     ref = roc_auc_score(labels, scores)
     t_ref = time.perf_counter() - start

@@ -63,6 +63,20 @@ def test_streaming_auc_equals_pooled_sklearn() -> None:
     assert other.compute() == acc.compute()
 
 
+def test_streaming_auc_mixed_dtypes_and_integer_scores() -> None:
+    rng = np.random.default_rng(6)
+    s32 = rng.normal(size=2000).astype(np.float32)
+    s64 = rng.normal(size=2000)
+    s_int = rng.integers(-3, 3, size=2000)
+    y = [rng.random(2000) < 0.2 for _ in range(3)]
+    acc = metrics.ExactAUC()
+    for s, lab in zip((s32, s64, s_int), y):
+        acc.update(s, lab)
+    assert metrics.value_counts(s32)[0].dtype == np.float32
+    ref = roc_auc_score(np.concatenate(y), np.concatenate([s32.astype(np.float64), s64, s_int.astype(np.float64)]))
+    assert acc.compute() == pytest.approx(ref, abs=1e-12)
+
+
 def test_pixel_and_image_auc_use_breast_pixels_only() -> None:
     rng = np.random.default_rng(4)
     maps, lesions, breasts = [], [], []
