@@ -60,6 +60,7 @@ def cbis_tree(tmp_path: Path) -> Path:
         _row("P_00003", "LEFT", "MLO", 1, "MALIGNANT"),
         _row("P_00004", "LEFT", "CC", 1, "BENIGN"),  # full image missing
         _row("P_00005", "RIGHT", "CC", 1, "BENIGN"),  # mask missing (only a crop)
+        _row("P_00006", "LEFT", "MLO", 1, "BENIGN"),  # the whole abnormality folder missing
     ]
     _write_csv(root / "csv" / "mass_case_description_test_set.csv", MASS_HEADER, rows)
     tree = root / "CBIS-DDSM"  # layout 1: the CSV paths, one level below root; the mask is named 000000
@@ -84,19 +85,22 @@ def cbis_tree(tmp_path: Path) -> Path:
                 _mask(50, 30, 8))
     write_dicom(tree / "Mass-Test_P_00005_RIGHT_CC/1.3.6.1.1/1.3.6.1.2/000000.dcm", _full_image(5))
     write_dicom(tree / "Mass-Test_P_00005_RIGHT_CC_1/1.3.6.1.3/1.3.6.1.4/000000.dcm", _crop(5))
+    write_dicom(tree / "Mass-Test_P_00006_LEFT_MLO/1.3.6.1.1/1.3.6.1.2/000000.dcm", _full_image(6))
     return root
 
 
 def test_csv_quirks_are_read(cbis_tree):
     rows = read_description_csv(cbis_tree / "csv" / "mass_case_description_test_set.csv")
-    assert len(rows) == 6
+    assert len(rows) == 7
     assert rows[0]["cropped image file path"].endswith("/000000.dcm")  # the newline inside quotes is stripped
     assert rows[0]["roi mask file path"].endswith("000001.dcm") and rows[0]["breast density"] == "3"
 
 
 def test_lists_images_in_every_layout_merging_lesions_and_skipping_missing(cbis_tree):
-    with pytest.warns(UserWarning, match=r"cbis_ddsm mass/test: skipped 2 item.*listed 3.*P_00004_LEFT_CC.*"
-                                         r"full mammogram DICOM missing.*P_00005_RIGHT_CC_1.*ROI mask DICOM missing"):
+    with pytest.warns(UserWarning, match=r"cbis_ddsm mass/test: skipped 3 item.*listed 3.*P_00004_LEFT_CC.*"
+                                         r"full mammogram DICOM missing.*P_00005_RIGHT_CC_1: no ROI mask of the full "
+                                         r"image's size 60x40 among its DICOMs \(000000.dcm 9x7\); .*P_00006_LEFT_MLO_1/.*000001.dcm: "
+                                         r"ROI mask DICOM missing"):
         records = list_source("cbis_ddsm", cbis_tree, abnormality="mass", split="test")
     by_id = {r.image_id: r for r in records}
     assert list(by_id) == ["Mass-Test_P_00001_LEFT_CC", "Mass-Test_P_00002_RIGHT_MLO", "Mass-Test_P_00003_LEFT_MLO"]

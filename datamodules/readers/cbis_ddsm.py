@@ -206,7 +206,13 @@ def list_cbis_ddsm(root: str | Path, abnormality: str = "mass", split: str = "te
             candidates = [p for p in dict.fromkeys(candidates) if p != full_path]
             mask_path = pick_mask(candidates, full_shape)
             if mask_path is None:
-                missing = folders.get(mask_folder, root / mask_folder) / row["roi mask file path"].split("/", 1)[-1]
+                where = folders.get(mask_folder, root / mask_folder)
+                if candidates:
+                    shapes = ", ".join(f"{p.name} {r}x{c}" for p in candidates[:4] for r, c in [dicom_shape(p)])
+                    missing = (where, f"no ROI mask of the full image's size {full_shape[0]}x{full_shape[1]} "
+                                      f"among its DICOMs ({shapes})")
+                else:
+                    missing = (where / row["roi mask file path"].split("/", 1)[-1], "ROI mask DICOM missing")
                 break
             crops = [p for p in candidates if p != mask_path]
             extra = {k: row[k] for k in ("mass shape", "mass margins", "calc type", "calc distribution") if k in row}
@@ -225,7 +231,7 @@ def list_cbis_ddsm(root: str | Path, abnormality: str = "mass", split: str = "te
                 )
             )
         if missing is not None:
-            report.skip(missing, "ROI mask DICOM missing (no DICOM of the full image's size in its folder)")
+            report.skip(*missing)
             continue
         first = case_rows[0]
         density = first.get("breast density")
