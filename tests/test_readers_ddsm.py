@@ -231,6 +231,10 @@ def test_cases_layout_calibration_overlay_masks_and_missing_views(tmp_path):
         list_source("ddsm", tmp_path, diagnosis="healthy")
     with pytest.raises(DataError, match="root folder not found"):
         list_source("ddsm", tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"no DDSM case \(an .ics header\) found under .*empty"):
+        list_source("ddsm", tmp_path / "empty")
+    assert lesioned.meta["lesion_type"] == "calcification,mass" and healthy.meta["lesion_type"] is None
 
 
 def test_unknown_source_lists_the_valid_ones(tmp_path):

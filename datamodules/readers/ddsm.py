@@ -398,7 +398,10 @@ def list_ddsm(root: str | Path, diagnosis: str | list[str] | None = None, calibr
         wanted = {DIAGNOSES[n.lower()] for n in names}
     report = SkipReport(f"ddsm {root}")
     records: list[ImageRecord] = []
-    for ics_path in sorted_paths(root.rglob("*.ics")):
+    headers = sorted_paths(root.rglob("*.ics"))
+    if not headers:
+        raise DataError(f"ddsm: no DDSM case (an .ics header) found under {root}; expected cases/<diagnosis>/...")
+    for ics_path in headers:
         diag = _diagnosis_of(ics_path.relative_to(root)) or _diagnosis_of(ics_path)
         if wanted is not None and diag not in wanted:
             continue
@@ -457,6 +460,7 @@ def list_ddsm(root: str | Path, diagnosis: str | list[str] | None = None, calibr
                         "site": header.site,
                         "diagnosis": diag,
                         "pathology": ",".join(pathologies) if pathologies else None,
+                        "lesion_type": ",".join(sorted({les.kind for les in lesions})) or None,
                         "bits": info.bits,
                         "frame_shape": frame,
                         "frame_spacing_mm": info.resolution_um / 1000.0,

@@ -146,6 +146,7 @@ def list_mini_ddsm(root: str | Path, spacing_mm: float = 0.1, geometry: str = "m
                     "view": facts.get("view") or (row or {}).get("View"),
                     "overlay_abnormalities": len(abnormalities),
                     "pathology": status.upper() if status != "Normal" else None,
+                    "lesion_type": ",".join(sorted({les.kind for les in lesions})) or None,
                 }
                 if row:
                     density = row.get("Density", "")
