@@ -198,7 +198,8 @@ class EvaluationCallback(pl.Callback):
         value = self.threshold_value
         if self.threshold == "healthy_percentile":
             value = self._healthy_threshold(trainer, pl_module)
-        return evaluation.EvaluationAccumulator(self.threshold, self.percentile, value)
+        return evaluation.EvaluationAccumulator(self.threshold, self.percentile, value,
+                                                keep_image_tables=trainer.world_size > 1)
 
     def _gather(self, trainer: pl.Trainer, acc: evaluation.EvaluationAccumulator) -> evaluation.EvaluationAccumulator:
         """Under DDP, every rank gets the union of all ranks' images (duplicates dropped by image_id)."""
@@ -206,7 +207,8 @@ class EvaluationCallback(pl.Callback):
             return acc
         states: list[Any] = [None] * trainer.world_size
         torch.distributed.all_gather_object(states, acc.state())
-        merged = evaluation.EvaluationAccumulator(acc.threshold_rule, acc.percentile, acc.threshold_value)
+        merged = evaluation.EvaluationAccumulator(acc.threshold_rule, acc.percentile, acc.threshold_value,
+                                                  keep_image_tables=True)
         for state in states:
             merged.merge_state(state)
         return merged

@@ -307,18 +307,32 @@ def evaluate_image(
     return result, amap, seg
 
 
+class _TableRecorder:
+    """Receives one image's (positive, negative) value tables from `evaluate_image`."""
+
+    def __init__(self) -> None:
+        self.tables: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+
+    def update_counts(self, positive: tuple[np.ndarray, np.ndarray], negative: tuple[np.ndarray, np.ndarray]) -> None:
+        self.tables = (positive, negative)
+
+
 class EvaluationAccumulator:
     """Collects per-image results and the pooled pixel AUC, image by image, and summarises them.
 
     Memory: the per-image rows plus the exact AUC's distinct-value tables (``metrics.ExactAUC``); maps
-    are not kept. ``state()`` / ``merge_state()`` let results gathered from several processes combine.
+    are not kept. An image id seen before is skipped (counted in ``n_duplicates``). ``state()`` /
+    ``merge_state()`` combine results gathered from several processes; with ``keep_image_tables`` each
+    image's pixel tables are kept apart so that images two ranks both scored (DistributedSampler
+    padding) are pooled once; the memory is about the same, the tables are just not summed yet.
     """
 
     def __init__(self, threshold_rule: str = "image_percentile", percentile: float = 99.0,
-                 threshold_value: float | None = None) -> None:
+                 threshold_value: float | None = None, keep_image_tables: bool = False) -> None:
         self.threshold_rule = threshold_rule
         self.percentile = float(percentile)
         self.threshold_value = threshold_value
+        self.keep_image_tables = keep_image_tables
         self.rule_name = threshold_rule_name(threshold_rule, self.percentile, threshold_value)
         self.reset()
 
@@ -326,31 +340,60 @@ class EvaluationAccumulator:
         """Forgets every image."""
         self.results: list[ImageResult] = []
         self.pixels = metrics.ExactAUC()
+        self.image_tables: dict[str, tuple] = {}
+        self.n_duplicates = 0
+        self._seen: set[str] = set()
 
     def add(self, item: Mapping, scores: object) -> tuple[ImageResult, np.ndarray, np.ndarray]:
         """Evaluates one item; returns its (result, anomaly map, segmentation)."""
+        recorder = _TableRecorder()
         result, amap, seg = evaluate_image(
-            item, scores, self.threshold_rule, self.percentile, self.threshold_value, self.pixels
+            item, scores, self.threshold_rule, self.percentile, self.threshold_value, recorder
         )
+        if result.image_id in self._seen:
+            self.n_duplicates += 1
+            return result, amap, seg
+        self._seen.add(result.image_id)
         self.results.append(result)
+        if recorder.tables is not None:
+            self.pixels.update_counts(*recorder.tables)
+            if self.keep_image_tables:
+                self.image_tables[result.image_id] = recorder.tables
         return result, amap, seg
 
     def state(self) -> dict:
         """A picklable summary of what was collected (for gathering across processes)."""
-        return {
-            "results": [asdict(r) for r in self.results],
-            "positive": self.pixels.counts(True),
-            "negative": self.pixels.counts(False),
-        }
+        state: dict = {"results": [asdict(r) for r in self.results], "n_duplicates": self.n_duplicates}
+        if self.keep_image_tables:
+            state["image_tables"] = self.image_tables
+        else:
+            state["positive"] = self.pixels.counts(True)
+            state["negative"] = self.pixels.counts(False)
+        return state
 
     def merge_state(self, state: Mapping) -> None:
-        """Adds another accumulator's ``state()``; images already present (same image_id) are skipped."""
-        seen = {r.image_id for r in self.results}
+        """Adds another accumulator's ``state()``; images already present (same image_id) are skipped.
+
+        Only a state with per-image tables (``keep_image_tables``) can leave a repeated image's pixels
+        out of the pooled AUC; a summed state is added whole.
+        """
+        self.n_duplicates += int(state.get("n_duplicates", 0))
+        new_ids = set()
         for row in state["results"]:
-            if row["image_id"] not in seen:
-                self.results.append(ImageResult(**row))
-                seen.add(row["image_id"])
-        self.pixels.update_counts(state["positive"], state["negative"])
+            if row["image_id"] in self._seen:
+                self.n_duplicates += 1
+                continue
+            self._seen.add(row["image_id"])
+            new_ids.add(row["image_id"])
+            self.results.append(ImageResult(**row))
+        if "image_tables" in state:
+            for image_id, tables in state["image_tables"].items():
+                if image_id in new_ids:
+                    self.pixels.update_counts(*tables)
+                    if self.keep_image_tables:
+                        self.image_tables[image_id] = tables
+        else:
+            self.pixels.update_counts(state["positive"], state["negative"])
 
     def summary(self) -> dict:
         """All scalars: pixel AUC, image AUC mean/std, Hausdorff mean/std (px, mm), counts, policies."""
@@ -374,6 +417,7 @@ class EvaluationAccumulator:
             "n_images": len(self.results),
             "n_evaluated": len(used),
             "n_excluded": len(self.results) - len(used),
+            "n_duplicates": self.n_duplicates,
             "excluded_reasons": {k: int(reasons.get(k, 0)) for k in EXCLUSION_REASONS},
             "n_image_auc": n_auc,
             "n_hausdorff": n_h,

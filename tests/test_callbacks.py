@@ -241,3 +241,39 @@ def test_bad_arguments_give_clear_messages() -> None:
         EvaluationCallback(threshold="fixed")
     with pytest.raises(ValueError, match="percentile"):
         EvaluationCallback(percentile=100.0)
+
+
+def test_distributed_gather_pools_ranks_and_drops_padding_duplicates(monkeypatch) -> None:
+    """Two simulated ranks (DistributedSampler pads rank 1 with a repeat of image 0): union, no duplicate."""
+    from types import SimpleNamespace
+
+    items = [make_item(i) for i in range(3)]
+    rank0 = evaluation.EvaluationAccumulator(keep_image_tables=True)
+    rank1 = evaluation.EvaluationAccumulator(keep_image_tables=True)
+    for it in (items[0], items[2]):
+        rank0.add(it, it["patches"].mean(dim=(1, 2, 3)))
+    for it in (items[1], items[0]):  # the padded repeat
+        rank1.add(it, it["patches"].mean(dim=(1, 2, 3)))
+    states = [rank0.state(), rank1.state()]
+
+    def fake_all_gather_object(out: list, obj: object) -> None:
+        out[:] = states
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", fake_all_gather_object)
+    merged = EvaluationCallback()._gather(SimpleNamespace(world_size=2), rank0)
+    s = merged.summary()
+    assert s["n_images"] == 3 and s["n_duplicates"] == 1
+    assert sorted(r.image_id for r in merged.results) == ["img0", "img1", "img2"]
+    assert s["pixel_auc"] == pytest.approx(expected_pixel_auc(items), abs=1e-12)
+
+
+def test_disabled_wandb_logger_does_not_break_the_test(tmp_path, monkeypatch) -> None:
+    pytest.importorskip("wandb")
+    from pytorch_lightning.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    callback = EvaluationCallback(output_dir=str(tmp_path / "eval"), save_maps=1)
+    trainer = _trainer(tmp_path, [callback], logger=WandbLogger(save_dir=str(tmp_path)))
+    trainer.test(MeanIntensity(), dataloaders=DataLoader([make_item(0)], batch_size=None), verbose=False)
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n_images"] == 1

@@ -151,9 +151,12 @@ def test_accumulator_summary_histogram_and_files(tmp_path) -> None:
     assert hist["lesion"].sum() == s["n_lesion_pixels"] == sum(int(i["lesion_mask"].sum()) for i in lesion_items)
     assert hist["healthy"].sum() == s["n_healthy_pixels"]
 
-    # Merging states (the distributed path) skips duplicates and keeps the numbers.
+    # The same image twice is evaluated once and counted.
+    acc.add(items[0], _scores(items[0]))
+    assert acc.summary()["n_images"] == 3 and acc.summary()["n_duplicates"] == 1
+    assert acc.summary()["pixel_auc"] == s["pixel_auc"]
+    # A summed state merges whole into an empty accumulator.
     other = evaluation.EvaluationAccumulator()
-    other.merge_state(acc.state())
     other.merge_state(acc.state())
     assert other.summary()["pixel_auc"] == s["pixel_auc"] and other.summary()["n_images"] == 3
 
