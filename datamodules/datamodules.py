@@ -393,7 +393,7 @@ class EvaluationDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage == "test":
             self.dataset("test")
-        elif stage == "predict":
+        elif stage == "predict" and self.predict_records:
             self.dataset("predict")
 
     def _loader(self, name: str) -> DataLoader:

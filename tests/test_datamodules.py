@@ -178,3 +178,37 @@ def test_manifest_source_end_to_end(tmp_path) -> None:
     assert len(dm.val_dataloader().dataset) == 240  # 1 of 4 patients (rounded up to one), 2 views
     assert len(list(dm.test_dataloader())) == 2
     assert len(list(dm.lesion_validation_dataloader())) == 1
+
+
+def test_predict_without_path_is_a_clear_error_only_when_asked(tmp_path) -> None:
+    dm = EvaluationDataModule([], cache_dir=tmp_path, progress=False)
+    dm.setup("predict")  # Lightning calls setup("predict") even when dataloaders are passed in
+    with pytest.raises(DataError, match="predict_path"):
+        dm.predict_dataloader()
+    with pytest.raises(DataError, match="no test images"):
+        dm.test_dataloader()
+
+
+def test_synthetic_source_tiny(tmp_path) -> None:
+    pytest.importorskip("datamodules.synthetic")
+    root, cache = tmp_path / "synthetic", tmp_path / "cache"
+    dm = MammographyDataModule(root=str(root), scale="tiny", cache_dir=str(cache), seed=0, progress=False)
+    listed = dm.records
+    assert (root / "DONE.json").is_file()
+    healthy_patients = {r.patient_id for r in listed.healthy}
+    lesion_patients = {r.patient_id for r in listed.test + listed.lesion_validation}
+    assert listed.healthy and listed.test and listed.lesion_validation
+    assert not healthy_patients & lesion_patients
+    assert not {r.image_id for r in listed.test} & {r.image_id for r in listed.lesion_validation}
+    dm.setup("fit")
+    assert len(dm.healthy.cache) == 120 * len(listed.healthy)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (64, 1, 64, 64)
+    item = next(iter(dm.test_dataloader()))
+    assert item["lesion_mask"].any() and (item["lesion_mask"] & item["breast_mask"]).sum() > 0
+    assert item["meta"]["lesion_type"] == "mass"
+    # the breast fills a plausible share of a synthetic view and the image uses the [0, 1] range
+    assert 0.2 < float(item["breast_mask"].float().mean()) < 0.95
+    assert float(item["image"][item["breast_mask"]].mean()) > 0.2
+    n_val = len(list(dm.lesion_validation_dataloader()))
+    assert n_val == dm.selection_summary()["lesion_validation"]["selected"] > 0
