@@ -9,7 +9,6 @@ go to ``<run.results_dir>/<run.name>/``. See docs/cli.md.
 from __future__ import annotations
 
 import importlib
-import inspect
 import os
 import sys
 import warnings
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import yaml
 from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
@@ -64,6 +64,8 @@ class RunOptions:
     """Extra W&B tags (model, data, stage and seed are always added)."""
     evaluate: bool = True
     """Add the evaluation callback (full-image metrics in test, lesion-validation curves in fit)."""
+    eval_every_n_epochs: int = 0
+    """During fit, score the lesion validation set every N epochs (0 = never) for AUC / Hausdorff curves."""
 
 
 class ConfigSaver(SaveConfigCallback):
@@ -126,19 +128,13 @@ def _data_name(config: Any) -> str:
     return class_path.rsplit(".", 1)[-1].lower()
 
 
-def _evaluation_callback(output_dir: Path) -> Callback | None:
+def _evaluation_callback(output_dir: Path, every_n_epochs: int = 0) -> Callback | None:
     """The evaluation engineer's EvaluationCallback writing to ``output_dir``, or None while it is absent."""
     module = _import_optional("experiments.callbacks")
     if module is None or not hasattr(module, "EvaluationCallback"):
         warnings.warn("experiments.callbacks.EvaluationCallback not available: no full-image metrics", stacklevel=2)
         return None
-    cls = module.EvaluationCallback
-    params = inspect.signature(cls).parameters
-    kwargs = {"output_dir": str(output_dir)} if "output_dir" in params else {}
-    callback = cls(**kwargs)
-    if not kwargs and hasattr(callback, "output_dir"):
-        callback.output_dir = output_dir
-    return callback
+    return module.EvaluationCallback(output_dir=str(output_dir), every_n_epochs=int(every_n_epochs))
 
 
 class MammoCLI(LightningCLI):
@@ -196,8 +192,12 @@ class MammoCLI(LightningCLI):
         if self.subcommand == "predict":
             if not any(isinstance(c, BasePredictionWriter) for c in callbacks):
                 callbacks.append(AnomalyMapWriter(self.results_dir / "predictions"))
-        elif run.evaluate and self.subcommand in (None, "fit", "validate", "test"):
-            callback = _evaluation_callback(self.results_dir)
+        elif (
+            run.evaluate
+            and self.subcommand in (None, "fit", "validate", "test")
+            and not any(type(c).__name__ == "EvaluationCallback" for c in callbacks)
+        ):
+            callback = _evaluation_callback(self.results_dir, run.eval_every_n_epochs)
             if callback is not None:
                 callbacks.append(callback)
         kwargs["callbacks"] = callbacks
@@ -212,11 +212,28 @@ class MammoCLI(LightningCLI):
             return {}
 
 
+def _configs_name_a_model(args: list[str]) -> bool:
+    """True when a ``--config`` file among ``args`` has a ``model`` section."""
+    for i, a in enumerate(args):
+        path = args[i + 1] if a in ("--config", "-c") and i + 1 < len(args) else None
+        path = a.split("=", 1)[1] if a.startswith("--config=") else path
+        if path and Path(path).is_file():
+            try:
+                data = yaml.safe_load(Path(path).read_text())
+            except yaml.YAMLError:
+                return True  # let the CLI report the broken file
+            if isinstance(data, dict) and ("model" in data or any(
+                isinstance(v, dict) and "model" in v for v in data.values()
+            )):
+                return True
+    return False
+
+
 def _checkpoint_model_args(args: list[str]) -> list[str]:
-    """`lightning test --ckpt_path X` without a config: take the model class from the checkpoint."""
+    """`lightning test --ckpt_path X` without a model: take the model class from the checkpoint."""
     if not args or args[0] not in ("validate", "test", "predict"):
         return args
-    if any(a == "--config" or a.startswith(("--config=", "--model", "-c")) for a in args):
+    if any(a.startswith("--model") for a in args) or _configs_name_a_model(args):
         return args
     ckpt = None
     for i, a in enumerate(args):

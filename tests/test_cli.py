@@ -259,3 +259,12 @@ def test_wandb_mode_follows_env_and_credentials(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setenv("WANDB_MODE", "sometimes")
     with pytest.raises(ValueError, match="WANDB_MODE"):
         loggers.wandb_mode()
+
+
+def test_test_without_model_config_reads_the_class_from_the_checkpoint(workdir: Path) -> None:
+    config = _write(workdir / "a.yaml", BASE)
+    cli.run_cli(["fit", "--config", config, "--run.name", "c", "--model.init_args.hidden", "5"])
+    data_only = _write(workdir / "d.yaml", {k: v for k, v in BASE.items() if k != "model"})
+    ckpt = str(workdir / "runs" / "c" / "checkpoints" / "best.ckpt")
+    tested = cli.run_cli(["test", "--config", data_only, "--run.name", "c-test", "--ckpt_path", ckpt])
+    assert type(tested.model).__name__ == "TinyDetector" and tested.model.hparams.hidden == 5
