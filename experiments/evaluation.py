@@ -224,7 +224,8 @@ def evaluate_image(
 
     ``item`` is an evaluation item (``image_id``, ``patient_id``, ``breast_mask``, ``lesion_mask``,
     ``centers``, ``spacing_mm``, ``stride``, ``meta``). Images without pixel annotation, without scores,
-    or without lesion pixels inside the breast get NaN metrics and an ``excluded`` reason. The breast
+    or without lesion pixels inside the breast get NaN metrics and an ``excluded`` reason. The ground
+    truth is the lesion mask inside the breast (pixels outside the breast have no score). The breast
     pixels of included images are added to ``pixel_accumulator`` (the pooled pixel AUC) when given.
     """
     if threshold_rule not in THRESHOLD_RULES:
@@ -430,7 +431,11 @@ class EvaluationAccumulator:
         }
 
     def score_histogram(self, bins: int = 100) -> dict[str, np.ndarray]:
-        """Exact histograms of healthy vs lesion breast-pixel scores with shared bin edges (Fig. 3)."""
+        """Exact histograms of healthy vs lesion breast-pixel scores with shared bin edges (Fig. 3).
+
+        "healthy" = breast pixels outside the lesion, "lesion" = lesion pixels, both of the evaluated
+        (not excluded) images: the pixels the pooled pixel AUC ranks.
+        """
         pos = self.pixels.counts(True)
         neg = self.pixels.counts(False)
         values = [t[0] for t in (pos, neg) if t[0].size]
