@@ -103,9 +103,9 @@ class RatSpn(nn.Module):
             slots = torch.arange(g * smax, g * smax + size)
             slot_var[:, slots] = graph.permutation[:, start : start + size]
             slot_of.scatter_(0, graph.permutation[:, start : start + size].T, slots[:, None].expand(size, num_repetitions))
-        self.register_buffer("slot_var", slot_var, persistent=False)
-        self.register_buffer("slot_of", slot_of, persistent=False)
-        self.register_buffer("slot_valid", (slot_var < num_vars).view(num_repetitions, G, smax, 1), persistent=False)
+        self.register_buffer("slot_var", slot_var)
+        self.register_buffer("slot_of", slot_of)
+        self.register_buffer("slot_valid", (slot_var < num_vars).view(num_repetitions, G, smax, 1))
 
         R, V, I = num_repetitions, num_vars, num_input_distributions  # noqa: E741 (I = input distributions, as in the paper)
         # sum layers, top (level 0: one region per repetition, C roots) to bottom (inputs: I leaves)
@@ -133,7 +133,7 @@ class RatSpn(nn.Module):
             self.register_buffer("leaf_log_scale", torch.zeros(R, V, I))
             # flat table row of (repetition, position) before adding the code: (r * V + v) * K
             base = (torch.arange(R)[:, None] * V + graph.permutation) * K
-            self.register_buffer("table_base", base, persistent=False)
+            self.register_buffer("table_base", base)
 
     # ------------------------------------------------------------------ structure helpers
     @property

@@ -1,0 +1,339 @@
+"""Second stage of the method: a RAT-SPN fitted by stochastic EM on the latents of a frozen autoencoder.
+
+Score = -log p(z) (exact), z = the autoencoder's 64 latent units: the posterior mean / code of CAE and
+beta-VAE (Gaussian leaves, standardised with training statistics kept in buffers) or the 8 x 8 code
+indices of the VQ-VAE (categorical leaves over its K codes). Latents are encoded once and cached by
+the batch's stable patch ``index``, so later epochs cost only the EM step.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_modules.base import AnomalyDetector
+from spn import RatSpn
+
+_TRAINING_COMMANDS = {
+    "CAE": "lightning fit --config configs/cae.yaml",
+    "BetaVAE": "lightning fit --config configs/bvae.yaml",
+    "VQVAE": "lightning fit --config configs/vqvae.yaml",
+}
+
+
+def _import_class(path: str) -> type:
+    """``"package.module.ClassName"`` -> the class; a clear error naming the path otherwise."""
+    module_name, _, class_name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"autoencoder class {path!r} cannot be imported: {err}") from err
+
+
+def _class_tag(obj: object) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+class RatSpnStage(AnomalyDetector):
+    """RAT-SPN on frozen autoencoder latents (paper section 2.2), trained by online EM.
+
+    Args:
+        autoencoder_ckpt: checkpoint of the trained first stage (CAE, BetaVAE or VQVAE).
+        autoencoder_class: ``"module.Class"`` of the autoencoder; default = the checkpoint's
+            ``anomaly_model_class`` entry.
+        depth, num_repetitions, num_input_distributions, num_sums, num_roots: RAT-SPN structure
+            (paper: D = 1, R = 50, I = 45, C = 1).
+        step_size: online-EM step (paper 1e-4). ``pseudo_count``: smoothing of each batch M-step
+            towards the current parameters (protects components with ~zero responsibility).
+        min_var, max_var: Gaussian leaf variance range (latents are standardised first).
+        init_batches: training batches whose latents give the standardisation statistics and the
+            data-driven leaf initialisation (all of them if the loader is shorter).
+        seed: structure, initialisation and sampling seed.
+    """
+
+    def __init__(
+        self,
+        autoencoder_ckpt: str,
+        autoencoder_class: str | None = None,
+        depth: int = 1,
+        num_repetitions: int = 50,
+        num_input_distributions: int = 45,
+        num_sums: int = 10,
+        num_roots: int = 1,
+        step_size: float = 1e-4,
+        pseudo_count: float = 0.1,
+        min_var: float = 1e-3,
+        max_var: float = 100.0,
+        init_batches: int = 50,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.autoencoder: torch.nn.Module | None = None
+        self.spn: RatSpn | None = None
+        self.register_buffer("latent_mean", torch.zeros(0))
+        self.register_buffer("latent_std", torch.ones(0))
+        self.register_buffer("initialized", torch.tensor(False))
+        self._cache: Tensor | None = None
+        self._cached: Tensor | None = None
+        self._init_snapshot: dict[str, Tensor] = {}
+        self._epoch_moves: list[tuple[float, float]] = []
+        path = Path(autoencoder_ckpt)
+        if path.is_file():
+            self._build(self._load_autoencoder(path, autoencoder_class))
+        # else: built from a RatSpnStage checkpoint in on_load_checkpoint, or a clear error in setup()
+
+    # ------------------------------------------------------------------ construction
+    def _missing_autoencoder_message(self) -> str:
+        path = self.hparams.autoencoder_ckpt
+        cls = (self.hparams.autoencoder_class or "").rpartition(".")[2]
+        command = _TRAINING_COMMANDS.get(cls, "lightning fit --config configs/cae.yaml (or bvae.yaml / vqvae.yaml)")
+        return (
+            f"autoencoder checkpoint not found: {path}. Train the first stage first, e.g. `{command}`, "
+            f"and point model.init_args.autoencoder_ckpt at its checkpoints/best.ckpt or last.ckpt"
+        )
+
+    @staticmethod
+    def _load_autoencoder(path: Path, class_path: str | None) -> torch.nn.Module:
+        if class_path is None:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            class_path = checkpoint.get("anomaly_model_class")
+            if class_path is None:
+                raise ValueError(
+                    f"{path} has no 'anomaly_model_class' entry; pass model.init_args.autoencoder_class "
+                    "(e.g. lightning_modules.CAE)"
+                )
+        cls = _import_class(class_path)
+        return cls.load_from_checkpoint(str(path), map_location="cpu")
+
+    def _build(self, autoencoder: torch.nn.Module, spn_state: dict[str, Tensor] | None = None) -> None:
+        """Freezes the autoencoder and creates the RAT-SPN with the leaves its latents need."""
+        autoencoder.eval()
+        autoencoder.requires_grad_(False)
+        self.autoencoder = autoencoder
+        hp = self.hparams
+        if hasattr(autoencoder, "encode_codes"):
+            leaf, categories = "categorical", int(autoencoder.num_embeddings)
+        elif hasattr(autoencoder, "encode"):
+            leaf, categories = "gaussian", None
+        else:
+            raise ValueError(f"{_class_tag(autoencoder)} serves neither encode(x) nor encode_codes(x)")
+        num_vars = self._latent_dim(autoencoder)
+        self.spn = RatSpn(
+            num_vars,
+            depth=hp.depth,
+            num_repetitions=hp.num_repetitions,
+            num_input_distributions=hp.num_input_distributions,
+            num_sums=hp.num_sums,
+            num_roots=hp.num_roots,
+            leaf=leaf,
+            num_categories=categories,
+            seed=hp.seed,
+            min_var=hp.min_var,
+            max_var=hp.max_var,
+            pseudo_count=hp.pseudo_count,
+        )
+        if leaf == "gaussian":
+            self.latent_mean = torch.zeros(num_vars)
+            self.latent_std = torch.ones(num_vars)
+
+    @staticmethod
+    def _latent_dim(autoencoder: torch.nn.Module) -> int:
+        probe = torch.zeros(2, 1, 64, 64)
+        with torch.no_grad():
+            out = autoencoder.encode_codes(probe) if hasattr(autoencoder, "encode_codes") else autoencoder.encode(probe)
+        return int(out.shape[1])
+
+    @property
+    def leaf(self) -> str:
+        return self._require().leaf
+
+    def _require(self) -> RatSpn:
+        if self.spn is None:
+            raise FileNotFoundError(self._missing_autoencoder_message())
+        return self.spn
+
+    def train(self, mode: bool = True) -> RatSpnStage:
+        super().train(mode)
+        if self.autoencoder is not None:
+            self.autoencoder.eval()  # frozen: BatchNorm / dropout always in inference mode
+        return self
+
+    # A checkpoint given to fit/test/predict is restored after setup(), so the check waits until then.
+    def on_fit_start(self) -> None:
+        self._require()
+
+    def on_test_start(self) -> None:
+        self._require()
+
+    def on_predict_start(self) -> None:
+        self._require()
+
+    def on_validation_start(self) -> None:
+        self._require()
+
+    # ------------------------------------------------------------------ latents
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """Raw latents of the frozen autoencoder: float N x D, or LongTensor N x 64 codes (VQ-VAE)."""
+        spn = self._require()
+        ae = self.autoencoder
+        if spn.leaf == "categorical":
+            return ae.encode_codes(x).long()
+        return ae.encode(x).float()
+
+    def _standardise(self, z: Tensor) -> Tensor:
+        if self._require().leaf == "categorical":
+            return z
+        return (z - self.latent_mean) / self.latent_std
+
+    @torch.no_grad()
+    def cached_latents(self, batch: dict) -> Tensor:
+        """Latents of a training/validation batch, encoded on first sight and then looked up by ``index``."""
+        x = batch["image"]
+        index = batch.get("index") if isinstance(batch, dict) else None
+        if index is None:
+            return self.encode(x)
+        index = index.to("cpu", torch.long)
+        needed = int(index.max()) + 1 if index.numel() else 0
+        if self._cache is None or self._cache.shape[0] < needed:
+            capacity = max(needed, 2 * (0 if self._cache is None else self._cache.shape[0]), 1024)
+            dtype = torch.int32 if self._require().leaf == "categorical" else torch.float32
+            cache = torch.zeros(capacity, self._require().num_vars, dtype=dtype)
+            cached = torch.zeros(capacity, dtype=torch.bool)
+            if self._cache is not None:
+                cache[: self._cache.shape[0]] = self._cache
+                cached[: self._cached.shape[0]] = self._cached
+            self._cache, self._cached = cache, cached
+        new = ~self._cached[index]
+        if bool(new.any()):
+            fresh = self.encode(x[new.to(x.device)])
+            self._cache[index[new]] = fresh.to("cpu", self._cache.dtype)
+            self._cached[index[new]] = True
+        z = self._cache[index].to(self.device)
+        return z.long() if self._require().leaf == "categorical" else z
+
+    def _all_reduce(self, t: Tensor) -> Tensor:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            t = t.clone()
+            dist.all_reduce(t)
+        return t
+
+    @torch.no_grad()
+    def initialise(self, batches: list[Tensor]) -> None:
+        """Standardisation statistics (summed over processes) and data-driven leaves, broadcast from rank 0."""
+        spn = self._require()
+        z = torch.cat(batches).to(self.device)
+        if spn.leaf == "gaussian":
+            zf = z.double()
+            sums = self._all_reduce(torch.stack([zf.new_full(zf.shape[1:], zf.shape[0]), zf.sum(0), (zf * zf).sum(0)]))
+            count, total, squares = sums
+            mean = total / count
+            std = (squares / count - mean * mean).clamp_min(1e-12).sqrt()
+            self.latent_mean = mean.float()
+            self.latent_std = std.float().clamp_min(1e-6)
+        spn.init_from_data(self._standardise(z), seed=self.hparams.seed + 1)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for tensor in [*spn.parameters(), *spn.buffers()]:
+                dist.broadcast(tensor.data, src=0)
+        self.initialized.fill_(True)
+
+    # ------------------------------------------------------------------ training
+    def configure_optimizers(self) -> None:
+        """EM needs no optimizer (manual optimisation)."""
+        return None
+
+    def on_train_start(self) -> None:
+        spn = self._require()
+        if not bool(self.initialized):
+            loader = self.trainer.train_dataloader
+            batches = []
+            for i, batch in enumerate(loader):
+                if i >= self.hparams.init_batches:
+                    break
+                batch = self._to_device(batch)
+                batches.append(self.cached_latents(batch))
+            if not batches:
+                raise RuntimeError("the training dataloader is empty: nothing to fit the RAT-SPN on")
+            self.initialise(batches)
+        self._init_snapshot = {
+            "weights": torch.cat([w.detach().reshape(-1) for w in spn.log_weights] + [spn.log_mix.detach().reshape(-1)]).exp(),
+        }
+        if spn.leaf == "gaussian":
+            self._init_snapshot["mean"] = spn.leaf_mean.detach().clone()
+
+    def _to_device(self, batch: Any) -> Any:
+        if isinstance(batch, dict):
+            return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        return batch
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        z = self._standardise(self.cached_latents(batch))
+        info = self._require().em_update(z, step_size=self.hparams.step_size)
+        n = z.shape[0]
+        self.log("train/log_likelihood", info["log_likelihood"], on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log("em/weight_change", info["weight_change"], on_step=False, on_epoch=True, batch_size=n)
+        self.log("em/leaf_change", info["leaf_change"], on_step=False, on_epoch=True, batch_size=n)
+
+    def on_train_epoch_end(self) -> None:
+        spn = self._require()
+        if not self._init_snapshot:
+            return
+        weights = torch.cat([w.detach().reshape(-1) for w in spn.log_weights] + [spn.log_mix.detach().reshape(-1)]).exp()
+        self.log("em/weight_distance_from_init", (weights - self._init_snapshot["weights"]).abs().mean())
+        if "mean" in self._init_snapshot:
+            moved = (spn.leaf_mean.detach() - self._init_snapshot["mean"]).abs().sum()
+            self.log("em/leaf_mean_distance_from_init", moved / (spn.slot_valid.sum() * spn.num_input_distributions))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        z = self._standardise(self.cached_latents(batch))
+        with torch.no_grad():
+            ll = self._require().log_likelihood(z)[:, 0]
+        n = z.shape[0]
+        self.log("val/log_likelihood", ll.mean(), prog_bar=True, sync_dist=True, batch_size=n)
+        self.log("val/loss", -ll.mean(), sync_dist=True, batch_size=n)
+        return -ll.mean()
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def score_patches(self, x: Tensor) -> Tensor:
+        """-log p(z(x)) per patch (exact; higher = more anomalous)."""
+        z = self._standardise(self.encode(x))
+        return -self._require().log_likelihood(z)[:, 0].float()
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["anomaly_model_class"] = _class_tag(self)
+        if self.autoencoder is not None:
+            checkpoint["autoencoder_class"] = _class_tag(self.autoencoder)
+            checkpoint["autoencoder_hparams"] = dict(getattr(self.autoencoder, "hparams", {}))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuilds autoencoder and SPN from the checkpoint alone when the autoencoder file is gone."""
+        state = checkpoint.get("state_dict", {})
+        if self.spn is None:
+            class_path = checkpoint.get("autoencoder_class")
+            if class_path is None:
+                raise FileNotFoundError(self._missing_autoencoder_message())
+            autoencoder = _import_class(class_path)(**checkpoint.get("autoencoder_hparams", {}))
+            saved = checkpoint.get("hyper_parameters", {})
+            self.hparams.update({k: v for k, v in saved.items() if k not in ("autoencoder_ckpt", "autoencoder_class")})
+            self._build(autoencoder)
+        for name in ("latent_mean", "latent_std"):
+            if name in state:
+                setattr(self, name, torch.empty_like(state[name]))
+
+    def extra_repr(self) -> str:
+        spn = self.spn
+        if spn is None:
+            return f"autoencoder_ckpt={self.hparams.autoencoder_ckpt!r} (not loaded)"
+        return f"leaf={spn.leaf}, vars={spn.num_vars}, parameters={spn.num_parameters:,}, step={self.hparams.step_size}"
+
+
+__all__ = ["RatSpnStage"]
