@@ -277,3 +277,10 @@ def test_disabled_wandb_logger_does_not_break_the_test(tmp_path, monkeypatch) ->
     trainer = _trainer(tmp_path, [callback], logger=WandbLogger(save_dir=str(tmp_path)))
     trainer.test(MeanIntensity(), dataloaders=DataLoader([make_item(0)], batch_size=None), verbose=False)
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n_images"] == 1
+
+
+def test_healthy_percentile_without_datamodule_says_what_to_do(tmp_path) -> None:
+    callback = EvaluationCallback(output_dir=str(tmp_path), threshold="healthy_percentile")
+    trainer = _trainer(tmp_path, [callback])
+    with pytest.raises(RuntimeError, match="val_dataloader"):
+        trainer.test(MeanIntensity(), dataloaders=DataLoader([make_item(0)], batch_size=None), verbose=False)

@@ -169,3 +169,23 @@ def test_accumulator_summary_histogram_and_files(tmp_path) -> None:
     assert rows[2]["auc"] == "" and rows[2]["excluded"] == "no_lesion_in_breast"
     assert float(rows[0]["auc"]) == pytest.approx(acc.results[0].auc)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_map_matches_the_data_pipelines_grid() -> None:
+    """The evaluation grid of `datamodules.grids` (rows/cols 0, 16, ...) maps a linear field exactly."""
+    grids = pytest.importorskip("datamodules.grids")
+    h, w = 90, 70
+    rr, cc = np.mgrid[:h, :w]
+    breast = np.hypot(rr - h / 2, cc) < 60
+    centers = grids.grid_centers(breast, 16)
+    assert centers[:, 0].min() % 16 == 0
+    scores = 2.0 + 0.03 * centers[:, 0] + 0.01 * centers[:, 1]
+    amap = evaluation.anomaly_map(scores, centers, breast, 16)
+    # inside the hull of scored nodes (all four neighbours scored) the map is the linear field
+    scored = np.zeros((h, w), bool)
+    scored[centers[:, 0], centers[:, 1]] = True
+    r0, c0 = 16, 0
+    cell_ok = scored[r0, c0] and scored[r0 + 16, c0] and scored[r0, c0 + 16] and scored[r0 + 16, c0 + 16]
+    assert cell_ok
+    block = (slice(r0, r0 + 17), slice(c0, c0 + 17))
+    np.testing.assert_allclose(amap[block], (2.0 + 0.03 * rr + 0.01 * cc)[block], atol=1e-5)
