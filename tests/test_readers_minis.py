@@ -198,3 +198,15 @@ def test_manifest_relative_paths_extra_columns_and_errors(tmp_path):
         list_source("manifest", wrong_kind)
     with pytest.raises(DataError, match="CSV file not found"):
         list_source("manifest", tmp_path / "none.csv")
+
+
+def test_manifest_lesion_type_column_and_calc_alias(tmp_path):
+    cv2.imwrite(str(tmp_path / "i.png"), np.full((20, 20), 50, np.uint8))
+    mask = np.zeros((20, 20), np.uint8)
+    mask[2:4, 2:5] = 255
+    cv2.imwrite(str(tmp_path / "m.png"), mask)
+    (tmp_path / "m.csv").write_text("image_path,patient_id,label,mask_path,lesion_type\n"
+                                    f"{tmp_path / 'i.png'},p,1,m.png,calc\n")
+    (record,) = list_source("manifest", tmp_path / "m.csv", spacing_mm=0.2)
+    assert record.lesions[0].kind == "calcification" and record.meta["lesion_type"] == "calcification"
+    assert lesion_masks(record, (20, 20))["calcification"].sum() == 6

@@ -1,7 +1,8 @@
 """A generic manifest CSV for any other data: ``image_path, patient_id, label, mask_path, spacing_mm, ...``.
 
 Paths are relative to the CSV's folder (absolute paths work too). ``mask_path`` may be empty or hold
-several masks separated by ``;``; ``lesion_kind`` (or ``kind``) names their kind ("mass" default);
+several masks separated by ``;``; ``lesion_kind`` (or ``kind`` / ``lesion_type``) names their kind
+("mass" default, "calc" accepted for "calcification");
 ``image_id``, ``pathology``, ``side``, ``view``, ``density`` are used when present and every other
 column goes into ``meta``. DICOM (.dcm) images use the DICOM reader, everything else OpenCV.
 """
@@ -18,7 +19,9 @@ from datamodules.records import LESION_KINDS, DataError, ImageRecord, Lesion
 
 REQUIRED = ("image_path", "patient_id", "label")
 KNOWN = ("image_path", "patient_id", "label", "mask_path", "spacing_mm", "image_id", "lesion_kind", "kind",
-         "pathology", "mask_is_outline")
+         "lesion_type", "pathology", "mask_is_outline")
+#: Accepted spellings of the lesion kinds.
+KIND_ALIASES = {"calc": "calcification", "calcifications": "calcification", "masses": "mass"}
 
 
 def list_manifest(root: str | Path, spacing_mm: float | None = None) -> list[ImageRecord]:
@@ -54,7 +57,8 @@ def list_manifest(root: str | Path, spacing_mm: float | None = None) -> list[Ima
             spacing = float(spacing_text) if spacing_text else spacing_mm
         except ValueError as exc:
             raise DataError(f"{path} line {number}: spacing_mm {spacing_text!r} is not a number") from exc
-        kind = (row.get("lesion_kind") or row.get("kind") or "mass").lower()
+        kind = (row.get("lesion_kind") or row.get("kind") or row.get("lesion_type") or "mass").lower()
+        kind = KIND_ALIASES.get(kind, kind)
         if kind not in LESION_KINDS:
             raise DataError(f"{path} line {number}: lesion kind {kind!r} is not one of {', '.join(LESION_KINDS)}")
         outline = row.get("mask_is_outline", "").lower() in ("1", "true", "yes")
