@@ -310,6 +310,11 @@ class EvaluationCallback(pl.Callback):
             "test/heatmaps": [wandb.Image(panel, caption=caption) for caption, panel in self._panels],
             "test/score_distribution": wandb.Image(score_distribution_image(hist, title), caption=title),
         }
+        for key in ("healthy", "lesion"):
+            if np.asarray(hist[key]).sum() > 0:
+                payload[f"test/score_histogram_{key}"] = wandb.Histogram(
+                    np_histogram=(np.asarray(hist[key]).tolist(), np.asarray(hist["bin_edges"]).tolist())
+                )
         for logger in loggers:
             logger.experiment.log(payload)
             logger.experiment.summary["test/threshold_rule"] = summary["threshold_rule"]

@@ -172,6 +172,7 @@ def test_wandb_offline_logs_table_and_uint8_images(tmp_path, monkeypatch) -> Non
     assert len(payload["test/heatmaps"]) == 2
     assert all(isinstance(img, wandb.Image) for img in payload["test/heatmaps"])
     assert isinstance(payload["test/score_distribution"], wandb.Image)
+    assert isinstance(payload["test/score_histogram_lesion"], wandb.Histogram)
     assert all(panel.dtype == np.uint8 for _, panel in callback._panels)
     assert callback._panels[0][1].shape == (128, 3 * 96, 3) and callback._panels[0][1].max() > 200
     scalars = next(d for d in logged if "test/pixel_auc" in d)
