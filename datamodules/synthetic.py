@@ -219,6 +219,11 @@ def _write_dicom(path: Path, pixels: np.ndarray, *, patient: str, study_uid: str
     ds.save_as(path, enforce_file_format=True)
 
 
+def _area_eval_px(mask: np.ndarray) -> float:
+    """Area of a native-spacing mask in pixels at the evaluation spacing."""
+    return float(mask.sum()) * (NATIVE_SPACING_MM / EVALUATION_SPACING_MM) ** 2
+
+
 def _image_shape(rng: np.random.Generator, scale: Scale) -> tuple[int, int]:
     rows = int(rng.integers(scale.rows[0], scale.rows[1] + 1))
     return rows, int(rows * rng.uniform(0.58, 0.7))
@@ -279,6 +284,8 @@ def _write_lesion_set(out: Path, seed: int, scale: Scale, kind: str, split: str,
     rows: list[list[str]] = []
     scores: list[np.ndarray] = []
     labels: list[np.ndarray] = []
+    scores_all: list[np.ndarray] = []
+    labels_all: list[np.ndarray] = []
     patient_number = first_patient
     n_images = n_abnormalities = n_pass = 0
     patients = 0
@@ -306,8 +313,7 @@ def _write_lesion_set(out: Path, seed: int, scale: Scale, kind: str, split: str,
             for abn_id, lesion in enumerate(image.lesions, start=1):
                 crop_rel, mask_rel = _write_roi(root, f"{case}_{abn_id}", pixels, lesion.mask, kind, side, view, rng)
                 union |= lesion.mask
-                area_eval = float(lesion.mask.sum()) * (NATIVE_SPACING_MM / EVALUATION_SPACING_MM) ** 2
-                n_pass += area_eval < MAX_LESION_AREA_PX
+                n_pass += _area_eval_px(lesion.mask) < MAX_LESION_AREA_PX
                 descriptors = [lesion.descriptors["mass shape"], lesion.descriptors["mass margins"]] if kind == "mass" \
                     else [lesion.descriptors["calc type"], lesion.descriptors["calc distribution"]]
                 assessment = str(rng.choice(["3", "4", "4", "5"] if pathology == "MALIGNANT" else ["2", "3", "4", "0"]))
@@ -318,8 +324,12 @@ def _write_lesion_set(out: Path, seed: int, scale: Scale, kind: str, split: str,
                 rows.append(row)
                 n_abnormalities += 1
             s, lab = baseline_arrays(pixels, image.breast_mask, union)
-            scores.append(s)
-            labels.append(lab)
+            # the difficulty figure uses the images that the evaluation selects (every lesion passes the rule)
+            if all(_area_eval_px(lesion.mask) < MAX_LESION_AREA_PX for lesion in image.lesions):
+                scores.append(s)
+                labels.append(lab)
+            scores_all.append(s)
+            labels_all.append(lab)
             n_images += 1
         if patients % 10 == 0:
             log(f"  {kind} {split}: {n_images}/{n_target} images")
@@ -331,9 +341,12 @@ def _write_lesion_set(out: Path, seed: int, scale: Scale, kind: str, split: str,
         writer.writerow(_CSV_COLUMNS[kind])
         writer.writerows(rows)
     auc = pixel_auc(np.concatenate(scores), np.concatenate(labels)) if scores else float("nan")
+    auc_all = pixel_auc(np.concatenate(scores_all), np.concatenate(labels_all)) if scores_all else float("nan")
     summary = {"csv": str(csv_path.relative_to(out)), "patients": patients, "images": n_images,
                "abnormalities": n_abnormalities, "abnormalities_below_area_rule": int(n_pass),
-               "intensity_baseline_pixel_auc": round(auc, 4)}
+               "images_selected_by_area_rule": len(scores),
+               "intensity_baseline_pixel_auc": round(auc, 4),
+               "intensity_baseline_pixel_auc_all_images": round(auc_all, 4)}
     return summary, patient_number
 
 
@@ -408,7 +421,8 @@ def generate(out: Path, seed: int, scale: str, log: Callable[[str], None] | None
         "splits": {"cbis_ddsm test": "test sets", "cbis_ddsm train": "lesion validation sets"},
         "intensity_baseline": {
             "description": "image at 0.2 mm scaled to [0,1], Gaussian-smoothed, score = intensity, pooled over "
-                           "breast pixels of all images of a set, label = lesion mask",
+                           "breast pixels of the images of a set whose lesions all pass the 4-patch area rule "
+                           "(the evaluated images), label = lesion mask",
             "sigma_px_at_0.2mm": BASELINE_SIGMA_PX,
             "pixel_auc_mass_test": lesion_sets["mass_test"]["intensity_baseline_pixel_auc"],
         },

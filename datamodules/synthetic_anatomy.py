@@ -18,7 +18,7 @@ FIBROGLANDULAR_FRACTION = {1: 0.12, 2: 0.3, 3: 0.5, 4: 0.72}
 
 #: Mass contrast (added brightness at the mass core, relative to the local tissue). Tuned so that the
 #: smoothed-intensity baseline gives a pixel AUC in [0.6, 0.8] on the mass sets (real data: about 0.77).
-MASS_CONTRAST = (0.07, 0.13)
+MASS_CONTRAST = (0.08, 0.14)
 
 
 @dataclass
@@ -251,7 +251,7 @@ MASS_STYLES = {
 def lesion_site(image: BreastImage, rng: np.random.Generator, margin_px: int, avoid: np.ndarray | None) -> tuple[int, int]:
     """A lesion centre inside the breast, preferring fibroglandular tissue, away from skin and pectoral."""
     h, w = image.breast_mask.shape
-    candidates = image.breast_mask & (image.thickness > 0.5)
+    candidates = image.breast_mask & (image.thickness > 0.6)
     if image.view == "MLO":
         candidates &= image.brightness < np.quantile(image.brightness[image.breast_mask], 0.97)
     if avoid is not None:
@@ -264,7 +264,7 @@ def lesion_site(image: BreastImage, rng: np.random.Generator, margin_px: int, av
     if not candidates.any():
         candidates = image.breast_mask
     ys, xs = np.nonzero(candidates)
-    weights = 0.8 + image.fibroglandular[ys, xs]
+    weights = 0.3 + image.fibroglandular[ys, xs]
     k = int(rng.choice(len(ys), p=weights / weights.sum()))
     return int(ys[k]), int(xs[k])
 
@@ -273,8 +273,12 @@ def add_mass(image: BreastImage, rng: np.random.Generator, spacing_mm: float, di
     """Draw a mass (round, oval, lobulated or spiculated) that is slightly denser than its surroundings."""
     style = str(rng.choice(["round", "oval", "lobulated", "spiculated"], p=[0.2, 0.3, 0.25, 0.25]))
     if diameter_mm is None:
-        # mostly 5-12 mm, a few larger ones that fail the 4-patch-area rule (as in CBIS-DDSM)
-        diameter_mm = float(rng.uniform(14.5, 20.0)) if rng.random() < 0.1 else float(np.clip(rng.normal(8.5, 2.0), 5.0, 12.0))
+        # mostly 5-12 mm; where the breast is big enough, a few (~8 %) large ones of 30-38 mm that fail
+        # the 4-patch-area rule (area >= 4 * 64 * 64 px at 0.2 mm, i.e. a disc wider than ~29 mm)
+        diameter_mm = float(np.clip(rng.normal(8.5, 2.0), 5.0, 12.0))
+        large = float(rng.uniform(30.0, 38.0))
+        if rng.random() < 0.08 and large < 0.4 * image.brightness.shape[0] * spacing_mm:
+            diameter_mm = large
     radius_px = diameter_mm / 2.0 / spacing_mm
     taken = None
     if image.lesions:
