@@ -75,6 +75,9 @@ def main() -> None:
     print(f"training DataLoader (memmap cache, num_workers=0, batch {dm.batch_size}): {served:,.0f} patches/s "
           f"({verdict} the {TARGET_PATCHES_PER_S:,} target)")
     print(f"in-memory uint8 tensor slicing loop:                {ceiling:,.0f} patches/s")
+    dm.healthy.num_workers = 2
+    with_workers = _serve_rate(dm.healthy.train_dataloader(), min_seconds=1.5)
+    print(f"training DataLoader with num_workers=2 (for comparison): {with_workers:,.0f} patches/s")
     print(f"ratio DataLoader / in-memory slicing: {served / ceiling:.2f}")
 
 

@@ -212,3 +212,19 @@ def test_synthetic_source_tiny(tmp_path) -> None:
     assert float(item["image"][item["breast_mask"]].mean()) > 0.2
     n_val = len(list(dm.lesion_validation_dataloader()))
     assert n_val == dm.selection_summary()["lesion_validation"]["selected"] > 0
+
+
+def test_every_data_config_builds_the_module() -> None:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+    from pytorch_lightning import LightningDataModule
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs" / "data").glob("*.yaml"))
+    assert {c.stem for c in configs} >= {"synthetic", "cbis_ddsm", "ddsm", "mini_ddsm", "mias", "manifest"}
+    parser = ArgumentParser()
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_subclass_arguments(LightningDataModule, "data")
+    for config in configs:
+        module = parser.instantiate(parser.parse_args(["--config", str(config)])).data
+        assert isinstance(module, MammographyDataModule), config
+        assert module.source == config.stem and module.pixel_spacing_mm == 0.2 and module.batch_size == 64
+        assert module.max_lesion_area_patches == 4
