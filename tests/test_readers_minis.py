@@ -210,3 +210,18 @@ def test_manifest_lesion_type_column_and_calc_alias(tmp_path):
     (record,) = list_source("manifest", tmp_path / "m.csv", spacing_mm=0.2)
     assert record.lesions[0].kind == "calcification" and record.meta["lesion_type"] == "calcification"
     assert lesion_masks(record, (20, 20))["calcification"].sum() == 6
+
+
+def test_outline_with_a_gap_is_closed_before_filling():
+    from datamodules.readers._common import fill_outline_image
+
+    outline = np.zeros((60, 60), np.uint8)
+    cv2.circle(outline, (30, 30), 20, 255, thickness=1)
+    truth = np.zeros((60, 60), np.uint8)
+    cv2.circle(truth, (30, 30), 20, 1, thickness=-1)
+    assert fill_outline_image(outline).sum() == truth.sum()  # a closed outline fills exactly
+    outline[29:31, 49:52] = 0  # a 2-px gap on the right
+    filled = fill_outline_image(outline)
+    iou = (filled & truth.astype(bool)).sum() / (filled | truth.astype(bool)).sum()
+    assert iou > 0.97
+    assert not fill_outline_image(np.zeros((10, 10), np.uint8)).any()

@@ -61,12 +61,31 @@ def binarise_mask(pixels: np.ndarray) -> np.ndarray:
     return pixels > top / 2.0
 
 
+def _outlines_closed(edge: np.ndarray) -> bool:
+    """True when every outer contour of ``edge`` encloses a hole (the outline is a closed curve)."""
+    contours, hierarchy = cv2.findContours(edge, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return True
+    parents = hierarchy[0][:, 3]
+    outer = int((parents < 0).sum())
+    holes_of = {int(p) for p in parents if p >= 0}
+    return len(holes_of) >= outer
+
+
 def fill_outline_image(pixels: np.ndarray, threshold: int = 127) -> np.ndarray:
-    """Fill a lesion OUTLINE image (a closed 1-px contour): threshold, then fill every outer contour."""
+    """Fill a lesion OUTLINE image (a closed 1-px contour): threshold, then fill every outer contour.
+
+    An outline broken by JPEG noise (no enclosed hole) is first closed morphologically (3, 5, 9 px).
+    """
     if pixels.ndim == 3:
         pixels = pixels.max(axis=2)
     edge = (pixels > threshold).astype(np.uint8)
-    contours, _ = cv2.findContours(edge, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    for size in (0, 3, 5, 9):
+        curve = edge if size == 0 else cv2.morphologyEx(
+            edge, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size)))
+        if _outlines_closed(curve):
+            break
+    contours, _ = cv2.findContours(curve, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     filled = np.zeros(edge.shape, dtype=np.uint8)
     if contours:
         cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
