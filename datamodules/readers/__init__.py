@@ -3,6 +3,22 @@
 ``list_source(name, root, **options)`` lists `ImageRecord`s without reading pixels;
 ``read_image(record)`` decodes one to a `Mammogram` (native spacing, bright = dense);
 ``lesion_masks(record, shape)`` draws its lesions, union per kind, at a given native shape.
+
+Sources and their options (an unknown option is an error naming the valid ones):
+
+- ``ddsm``: root holding ``cases/<diagnosis>/<volume>/case<NNNN>/``; ``diagnosis`` (normals | benigns |
+  cancers | benign_without_callbacks, or a list), ``calibration`` ("od" default: OD_REF - optical
+  density, float32 in [0, 4]; "raw": grey levels).
+- ``cbis_ddsm``: root of the DICOM tree; ``abnormality`` ("mass" | "calc"), ``split`` ("train" | "test"),
+  ``csv_dir`` (default root/csv or found under root), ``spacing_mm`` (0.05, CBIS DICOMs carry none).
+- ``mini_ddsm``: root holding ``Normal|Benign|Cancer``; ``geometry`` ("masks" | "overlay"), ``classes``,
+  ``spacing_mm`` (0.1, used only without an .ics).
+- ``mias``: root with ``mdbNNN.pgm`` and ``Info.txt``; ``info`` (another Info path), ``spacing_mm`` (0.2).
+- ``manifest``: root = the CSV; ``spacing_mm`` (default for rows without one).
+- ``images``: a file or folder; ``spacing_mm`` (0.2 for files without spacing), ``include_annotations``.
+
+``Mammogram.meta['value_range']`` is the (low, high) the pixel values can take (dtype range, DICOM
+BitsStored range, or (0, 4) for calibrated DDSM), for preprocessing to normalise one documented way.
 """
 
 from __future__ import annotations
