@@ -188,6 +188,7 @@ class ImageResult:
     breast_area_px: int
     lesion_area_px: int
     segmentation_area_px: int
+    threshold_rule: str
     threshold: float
     auc: float
     hausdorff_px: float
@@ -295,6 +296,7 @@ def evaluate_image(
         breast_area_px=n_breast,
         lesion_area_px=n_lesion,
         segmentation_area_px=int(seg.sum()),
+        threshold_rule=threshold_rule_name(threshold_rule, percentile, threshold_value),
         threshold=threshold,
         auc=auc_value,
         hausdorff_px=h_px,
@@ -527,6 +529,7 @@ def write_map(path: str | Path, item: Mapping, amap: np.ndarray, seg: np.ndarray
         anomaly_map=amap.astype(np.float16),
         segmentation=seg.astype(bool),
         image_id=np.array(result.image_id),
+        threshold_rule=np.array(result.threshold_rule),
         threshold=np.float64(result.threshold),
         hausdorff_px=np.float64(result.hausdorff_px),
         hausdorff_mm=np.float64(result.hausdorff_mm),

@@ -119,6 +119,7 @@ def test_test_loop_writes_metrics_csv_hist_and_maps(tmp_path) -> None:
     aucs = [float(r["auc"]) for r in rows[:3]]
     assert np.mean(aucs) == pytest.approx(m["image_auc_mean"])
     assert rows[0]["density"] == "2" and int(rows[0]["n_patches"]) == len(items[0]["centers"])
+    assert {r["threshold_rule"] for r in rows} == {"image_percentile_99"}
     assert 0.0 <= float(rows[0]["top1_near_border_fraction"]) <= 1.0
 
     hist = np.load(out / "score_hist.npz")
@@ -132,6 +133,7 @@ def test_test_loop_writes_metrics_csv_hist_and_maps(tmp_path) -> None:
     assert saved["anomaly_map"].dtype == np.float16 and saved["segmentation"].dtype == bool
     assert np.isnan(saved["anomaly_map"][~saved["breast_mask"]]).all()
     assert float(saved["hausdorff_px"]) == pytest.approx(float(rows[0]["hausdorff_px"]))
+    assert str(saved["threshold_rule"]) == "image_percentile_99"
 
 
 def test_default_output_dir_is_under_log_dir(tmp_path) -> None:
