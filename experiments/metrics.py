@@ -120,6 +120,10 @@ class ExactAUC:
     The result is identical to sorting all pooled scores at once.
     """
 
+    #: pending table entries below which no merge happens (merges then run whenever the pending
+    #: entries have doubled since the last merge: amortised O(n log n) in all)
+    compact_min: int = 1 << 20
+
     def __init__(self) -> None:
         self.reset()
 
@@ -148,8 +152,7 @@ class ExactAUC:
     def _add(self, cls: bool, table: tuple[np.ndarray, np.ndarray]) -> None:
         self._parts[cls].append(table)
         self._sizes[cls] += table[0].size
-        # Compact when the pending tables have doubled since the last merge: amortised O(n log n).
-        if self._sizes[cls] > max(2 * self._compacted[cls], 1 << 20):
+        if self._sizes[cls] > max(2 * self._compacted[cls], self.compact_min):
             self._compact(cls)
 
     def _compact(self, cls: bool) -> None:

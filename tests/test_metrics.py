@@ -55,6 +55,15 @@ def test_streaming_auc_equals_pooled_sklearn() -> None:
         all_y.append(y)
     pooled_s, pooled_y = np.concatenate(all_s), np.concatenate(all_y)
     assert acc.compute() == pytest.approx(roc_auc_score(pooled_y, pooled_s), abs=1e-12)
+    # Frequent intermediate merges give the identical number.
+    eager = metrics.ExactAUC()
+    eager.compact_min = 100
+    for s, y in zip(all_s, all_y):
+        for part in range(0, len(s), 700):
+            eager.update(s[part : part + 700], y[part : part + 700])
+    assert eager.compute() == acc.compute()
+    values, counts = eager.counts(False)
+    assert np.all(np.diff(values) > 0) and counts.sum() == (~pooled_y).sum()
     assert acc.n_positive == pooled_y.sum()
     assert acc.n_negative == (~pooled_y).sum()
     # Tables merged from another accumulator give the same number (the distributed path).
