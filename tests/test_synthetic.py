@@ -9,6 +9,7 @@ import json
 import re
 from pathlib import Path
 
+import cv2
 import imagecodecs
 import numpy as np
 import pydicom
@@ -174,9 +175,11 @@ def test_csv_columns_and_quirks(tiny: Path) -> None:
         assert len(rows) == summary["lesion_sets"][synthetic._set_key(kind, split)]["abnormalities"]
         assert raw.count(b"\r\n") == len(rows) + 1  # CRLF records
         quirk = "ROI mask file path" if kind == "mass" else "cropped image file path"
+        # the quoted path field with its newline, as in the real files
+        assert raw.count(b'.dcm\n"\r\n' if kind == "mass" else b'.dcm\n",') == len(rows)
         prefix = synthetic._CASE_PREFIX[(kind, split)]
         for row in rows:
-            assert row[quirk].endswith("\n") and raw.count(b'.dcm\n"\r\n' if kind == "mass" else b'.dcm\n",') > 0
+            assert row[quirk].endswith("\n")
             assert not row["image file path"].endswith("\n")
             case = f"{prefix}_{row['patient_id']}_{row['left or right breast']}_{row['image view']}"
             assert row["image file path"].startswith(case + "/")
@@ -286,8 +289,88 @@ def test_cli_prints_auc_and_writes_preview(tiny: Path, tmp_path: Path, capsys: p
     out = capsys.readouterr().out
     auc = json.loads((tiny / "DONE.json").read_text())["intensity_baseline"]["pixel_auc_mass_test"]
     assert f"intensity-baseline pixel AUC on the mass test set: {auc:.3f}" in out and "reused" in out
-    sheet = __import__("cv2").imread(str(tmp_path / "sheet.png"))
+    sheet = cv2.imread(str(tmp_path / "sheet.png"))
     assert sheet is not None and sheet.shape[0] > 200 and sheet.shape[1] > 300
     # red outlines of the lesion masks are drawn
     red = (sheet[..., 2] == 255) & (sheet[..., 1] == 0) & (sheet[..., 0] == 0)
     assert red.sum() > 50
+
+
+# ------------------------------------------------------------------------------------------ real readers
+readers = pytest.importorskip("datamodules.readers")
+
+
+def test_ddsm_reader_round_trip_with_od_calibration(tmp_path: Path) -> None:
+    """A brightness ramp written for each digitiser site reads back as the same optical densities."""
+    ramp = np.tile(np.linspace(0.0, 1.0, 64, dtype=np.float32), (40, 1))
+    normals = tmp_path / "ddsm" / "cases" / "normals" / "normal_01"
+    for number, letter in enumerate("ABCD", start=1):
+        case = normals / f"case{number:04d}"
+        case.mkdir(parents=True)
+        views = {}
+        for side in ("LEFT", "RIGHT"):
+            for view in ("CC", "MLO"):
+                synthetic._write_ljpeg(case / f"{letter}_{number:04d}_1.{side}_{view}.LJPEG",
+                                       synthetic.grey_levels(ramp, letter))
+                views[f"{side}_{view}"] = ramp.shape
+        synthetic._write_ics(case / f"{letter}-{number:04d}-1.ics", f"{letter}-{number:04d}-1", 2,
+                             synthetic.DIGITISERS[letter][0], 50, "1 2 1995", views)
+    records = readers.list_source("ddsm", tmp_path / "ddsm", diagnosis="normals")
+    assert len(records) == 16 and {r.meta["site"] for r in records} == set("ABCD")
+    od = synthetic.od_from_brightness(ramp)
+    decoded = []
+    for record in records:
+        image = readers.read_image(record)
+        assert image.pixels.shape == ramp.shape and image.spacing_mm == pytest.approx(0.1)
+        slope, offset = np.polyfit(od.ravel(), image.pixels.astype(np.float64).ravel(), 1)
+        assert slope == pytest.approx(-1.0, abs=2e-3)  # bright = dense, in OD units
+        assert np.abs(image.pixels - (offset - od)).max() < 2e-3  # within one grey level
+        decoded.append(image.pixels)
+    spread = np.ptp(np.stack(decoded), axis=0).max()
+    assert spread < 3e-3  # every scanner lands on the same physical scale
+
+
+def test_tiny_set_round_trips_through_real_readers(tiny: Path) -> None:
+    summary = json.loads((tiny / "DONE.json").read_text())
+    healthy = readers.list_source("ddsm", tiny / "ddsm", diagnosis="normals")
+    assert len(healthy) == summary["healthy"]["images"] and all(r.label == 0 for r in healthy)
+    for record in healthy[:4]:
+        image = readers.read_image(record)
+        assert image.spacing_mm == pytest.approx(0.1) and image.pixels.dtype == np.float32
+        # background near OD 3.5, densest tissue near OD 0.15, read as OD_REF - OD
+        lo, hi = float(image.pixels.min()), float(image.pixels.max())
+        ref = image.meta["value_range"][1]
+        assert ref - hi > synthetic.OD_DENSEST - 0.01 and ref - lo < synthetic.OD_BACKGROUND + 0.15
+    patients_healthy = {r.patient_id for r in healthy}
+    base = tiny / "cbis-ddsm" / "CBIS-DDSM"
+    patients_lesion: set[str] = set()
+    visible = []
+    for kind, split in synthetic.LESION_SETS:
+        records = readers.list_source("cbis_ddsm", tiny / "cbis-ddsm", abnormality=kind, split=split)
+        key = synthetic._set_key(kind, split)
+        assert len(records) == summary["lesion_sets"][key]["images"]
+        assert sum(len(r.lesions) for r in records) == summary["lesion_sets"][key]["abnormalities"]
+        for record in records:
+            assert record.label == 1 and record.has_pixel_annotation
+            image = readers.read_image(record)
+            full = pydicom.dcmread(record.path).pixel_array
+            assert np.array_equal(image.pixels, full) and image.spacing_mm == pytest.approx(0.1)
+            masks = readers.lesion_masks(record, image.shape)
+            lesion_kind = "mass" if kind == "mass" else "calcification"
+            assert set(masks) == {lesion_kind}
+            # the reader's union equals the union of the ROI masks told apart by content
+            expected = np.zeros(image.shape, bool)
+            case = record.path.relative_to(base).parts[0]
+            for lesion in record.lesions:
+                folder = base / f"{case}_{lesion.meta['abnormality_id']}"
+                found = synthetic._find_cbis_files(folder, image.shape)
+                assert found is not None
+                expected |= found
+            assert np.array_equal(masks[lesion_kind], expected)
+            if kind == "mass":
+                ring = cv2.dilate(expected.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=25).astype(bool)
+                ring &= ~expected & (image.pixels > 0.2 * 65535)
+                visible.append(float(image.pixels[expected].mean()) > float(image.pixels[ring].mean()))
+        patients_lesion |= {r.patient_id for r in records}
+    assert not patients_healthy & patients_lesion
+    assert np.mean(visible) >= 0.7  # masses are denser than the tissue around them
