@@ -228,3 +228,20 @@ def test_every_data_config_builds_the_module() -> None:
         assert isinstance(module, MammographyDataModule), config
         assert module.source == config.stem and module.pixel_spacing_mm == 0.2 and module.batch_size == 64
         assert module.max_lesion_area_patches == 4
+
+
+def test_mask_of_other_size_is_named_and_skipped(tmp_path, caplog) -> None:
+    from datamodules.preprocessing import preprocess_record
+
+    recs = lesion_records(tmp_path)[:1]
+    bad_mask = tmp_path / "lesion/wrong_size_mask.png"
+    write_mask(bad_mask, (50, 50, 10), h=100, w=100)
+    bad = ImageRecord("m9", "q9", recs[0].path, "image", label=1, spacing_mm=0.1,
+                      lesions=[Lesion("mass", mask_path=bad_mask)])
+    with pytest.raises(DataError, match="wrong_size_mask.png"):
+        preprocess_record(bad)
+    dm = EvaluationDataModule(recs + [bad], test_set="mass", cache_dir=tmp_path / "cache", progress=False)
+    with caplog.at_level("WARNING"):
+        assert len(dm.dataset("test")) == 1
+    assert "wrong_size_mask.png" in caplog.text and "1 of 2 test images skipped" in caplog.text
+    assert dm.selection["test"]["skipped_unreadable"] == 1
