@@ -111,3 +111,37 @@ def test_ddsm_normals_pngs_and_label_maps_read_right(shared_data):
         fractions.append(foreground.mean())
         assert image.pixels[foreground].mean() > image.pixels[~foreground].mean() + 20  # breast is bright
     assert 0.2 < min(fractions) and max(fractions) < 0.9
+
+
+def test_ddsm_reader_reads_the_mini_ddsm_cases_through_their_ics(shared_data):
+    records = list_source("ddsm", shared_data / "mini-ddsm-subset")
+    assert len(records) == 40 and {r.meta["diagnosis"] for r in records} == {"benigns"}
+    assert sum(r.label for r in records) == 20 and {r.meta["scanner"] for r in records} == {"LUMISYS"}
+    assert all(r.meta["calibration"] == "none" for r in records)  # JPEG views: no optical density
+    image = read_image(records[0])
+    assert image.pixels.dtype == np.uint8 and image.spacing_mm == pytest.approx(0.1, abs=0.002)
+
+
+def test_cbis_real_csv_paths_find_files_built_from_them(shared_data, tmp_path):
+    """The real mass-test CSV's own path strings lead to DICOMs laid out exactly as they say."""
+    from test_readers_dicom import write_dicom
+
+    csv_dir = shared_data / "cbis-ddsm" / "csv"
+    rows = read_description_csv(csv_dir / "mass_case_description_test_set.csv")[:6]
+    built = set()
+    for k, row in enumerate(rows):
+        full = np.full((40, 30), 1000 + k, np.uint16)
+        write_dicom(tmp_path / row["image file path"], full)
+        mask = np.zeros((40, 30), np.uint8)
+        mask[k : k + 5, 3:9] = 255
+        write_dicom(tmp_path / row["roi mask file path"], mask)
+        if row["cropped image file path"] != row["roi mask file path"]:
+            write_dicom(tmp_path / row["cropped image file path"], np.ones((6, 7), np.uint16))
+        built.add(row["image file path"].split("/")[0])
+    with pytest.warns(UserWarning, match=f"skipped {361 - len(built)} item"):
+        records = list_source("cbis_ddsm", tmp_path, abnormality="mass", split="test", csv_dir=csv_dir)
+    assert {r.image_id for r in records} == built
+    for record in records:
+        masks = lesion_masks(record, (40, 30))
+        assert list(masks) == ["mass"] and masks["mass"].sum() >= 30
+        assert record.patient_id.startswith("P_") and record.meta["side"] in {"LEFT", "RIGHT"}
