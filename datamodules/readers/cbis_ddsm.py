@@ -149,6 +149,14 @@ def _pick_full(candidates: list[Path]) -> tuple[Path, tuple[int, int]] | None:
     return best
 
 
+def _shape_text(path: Path) -> str:
+    try:
+        rows, cols = dicom_shape(path)
+    except DataError:
+        return "unreadable"
+    return f"{rows}x{cols}"
+
+
 _PATHOLOGY_ORDER = ("MALIGNANT", "BENIGN", "BENIGN_WITHOUT_CALLBACK")
 
 
@@ -208,7 +216,7 @@ def list_cbis_ddsm(root: str | Path, abnormality: str = "mass", split: str = "te
             if mask_path is None:
                 where = folders.get(mask_folder, root / mask_folder)
                 if candidates:
-                    shapes = ", ".join(f"{p.name} {r}x{c}" for p in candidates[:4] for r, c in [dicom_shape(p)])
+                    shapes = ", ".join(f"{p.name} {_shape_text(p)}" for p in candidates[:4])
                     missing = (where, f"no ROI mask of the full image's size {full_shape[0]}x{full_shape[1]} "
                                       f"among its DICOMs ({shapes})")
                 else:
