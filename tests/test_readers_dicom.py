@@ -27,7 +27,7 @@ from datamodules.records import DataError, ImageRecord
 def write_dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2", bits_stored: int | None = None,
                 slope: float | None = None, intercept: float | None = None, spacing: tuple | None = None,
                 imager_spacing: tuple | None = None, syntax=ExplicitVRLittleEndian,
-                encoded: bytes | None = None) -> Path:
+                encoded: bytes | None = None, signed: bool = False) -> Path:
     """Write a grey DICOM (native pixels, or ``encoded`` bytes encapsulated under ``syntax``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = FileMetaDataset()
@@ -44,7 +44,7 @@ def write_dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROM
     ds.BitsAllocated = pixels.dtype.itemsize * 8
     ds.BitsStored = bits_stored or ds.BitsAllocated
     ds.HighBit = ds.BitsStored - 1
-    ds.PixelRepresentation = 0
+    ds.PixelRepresentation = 1 if signed else 0
     if slope is not None:
         ds.RescaleSlope = slope
         ds.RescaleIntercept = intercept or 0.0
@@ -157,3 +157,14 @@ def test_read_image_dispatches_on_reader(tmp_path):
     record.reader = "tiff-magic"
     with pytest.raises(DataError, match="unknown reader 'tiff-magic'.*dicom, image, ddsm"):
         read_image(record)
+
+
+def test_signed_pixels_monochrome1_and_rescale_together(tmp_path):
+    pixels = np.array([[-2048, -1, 0], [1, 100, 2047]], dtype=np.int16)
+    path = write_dicom(tmp_path / "signed.dcm", pixels, photometric="MONOCHROME1", bits_stored=12, signed=True,
+                       slope=0.5, intercept=10.0)
+    image = read_dicom(path, 0.1)
+    expected = (-1 - pixels.astype(np.float32)) * 0.5 + 10.0  # inverted within [-2048, 2047], then rescaled
+    np.testing.assert_allclose(image.pixels, expected)
+    assert image.pixels[0, 0] > image.pixels[1, 2]  # the lowest stored value is the brightest
+    assert image.meta["value_range"] == (-2048 * 0.5 + 10.0, 2047 * 0.5 + 10.0)
