@@ -20,6 +20,10 @@ from lightning_modules.networks import Critic, GanEncoder, Generator, gradient_p
 STAGES = ("gan", "encoder")
 
 
+def _param_sum(module: torch.nn.Module) -> Tensor:
+    return sum(p.sum() for p in module.parameters() if p.requires_grad)
+
+
 class FAnoGAN(AnomalyDetector):
     """WGAN-GP generator + critic and the izi_f encoder; ``width`` / ``latent_dim`` shrink it for CPU runs."""
 
@@ -48,9 +52,12 @@ class FAnoGAN(AnomalyDetector):
         self.encoder = GanEncoder(latent_dim, width)
         self._critic_steps = 0
         self._gan_loaded = False
+        # each stage trains only its own networks; frozen ones never register with DDP's reducer
         if stage == "encoder":
             self.generator.requires_grad_(False)
             self.critic.requires_grad_(False)
+        else:
+            self.encoder.requires_grad_(False)
 
     # ----- stage plumbing -------------------------------------------------------------------
     def train(self, mode: bool = True) -> FAnoGAN:
@@ -119,19 +126,20 @@ class FAnoGAN(AnomalyDetector):
         wasserstein = d_real.mean() - d_fake.mean()
         loss_d = -wasserstein + self.hparams.gp_weight * gp.mean()
         opt_d.zero_grad(set_to_none=True)
-        self.manual_backward(loss_d)
+        # zero-weight term: every trainable parameter takes part in each backward, as DDP without
+        # find_unused_parameters requires; the generator's zero gradients are cleared before its own step
+        self.manual_backward(loss_d + 0.0 * _param_sum(self.generator))
         opt_d.step()
         self._critic_steps += 1
         self.log("train/loss", loss_d.detach(), prog_bar=True, batch_size=n)
         self.log("train/wasserstein", wasserstein.detach(), prog_bar=True, batch_size=n)
         self.log("train/gp", gp.mean().detach(), batch_size=n)
         if self._critic_steps % self.hparams.n_critic == 0:
-            self.critic.requires_grad_(False)
+            # the critic's gradients from this backward are discarded by the next critic step's zero_grad
             loss_g = -self.critic(self.generator(self.sample_z(n))).float().mean()
             opt_g.zero_grad(set_to_none=True)
             self.manual_backward(loss_g)
             opt_g.step()
-            self.critic.requires_grad_(True)
             self.log("train/g_loss", loss_g.detach(), batch_size=n)
         return loss_d.detach()
 
