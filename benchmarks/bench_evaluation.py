@@ -146,6 +146,8 @@ def main() -> None:
     print(f"trainer.test + evaluation:   {loop:9.0f} patches/s, {N_IMAGES / seconds:.3f} images/s "
           f"({seconds / N_IMAGES:.2f} s/image, of which evaluation {per_image_eval * 1000:.0f} ms)")
     print(f"ratio test-loop / bare:      {loop / bare:.2f} (target >= 0.8)")
+    print(f"evaluation's own share of the test loop: {summary['evaluation_seconds'] / seconds:.1%} "
+          "(maps, metrics, files; independent of load swings between the two measurements)")
     print(f"pixel AUC of the run: {summary['pixel_auc']:.3f}, image AUC {summary['image_auc_mean']:.3f}")
 
     item = items[0]
