@@ -68,7 +68,7 @@ def test_ddp_two_cpu_processes_keep_ranks_identical(tmp_path) -> None:
         assert not different, f"{name}: ranks differ in {different[:5]}"
         assert ranks[0]["metrics"]["val/loss"] == pytest.approx(ranks[1]["metrics"]["val/loss"])  # sync_dist
     vq = torch.load(tmp_path / "vqvae_rank0.pt", weights_only=False)
-    assert vq["metrics"]["train/revived_codes"] >= 0 and "train/perplexity" in vq["metrics"]
+    assert vq["metrics"]["train/revived_codes"] > 0 and "train/perplexity" in vq["metrics"]  # revived, then broadcast
 
 
 if __name__ == "__main__":
