@@ -44,13 +44,6 @@ class SkipReport:
         )
 
 
-def require_file(path: Path, what: str = "file") -> Path:
-    """Return ``path`` if it is a file, else raise a DataError naming it."""
-    if not path.is_file():
-        raise DataError(f"{what} not found: {path}")
-    return path
-
-
 def binarise_mask(pixels: np.ndarray) -> np.ndarray:
     """Bool mask of a mask image whatever its coding (0/1, 0/255, 0/65535, JPEG noise): > half its max."""
     if pixels.ndim == 3:
