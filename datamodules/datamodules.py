@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.grids import (
@@ -194,7 +195,7 @@ def build_evaluation_cache(
     done = final / "DONE.json"
     if done.is_file():
         info = json.loads(done.read_text())
-        log.info("evaluation cache reused: %s (%d images)", final, len(info["files"]))
+        rank_zero_info("evaluation cache reused: %s (%d images)", final, len(info["files"]))
         return [final / f for f in info["files"]], info["summary"]
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp = cache_root / f".eval-{name}-{test_set}-{key}.tmp-{os.getpid()}"
@@ -250,8 +251,8 @@ def build_evaluation_cache(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("%s set (%s): %d of %d images selected; report %s", name, test_set, summary["selected"],
-             len(records), final / "selection.json")
+    rank_zero_info(f"{name} set ({test_set}): {summary['selected']} of {len(records)} images selected; excluded "
+                   f"by reason: {summary['excluded_by_reason'] or 'none'}; report {final / 'selection.json'}")
     return [final / f for f in files], summary
 
 
@@ -306,7 +307,7 @@ class HealthyPatchDataModule(pl.LightningDataModule):
         is_val = np.isin(self.cache.patient_index, val_numbers)
         self.train_dataset = PatchDataset(self.cache, np.flatnonzero(~is_val))
         self.val_dataset = PatchDataset(self.cache, np.flatnonzero(is_val))
-        log.info("healthy patches: %d train, %d validation (%d / %d patients)", len(self.train_dataset),
+        rank_zero_info("healthy patches: %d train, %d validation (%d / %d patients)", len(self.train_dataset),
                  len(self.val_dataset), len(self.cache.patients) - len(val_patients), len(val_patients))
 
     def _loader(self, dataset: PatchDataset | None, shuffle: bool) -> DataLoader:
@@ -492,7 +493,7 @@ def list_source_records(
     lesion_patients = {r.patient_id for r in test + val}
     overlap = [r for r in healthy if r.patient_id in lesion_patients]
     if overlap:
-        log.info("%d healthy images dropped: their patients have lesion images in the test/validation sets",
+        rank_zero_info("%d healthy images dropped: their patients have lesion images in the test/validation sets",
                  len(overlap))
         healthy = [r for r in healthy if r.patient_id not in lesion_patients]
     return SourceRecords(healthy=list(healthy), test=list(test), lesion_validation=list(val))

@@ -115,6 +115,6 @@ def write_selection_report(decisions: list[SelectionDecision], path: str | Path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(payload, indent=1))
     os.replace(tmp, path)
-    log.info("test-set selection: %d of %d images selected; excluded: %s",
+    log.debug("test-set selection: %d of %d images selected; excluded: %s",
              summary["selected"], summary["candidates"], reasons or "none")
     return summary

@@ -24,6 +24,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import Dataset
 
 from datamodules.grids import extract_patches
@@ -205,7 +206,7 @@ def build_patch_cache(
     cache_root = Path(cache_root)
     final = cache_root / f"patches-{key}"
     if (final / "DONE.json").is_file():
-        log.info("patch cache reused: %s", final)
+        rank_zero_info("patch cache reused: %s", final)
         return PatchCache.open(final)
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp = cache_root / f".patches-{key}.tmp-{os.getpid()}"
@@ -267,7 +268,7 @@ def build_patch_cache(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("patch cache built: %s (%d patches from %d images)", final, num, len(images))
+    rank_zero_info("patch cache built: %s (%d patches from %d images)", final, num, len(images))
     return PatchCache.open(final)
 
 
