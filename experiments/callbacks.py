@@ -6,7 +6,12 @@ to every logger, per-image tables, heatmap panels (uint8) and the score distribu
 ``metrics.json``, ``per_image.csv``, ``score_hist.npz`` and ``maps/<image_id>.npz`` under ``output_dir``.
 During ``fit`` it scores the datamodule's lesion validation set (never the test set) every
 ``every_n_epochs`` epochs and logs ``val_lesion/pixel_auc`` etc., so curves show while training and a
-``ModelCheckpoint`` can monitor them.
+``ModelCheckpoint`` can monitor them; the latest such evaluation is also written to
+``<output_dir>/val_lesion/{metrics.json,per_image.csv}``.
+
+Distributed: under DDP every rank evaluates its share of the test images, the per-image results and
+pixel tables are gathered (``all_gather_object``) and rank 0 writes the files; the fit-time lesion
+validation runs on rank 0 and its numbers are broadcast so every rank logs the same values.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
+from tqdm.auto import tqdm
 
 from experiments import evaluation
 
@@ -336,15 +342,31 @@ class EvaluationCallback(pl.Callback):
         return runs % self.every_n_epochs == 0 or last
 
     def evaluate_lesion_validation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        """Scores every item of ``trainer.datamodule.lesion_validation_dataloader()``; returns the summary."""
+        """Scores every item of ``trainer.datamodule.lesion_validation_dataloader()``; returns the summary.
+
+        The latest evaluation's ``metrics.json`` and ``per_image.csv`` also go to
+        ``<output_dir>/<monitor_prefix>/`` (overwritten, atomically, each time).
+        """
         loader = getattr(trainer.datamodule, "lesion_validation_dataloader", None)
         if loader is None:
             raise RuntimeError("the datamodule has no lesion_validation_dataloader()")
         acc = self._new_accumulator(trainer, pl_module)
+        items = loader()
+        total = len(items) if hasattr(items, "__len__") else None
+        show = trainer.progress_bar_callback is not None and trainer.is_global_zero
+        start = time.perf_counter()
         with torch.no_grad():
-            for item in loader():
+            for item in tqdm(items, total=total, desc=f"{self.monitor_prefix} (epoch {trainer.current_epoch})",
+                             leave=False, disable=not show, dynamic_ncols=True):
                 acc.add(item, pl_module.score_grid(item["patches"]).detach().cpu())
-        return acc.summary()
+        summary = acc.summary()
+        summary.update(epoch=trainer.current_epoch, global_step=trainer.global_step,
+                       dataset=self._dataset_name(trainer), seconds=time.perf_counter() - start,
+                       model=f"{type(pl_module).__module__}.{type(pl_module).__qualname__}")
+        out = self.resolve_output_dir(trainer) / self.monitor_prefix
+        evaluation.write_metrics_json(out / "metrics.json", summary)
+        evaluation.write_per_image_csv(out / "per_image.csv", acc.results)
+        return summary
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._due(trainer):
