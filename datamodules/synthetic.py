@@ -67,7 +67,7 @@ class Scale:
 SCALES: dict[str, Scale] = {
     "tiny": Scale(healthy_patients=4, mass_test=6, calc_test=3, mass_val=2, calc_val=2, rows=(640, 720)),
     "quick": Scale(healthy_patients=40, mass_test=40, calc_test=25, mass_val=15, calc_val=10, rows=(900, 1100)),
-    "full": Scale(healthy_patients=400, mass_test=160, calc_test=110, mass_val=60, calc_val=40, rows=(1800, 2300)),
+    "full": Scale(healthy_patients=300, mass_test=160, calc_test=110, mass_val=60, calc_val=40, rows=(1300, 1700)),
 }
 
 #: DDSM scanning sites: case letter -> (DIGITIZER line, grey level from optical density).
@@ -465,6 +465,11 @@ def ensure_synthetic(root: str | Path, seed: int = 0, scale: str = "quick",
     if root.exists() and (not root.is_dir() or (read_summary(root) is None and any(root.iterdir()))):
         raise DataError(f"{root} exists and is not a synthetic mammogram set (no DONE.json from {GENERATOR}); "
                         f"choose an empty or new folder for the synthetic data")
+    if log is None:
+        def log(message: str) -> None:
+            print(message, file=sys.stderr, flush=True)
+
+    log(f"generating the synthetic mammogram set (seed {seed}, scale {scale}) in {root}; this happens once")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
     try:
