@@ -441,7 +441,7 @@ def list_source_records(
     source_options: dict[str, Any] | None = None,
     healthy_options: dict[str, Any] | None = None,
     lesion_validation_fraction: float = 0.2,
-    seed: int = 0,
+    data_seed: int = 0,
     scale: str = "quick",
 ) -> SourceRecords:
     """Lists healthy, test and lesion-validation records of a configured source (see `MammographyDataModule`)."""
@@ -461,7 +461,7 @@ def list_source_records(
     if source == "synthetic":
         from datamodules.synthetic import ensure_synthetic
 
-        root = Path(ensure_synthetic(root, seed=seed, scale=scale))
+        root = Path(ensure_synthetic(root, seed=data_seed, scale=scale))
         healthy = list_source("ddsm", root / "ddsm", diagnosis="normals")
         cbis = root / "cbis-ddsm"
         test = list_source("cbis_ddsm", cbis, abnormality=abnormality, split="test")
@@ -477,12 +477,12 @@ def list_source_records(
         diagnoses = opts.pop("lesion_diagnoses", ["cancers", "benigns"])
         healthy = list_source("ddsm", root, diagnosis=opts.pop("diagnosis", "normals"), **opts)
         lesion = [r for d in diagnoses for r in list_source("ddsm", root, diagnosis=d, **opts)]
-        test, val = _split_lesion_records([r for r in lesion if has_kind(r)], lesion_validation_fraction, seed)
+        test, val = _split_lesion_records([r for r in lesion if has_kind(r)], lesion_validation_fraction, data_seed)
     else:  # mini_ddsm, mias, manifest: one listing, healthy = label 0
         listed = list_source(source, root, **opts)
         healthy = [r for r in listed if r.label == 0]
         lesion = [r for r in listed if r.label != 0 and has_kind(r)]
-        test, val = _split_lesion_records(lesion, lesion_validation_fraction, seed)
+        test, val = _split_lesion_records(lesion, lesion_validation_fraction, data_seed)
     if healthy_root is not None:
         hsource = healthy_source or "ddsm"
         if hsource == "ddsm":
@@ -511,7 +511,10 @@ class MammographyDataModule(pl.LightningDataModule):
             from ``source`` itself; required for "cbis_ddsm" (e.g. ``ddsm`` at a DDSM root with cases/normals).
         source_options: extra keyword arguments of ``datamodules.readers.list_source`` for ``source``
             (e.g. ``csv_dir`` for CBIS-DDSM, ``lesion_diagnoses`` for DDSM).
-        scale, seed: synthetic set size and seed; ``seed`` also seeds patch sampling, splits and shuffling.
+        scale: synthetic set size ("tiny", "quick", "full").
+        seed: patch sampling, the healthy train / validation patient split and shuffling.
+        data_seed: the synthetic set and the lesion test / validation split; kept apart from ``seed`` so
+            runs with other training seeds are tested on the same images (paired comparisons).
         predict_path: an image file or folder scored by ``lightning predict``.
         cache_dir: where patch and evaluation caches live (keyed by every parameter that shapes them).
         pixel_spacing_mm, patch_size, patches_inside, patches_contour, val_fraction, stride,
@@ -547,6 +550,7 @@ class MammographyDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         eval_num_workers: int = 0,
         seed: int = 0,
+        data_seed: int = 0,
         max_lesion_area_patches: float = 4,
         remove_pectoral: bool = False,
         lesion_validation_fraction: float = 0.2,
@@ -578,6 +582,7 @@ class MammographyDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.eval_num_workers = eval_num_workers
         self.seed = seed
+        self.data_seed = data_seed
         self.max_lesion_area_patches = max_lesion_area_patches
         self.remove_pectoral = remove_pectoral
         self.lesion_validation_fraction = lesion_validation_fraction
@@ -589,8 +594,7 @@ class MammographyDataModule(pl.LightningDataModule):
 
     def _key_extra(self) -> dict[str, Any]:
         return {"source": self.source, "root": str(Path(self.root).resolve()), "scale": self.scale,
-                "healthy_root": str(self.healthy_root), "synthetic_seed": self.seed if self.source == "synthetic"
-                else None}
+                "healthy_root": str(self.healthy_root), "data_seed": self.data_seed}
 
     @property
     def records(self) -> SourceRecords:
@@ -600,7 +604,7 @@ class MammographyDataModule(pl.LightningDataModule):
                 self.source, self.root, self.test_set, healthy_source=self.healthy_source,
                 healthy_root=self.healthy_root, source_options=self.source_options,
                 healthy_options=self.healthy_options, lesion_validation_fraction=self.lesion_validation_fraction,
-                seed=self.seed, scale=self.scale,
+                data_seed=self.data_seed, scale=self.scale,
             )
             if self.max_healthy_images is not None:
                 self._records.healthy = self._records.healthy[: self.max_healthy_images]

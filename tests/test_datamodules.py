@@ -178,6 +178,12 @@ def test_manifest_source_end_to_end(tmp_path) -> None:
     assert len(dm.val_dataloader().dataset) == 240  # 1 of 4 patients (rounded up to one), 2 views
     assert len(list(dm.test_dataloader())) == 2
     assert len(list(dm.lesion_validation_dataloader())) == 1
+    # another training seed: same test images (paired comparisons), other patch sample
+    other = MammographyDataModule(source="manifest", root=str(manifest), cache_dir=str(tmp_path / "cache"),
+                                  lesion_validation_fraction=0.34, batch_size=32, seed=1, progress=False)
+    assert [r.image_id for r in other.records.test] == [r.image_id for r in listed.test]
+    other.setup("fit")
+    assert other.healthy.cache.path != dm.healthy.cache.path
 
 
 def test_predict_without_path_is_a_clear_error_only_when_asked(tmp_path) -> None:
