@@ -111,7 +111,8 @@ class EvaluationCallback(pl.Callback):
         threshold: segmentation rule: "image_percentile" (the image's own breast pixels, paper),
             "healthy_percentile" (of the healthy validation patch scores), or "fixed" (``threshold_value``).
         percentile: the percentile both percentile rules use (99 = top 1 %).
-        save_maps: how many test images get ``maps/<image_id>.npz`` and a W&B heatmap panel.
+        save_maps: how many test images (the first ones rank 0 sees) get ``maps/<image_id>.npz`` and a W&B
+            heatmap panel; ``maps/`` is emptied of an earlier run's ``.npz`` files when a test starts.
         monitor_prefix: prefix of the keys logged during fit (``val_lesion/pixel_auc``, ...).
         threshold_value: the threshold of the "fixed" rule.
         healthy_max_patches: at most this many healthy validation patches set the "healthy_percentile".
@@ -234,6 +235,10 @@ class EvaluationCallback(pl.Callback):
         self._panels = []
         self._maps_written = 0
         self._eval_seconds = 0.0
+        if trainer.is_global_zero and self.save_maps:
+            # maps/ belongs to this run: drop an earlier run's maps so Fig. 2 never mixes test sets.
+            for old in (self.resolve_output_dir(trainer) / "maps").glob("*.npz"):
+                old.unlink(missing_ok=True)
         self._start = time.perf_counter()
 
     def on_test_batch_end(
@@ -260,7 +265,7 @@ class EvaluationCallback(pl.Callback):
             )
         begin = time.perf_counter()
         result, amap, seg = self._acc.add(batch, scores)
-        if self._maps_written < self.save_maps:
+        if trainer.is_global_zero and self._maps_written < self.save_maps:
             out = self.resolve_output_dir(trainer) / "maps" / f"{evaluation.safe_file_stem(result.image_id)}.npz"
             evaluation.write_map(out, batch, amap, seg, result)
             self._maps_written += 1

@@ -96,6 +96,8 @@ def _trainer(tmp_path, callbacks, logger=None, **kwargs) -> pl.Trainer:
 def test_test_loop_writes_metrics_csv_hist_and_maps(tmp_path) -> None:
     items = [make_item(i) for i in range(3)] + [make_item(9, lesion=False)]
     out = tmp_path / "eval"
+    (out / "maps").mkdir(parents=True)
+    (out / "maps" / "stale_from_an_earlier_run.npz").write_bytes(b"old")
     callback = EvaluationCallback(output_dir=str(out), save_maps=2, dataset="handmade")
     trainer = _trainer(tmp_path, [callback])
     logged = trainer.test(MeanIntensity(), dataloaders=DataLoader(items, batch_size=None), verbose=False)[0]
