@@ -189,3 +189,15 @@ def test_map_matches_the_data_pipelines_grid() -> None:
     assert cell_ok
     block = (slice(r0, r0 + 17), slice(c0, c0 + 17))
     np.testing.assert_allclose(amap[block], (2.0 + 0.03 * rr + 0.01 * cc)[block], atol=1e-5)
+
+
+def test_empty_accumulator_writes_nulls(tmp_path) -> None:
+    acc = evaluation.EvaluationAccumulator("fixed", threshold_value=0.5)
+    s = acc.summary()
+    assert s["n_images"] == 0 and math.isnan(s["pixel_auc"]) and s["threshold_rule"] == "fixed_0.5"
+    hist = acc.score_histogram(bins=4)
+    assert hist["healthy"].sum() == 0 and hist["bin_edges"].shape == (5,)
+    evaluation.write_metrics_json(tmp_path / "m.json", s)
+    evaluation.write_per_image_csv(tmp_path / "p.csv", acc.results)
+    assert json.loads((tmp_path / "m.json").read_text())["pixel_auc"] is None
+    assert (tmp_path / "p.csv").read_text().splitlines()[0].startswith("image_id,patient_id")
