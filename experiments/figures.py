@@ -138,29 +138,30 @@ def figure2(
     first = next(iter(loaded.values()))
     scan = _pick(first, "image", "scan")
     truth = _pick(first, "lesion_mask", "ground_truth", "gt")
-    ncols = 2 + 2 * len(loaded)
-    fig, axes = plt.subplots(1, ncols, figsize=(1.9 * ncols, 2.6), squeeze=False)
-    axes = axes[0]
-    axes[0].imshow(scan if scan is not None else np.zeros((2, 2)), cmap="gray")
-    axes[0].set_title("scan", fontsize=8)
-    axes[1].imshow(truth if truth is not None else np.zeros((2, 2)), cmap="gray")
-    axes[1].set_title("ground truth", fontsize=8)
-    for k, (name, data) in enumerate(loaded.items()):
+    ncols = 1 + len(loaded)
+    fig, axes = plt.subplots(2, ncols, figsize=(2.0 * ncols, 5.0), squeeze=False)
+    scan_img = scan if scan is not None else np.zeros((2, 2))
+    axes[0, 0].imshow(scan_img, cmap="gray")
+    axes[0, 0].set_title("scan", fontsize=8)
+    axes[1, 0].imshow(truth if truth is not None else np.zeros((2, 2)), cmap="gray")
+    axes[1, 0].set_title("ground truth", fontsize=8)
+    for k, (name, data) in enumerate(loaded.items(), start=1):
         amap = _pick(data, "anomaly_map", "map", "scores")
+        amap = np.zeros((2, 2), np.float32) if amap is None else amap.astype(np.float32)
         seg = _pick(data, "segmentation", "threshold_mask", "pred_mask", "mask")
-        if amap is None:
-            amap = np.zeros((2, 2))
         if seg is None:
             finite = np.isfinite(amap)
-            level = evaluation.image_percentile_threshold(amap.astype(np.float32), finite)
-            seg = evaluation.segment(amap.astype(np.float32), finite, level)
+            seg = evaluation.segment(amap, finite, evaluation.image_percentile_threshold(amap, finite))
         h = _pick(data, "hausdorff_px", "hausdorff", "H")
-        h_text = f"H={float(h):.1f}" if h is not None and np.size(h) == 1 and np.isfinite(float(h)) else "H=n/a"
-        axes[2 + 2 * k].imshow(normalise_map(amap.astype(np.float32)), cmap="jet", vmin=0, vmax=1)
-        axes[2 + 2 * k].set_title(f"{name}", fontsize=8)
-        axes[3 + 2 * k].imshow(seg, cmap="gray")
-        axes[3 + 2 * k].set_title(h_text, fontsize=8)
-    for ax in axes:
+        h_text = f"H={float(h):.1f} px" if h is not None and np.size(h) == 1 and np.isfinite(float(h)) else "H=n/a"
+        if scan is not None and scan.shape == amap.shape:
+            axes[0, k].imshow(scan_img, cmap="gray")
+        heat = np.ma.masked_where(~np.isfinite(amap), normalise_map(amap))
+        axes[0, k].imshow(heat, cmap="jet", vmin=0, vmax=1, alpha=0.6 if scan is not None else 1.0)
+        axes[0, k].set_title(name, fontsize=8)
+        axes[1, k].imshow(seg, cmap="gray")
+        axes[1, k].set_title(h_text, fontsize=8)
+    for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title or f"{image_id}", fontsize=9)

@@ -77,7 +77,7 @@ def test_figure2_uses_an_image_every_model_has(tmp_path: Path) -> None:
     out = figures.figure2(dirs, tmp_path / "fig2_mass.png")
     assert out is not None and out.is_file()
     picture = cv2.imread(str(out))
-    assert picture.shape[1] > picture.shape[0] * 2  # one row: scan, truth, 2 panels per model
+    assert picture.shape[1] > picture.shape[0]  # columns: scan / truth, then heatmap / mask per model
     assert figures.figure2({"A": tmp_path / "A"}, tmp_path / "none.png") is None
 
 
