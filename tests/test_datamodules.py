@@ -251,3 +251,34 @@ def test_mask_of_other_size_is_named_and_skipped(tmp_path, caplog) -> None:
         assert len(dm.dataset("test")) == 1
     assert "wrong_size_mask.png" in caplog.text and "1 of 2 test images skipped" in caplog.text
     assert dm.selection["test"]["skipped_unreadable"] == 1
+
+
+def test_preview_sheet_from_a_config(tmp_path) -> None:
+    import argparse
+
+    from datamodules import preview
+
+    rows = ["image_path,patient_id,label,mask_path,spacing_mm,lesion_type"]
+    for rec in healthy_records(tmp_path, 2):
+        rows.append(f"{rec.path},{rec.patient_id},0,,0.1,")
+    path, mask = tmp_path / "les/x.png", tmp_path / "les/x_mask.png"
+    write_mammogram(path, seed=300, lesion=(120, 60, 15))
+    write_mask(mask, (120, 60, 15))
+    rows.append(f"{path},L0,1,{mask},0.1,mass")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    config = tmp_path / "data.yaml"
+    config.write_text(f"data:\n  class_path: datamodules.MammographyDataModule\n  init_args:\n"
+                      f"    source: manifest\n    root: {tmp_path / 'm.csv'}\n    lesion_validation_fraction: 0\n")
+    parser = argparse.ArgumentParser()
+    preview.configure_parser(parser)
+    out = tmp_path / "sheet.png"
+    args = parser.parse_args(["--data", str(config), "--out", str(out), "--patches", "8",
+                              "--set", f"cache_dir={tmp_path / 'cache'}", "--set", "progress=false"])
+    assert preview.run(args) == 0
+    sheet = cv2.imread(str(out))
+    assert sheet is not None and sheet.shape[0] > 300 and sheet.shape[1] > 400
+    red = (sheet[..., 2] > 180) & (sheet[..., 1] < 90) & (sheet[..., 0] < 90)
+    cyan = (sheet[..., 0] > 180) & (sheet[..., 1] > 180) & (sheet[..., 2] < 90)
+    assert red.sum() > 20 and cyan.sum() > 100  # lesion and breast outlines drawn
+    bad = parser.parse_args(["--data", str(tmp_path / "missing.yaml")])
+    assert preview.run(bad) == 1
