@@ -415,13 +415,41 @@ class RatSpn(nn.Module):
         self.leaf_log_scale.zero_()
 
     # ------------------------------------------------------------------ EM
-    def em_statistics(self, x: Tensor, missing: Tensor | None = None, root: Tensor | int = 0) -> dict[str, Tensor]:
+    def em_statistics(
+        self, x: Tensor, missing: Tensor | None = None, root: Tensor | int = 0, chunk_size: int = 1024
+    ) -> dict[str, Tensor]:
         """Expected sufficient statistics of one batch, from autograd of sum_n log p(x_n).
 
         Keys: ``weights.<level>`` and ``mix`` (expected counts of every sum edge), Gaussian
-        ``leaf_n``/``leaf_x``/``leaf_xx`` (slot layout R x G x smax x I), or categorical ``leaf_n`` (R x V x I) and the sparse
-        ``leaf_table`` (rows of the flat table, I columns), plus ``log_likelihood`` (sum) and ``count``.
+        ``leaf_n``/``leaf_x``/``leaf_xx`` (slot layout R x G x smax x I), or categorical ``leaf_n``
+        (R x V x I) and the sparse ``leaf_table`` (rows of the flat table, I columns, duplicates
+        allowed), plus ``log_likelihood`` (sum) and ``count``. Batches above ``chunk_size`` rows are
+        processed in chunks (the statistics are sums), so memory stays bounded for any batch size.
         """
+        n = x.shape[0]
+        if n <= chunk_size:
+            return self._em_statistics(x, missing, root)
+        total: dict[str, Tensor] = {}
+        for start in range(0, n, chunk_size):
+            part = slice(start, start + chunk_size)
+            stats = self._em_statistics(
+                x[part], None if missing is None else missing[part], root if isinstance(root, int) else root[part]
+            )
+            for key, value in stats.items():
+                if key not in total:
+                    total[key] = value
+                elif value.is_sparse:
+                    old = total[key]
+                    total[key] = torch.sparse_coo_tensor(
+                        torch.cat([old._indices(), value._indices()], 1),
+                        torch.cat([old._values(), value._values()]),
+                        old.shape,
+                    )
+                else:
+                    total[key] = total[key] + value
+        return total
+
+    def _em_statistics(self, x: Tensor, missing: Tensor | None, root: Tensor | int) -> dict[str, Tensor]:
         obs = self._observed(x, missing)
         weights = [w.detach().requires_grad_() for w in self._normalised_weights()]
         mix = torch.softmax(self.log_mix.detach(), -1).requires_grad_()
@@ -454,7 +482,7 @@ class RatSpn(nn.Module):
             g = leaf_grads[0].view(*self.leaf_mean.shape[:2], 3, *self.leaf_mean.shape[2:])
             stats["leaf_xx"], stats["leaf_x"], stats["leaf_n"] = g[:, :, 0], g[:, :, 1], g[:, :, 2]
         else:
-            stats["leaf_table"] = leaf_grads[0].coalesce()
+            stats["leaf_table"] = leaf_grads[0]
             stats["leaf_n"] = leaf_grads[1]
         stats = {k: (v if v.is_sparse else v.contiguous()) for k, v in stats.items()}
         stats["log_likelihood"] = total.detach().reshape(1)
