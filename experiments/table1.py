@@ -109,14 +109,25 @@ _FAST_AE = {
     "bvae": ["--model.init_args.lr", "1e-3"],
     "vqvae": ["--model.init_args.lr", "3e-4"],
 }
+#: a step of 1e-4 keeps almost all of the data-driven leaf initialisation after a few hundred EM steps
+_FAST_EM = {
+    name: ["--model.init_args.step_size", "0.01"] for name in ("cae_spn", "bvae_spn", "vqvae_spn")
+}
+_SMOKE_EM = {
+    name: ["--model.init_args.step_size", "0.01", "--model.init_args.init_batches", "3",
+           "--model.init_args.num_repetitions", "5", "--model.init_args.num_input_distributions", "5"]
+    for name in ("cae_spn", "bvae_spn", "vqvae_spn")
+}
 PROFILE_OVERRIDES: dict[str, dict[str, list[str]]] = {
     "smoke": {
         **_FAST_AE,
+        **_SMOKE_EM,
         "fanogan_gan": ["--model.init_args.width", "8", "--model.init_args.latent_dim", "16"],
         "fanogan": ["--model.init_args.width", "8", "--model.init_args.latent_dim", "16"],
     },
     "quick": {
         **_FAST_AE,
+        **_FAST_EM,
         "fanogan_gan": ["--model.init_args.width", "32", "--model.init_args.latent_dim", "64"],
         "fanogan": ["--model.init_args.width", "32", "--model.init_args.latent_dim", "64"],
     },
@@ -197,6 +208,15 @@ def _slug(model: str) -> str:
     return model.lower().replace("-", "_")
 
 
+def checkpoint_path(runs_dir: Path, run_name: str, preferred: str = "best.ckpt") -> Path:
+    """``<run>/checkpoints/<preferred>``, or ``last.ckpt`` when only that exists (a run that never
+    produced a best checkpoint, e.g. a model whose global step does not advance)."""
+    folder = runs_dir / run_name / "checkpoints"
+    if not (folder / preferred).is_file() and (folder / "last.ckpt").is_file():
+        return folder / "last.ckpt"
+    return folder / preferred
+
+
 def stage_args(stage: Stage, runs_dir: Path, eval_dir: Path, group: str) -> list[str]:
     """The full `lightning` argument list of a stage (checkpoint paths resolved against ``runs_dir``)."""
     args = [stage.kind]
@@ -208,16 +228,16 @@ def stage_args(stage: Stage, runs_dir: Path, eval_dir: Path, group: str) -> list
     if stage.kind == "fit":
         if stage.checkpoint_from:
             spec = next(s for s in FITS if s.name == stage.name)
-            ckpt = runs_dir / stage.checkpoint_from / "checkpoints" / stage.checkpoint_file
+            ckpt = checkpoint_path(runs_dir, stage.checkpoint_from, stage.checkpoint_file)
             args += [f"--model.init_args.{spec.needs_arg}", str(ckpt)]
         if (runs_dir / stage.name / "checkpoints" / "last.ckpt").is_file():
             args += ["--ckpt_path", "last"]  # an interrupted fit continues where it stopped
     elif stage.checkpoint_from:
         spec = next(s for s in FITS if s.name == stage.checkpoint_from)
         if spec.needs:
-            ckpt_in = runs_dir / spec.needs / "checkpoints" / spec.needs_file
+            ckpt_in = checkpoint_path(runs_dir, spec.needs, spec.needs_file)
             args += [f"--model.init_args.{spec.needs_arg}", str(ckpt_in)]
-        args += ["--ckpt_path", str(runs_dir / stage.checkpoint_from / "checkpoints" / "best.ckpt")]
+        args += ["--ckpt_path", str(checkpoint_path(runs_dir, stage.checkpoint_from))]
     return args
 
 
@@ -227,7 +247,7 @@ def stage_done(stage: Stage, runs_dir: Path, eval_dir: Path) -> bool:
     if not (run_dir / "DONE.json").is_file() or not (run_dir / "config.yaml").is_file():
         return False
     if stage.kind == "fit":
-        return (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+        return checkpoint_path(runs_dir, stage.name).is_file()
     return (eval_dir / stage.name / "metrics.json").is_file()
 
 
