@@ -115,7 +115,8 @@ def breast_view(
         breast = labels == biggest
     dist_mm = cv2.distanceTransform(breast.astype(np.uint8), cv2.DIST_L2, 5).astype(np.float32) * spacing_mm
     # relative compressed thickness: falls off over the last ~1-2 cm before the skin
-    edge_scale = rng.uniform(6.0, 11.0)
+    # (scaled with the breast size: a small breast has a proportionally narrower fall-off zone)
+    edge_scale = rng.uniform(6.0, 11.0) * float(np.clip(h * spacing_mm / 100.0, 0.5, 1.5))
     thickness = np.where(breast, 1.0 - np.exp(-dist_mm / edge_scale), 0.0).astype(np.float32)
 
     # --- fibroglandular tissue: power-law field + blobs, concentrated behind the nipple
