@@ -276,10 +276,20 @@ class RatSpnStage(AnomalyDetector):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         z = self._standardise(self.cached_latents(batch))
         info = self._require().em_update(z, step_size=self.hparams.step_size)
+        self._count_em_step()
         n = z.shape[0]
         self.log("train/log_likelihood", info["log_likelihood"], on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
         self.log("em/weight_change", info["weight_change"], on_step=False, on_epoch=True, batch_size=n)
         self.log("em/leaf_change", info["leaf_change"], on_step=False, on_epoch=True, batch_size=n)
+
+    def _count_em_step(self) -> None:
+        """Counts the EM update as a training step: Lightning's global_step counts optimizer steps, and
+        checkpointing (best/last), max_steps and step-based logging all depend on it."""
+        loop = getattr(getattr(self._trainer, "fit_loop", None), "epoch_loop", None)
+        progress = getattr(getattr(loop, "manual_optimization", None), "optim_step_progress", None)
+        if progress is not None:
+            progress.increment_ready()
+            progress.increment_completed()
 
     def on_train_epoch_end(self) -> None:
         spn = self._require()

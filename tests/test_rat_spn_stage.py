@@ -146,6 +146,9 @@ def test_gaussian_stage_fits_by_em_caches_latents_and_scores_anomalies_higher(tm
     trainer.fit(stage, train, val)
     # each of the 256 + 64 patches was encoded exactly once across 3 epochs
     assert stage.autoencoder.encode_calls - calls_before == 320
+    # every EM update counts as a step, so best/last checkpoints by val/loss are written each epoch
+    assert trainer.global_step == 3 * 8
+    assert Path(checkpoint.best_model_path).is_file() and checkpoint.best_model_score is not None
     metrics = trainer.callback_metrics
     assert torch.isfinite(metrics["val/loss"]) and float(metrics["val/loss"]) == pytest.approx(-float(metrics["val/log_likelihood"]))
     assert float(metrics["em/weight_distance_from_init"]) > 0 and float(metrics["em/leaf_mean_distance_from_init"]) > 0
