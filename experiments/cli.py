@@ -249,8 +249,19 @@ def _checkpoint_model_args(args: list[str]) -> list[str]:
 
 
 def main(args: list[str] | None = None) -> int:
-    """Entry point of `lightning` (console script): runs the command, returns the exit code."""
-    run_cli(args)
+    """Entry point of `lightning` (console script): runs the command, returns the exit code.
+
+    User-fixable problems (a missing checkpoint or data file, a data error) end in one line, no traceback.
+    """
+    try:
+        from datamodules.records import DataError
+    except ImportError:  # pragma: no cover - the records module is part of the skeleton
+        DataError = RuntimeError  # noqa: N806
+    try:
+        run_cli(args)
+    except (FileNotFoundError, DataError) as err:
+        print(f"lightning: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -268,3 +268,11 @@ def test_test_without_model_config_reads_the_class_from_the_checkpoint(workdir: 
     ckpt = str(workdir / "runs" / "c" / "checkpoints" / "best.ckpt")
     tested = cli.run_cli(["test", "--config", data_only, "--run.name", "c-test", "--ckpt_path", ckpt])
     assert type(tested.model).__name__ == "TinyDetector" and tested.model.hparams.hidden == 5
+
+
+def test_missing_checkpoint_is_one_clear_line(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _write(workdir / "a.yaml", BASE)
+    code = cli.main(["test", "--config", config, "--ckpt_path", str(workdir / "nope.ckpt")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "lightning:" in err and "nope.ckpt" in err and "Traceback" not in err
