@@ -515,7 +515,8 @@ class MammographyDataModule(pl.LightningDataModule):
         seed: patch sampling, the healthy train / validation patient split and shuffling.
         data_seed: the synthetic set and the lesion test / validation split; kept apart from ``seed`` so
             runs with other training seeds are tested on the same images (paired comparisons).
-        predict_path: an image file or folder scored by ``lightning predict``.
+        predict_path: an image file or folder scored by ``lightning predict``; ``predict_options`` go to
+            ``list_source("images", ...)``, e.g. ``{spacing_mm: 0.1}`` for image files without spacing.
         cache_dir: where patch and evaluation caches live (keyed by every parameter that shapes them).
         pixel_spacing_mm, patch_size, patches_inside, patches_contour, val_fraction, stride,
         max_lesion_area_patches, remove_pectoral: see PROTOCOL "Data" and "Scoring full images".
@@ -539,6 +540,7 @@ class MammographyDataModule(pl.LightningDataModule):
         source_options: dict[str, Any] | None = None,
         scale: str = "quick",
         predict_path: str | None = None,
+        predict_options: dict[str, Any] | None = None,
         cache_dir: str = "cache",
         pixel_spacing_mm: float = 0.2,
         patch_size: int = 64,
@@ -571,6 +573,7 @@ class MammographyDataModule(pl.LightningDataModule):
         self.source_options = source_options
         self.scale = scale
         self.predict_path = predict_path
+        self.predict_options = predict_options
         self.cache_dir = cache_dir
         self.pixel_spacing_mm = pixel_spacing_mm
         self.patch_size = patch_size
@@ -629,7 +632,9 @@ class MammographyDataModule(pl.LightningDataModule):
             if self.predict_path:
                 from datamodules.readers import list_source
 
-                predict = list_source("images", self.predict_path)
+                predict = list_source("images", self.predict_path, **(self.predict_options or {}))
+                if not predict:
+                    raise DataError(f"data.predict_path {self.predict_path}: no DICOM/PNG/JPEG/PGM/TIFF images there")
             self._evaluation = EvaluationDataModule(
                 [], [], predict, self.test_set, self.cache_dir,
                 self.pixel_spacing_mm, self.patch_size, self.stride, self.max_lesion_area_patches,

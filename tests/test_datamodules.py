@@ -144,8 +144,16 @@ def test_mammography_module_predict_on_files_and_errors(tmp_path) -> None:
                                progress=False)
     dm.setup("predict")
     items = list(dm.predict_dataloader())
-    assert [i["image_id"] for i in items] == ["a", "b"] or len(items) == 2
+    assert len(items) == 2 and {i["image_id"] for i in items} == {"a", "b"}
     assert not items[0]["lesion_mask"].any() and items[0]["patches"].shape[1:] == (1, 64, 64)
+    assert items[0]["image"].shape == (240, 160)  # files taken as 0.2 mm unless told otherwise
+    finer = MammographyDataModule(source="manifest", root=str(tmp_path / "none.csv"),
+                                  predict_path=str(tmp_path / "files"), predict_options={"spacing_mm": 0.1},
+                                  cache_dir=str(tmp_path / "cache"), progress=False)
+    assert next(iter(finer.predict_dataloader()))["image"].shape == (120, 80)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty"):
+        MammographyDataModule(predict_path=str(tmp_path / "empty")).predict_dataloader()
     with pytest.raises(DataError, match="data.source"):
         MammographyDataModule(source="kaggle")
     with pytest.raises(DataError, match="data.test_set"):
