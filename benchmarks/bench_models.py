@@ -1,0 +1,357 @@
+"""Model throughput at batch 64: Lightning (Trainer.fit / Trainer.predict over a DataLoader) beside a plain
+PyTorch loop over the same network and tensors, measured alternately in one run, plus achieved FLOP/s
+(torch.utils.flop_counter) against a plain fp32 matmul, and the bf16 / channels-last variants on the CAE.
+
+`python -m benchmarks models`; `BENCH_MODELS=cae,vqvae` picks models, `BENCH_SECONDS` the time per
+measurement (default 3)."""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_modules import CAE, VQVAE, BetaVAE, FAnoGAN
+from lightning_modules.beta_vae import gaussian_kl
+from lightning_modules.networks import gradient_penalty
+
+BATCH = 64
+N_PATCHES = 64 * 24
+WARMUP = 3
+
+
+class InMemoryPatches(Dataset):
+    """Patches in memory served like the patch cache: one ``__getitems__`` slice per batch, contract dict."""
+
+    def __init__(self, x: Tensor):
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitems__(self, idx: Sequence[int]) -> dict[str, Any]:
+        i = torch.as_tensor(idx)
+        return {
+            "image": self.x[i],
+            "index": i,
+            "center": torch.stack([i, i], 1),
+            "patient_id": [f"p{int(k) % 50}" for k in i],
+            "label": torch.zeros(len(i), dtype=torch.long),
+        }
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+class EvalItems(Dataset):
+    """Evaluation items (one image per item) whose ``patches`` are in-memory chunks."""
+
+    def __init__(self, x: Tensor, per_item: int):
+        self.chunks = x.split(per_item)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"image_id": f"img{i}", "patches": self.chunks[i]}
+
+
+class _StepClock(pl.Callback):
+    """Wall time from the start of batch ``WARMUP`` to the end of the loop: steady-state throughput."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.batches = 0
+        self.end = 0.0
+
+    def _start(self, batch_idx: int) -> None:
+        if batch_idx == WARMUP:
+            self.start = time.perf_counter()
+        if batch_idx >= WARMUP:
+            self.batches += 1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start(batch_idx)
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._start(batch_idx)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.end = time.perf_counter()
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self.end = time.perf_counter()
+
+
+def _trainer(steps: int, clock: _StepClock, precision: str = "32-true") -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, max_epochs=10_000, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        callbacks=[clock], precision=precision,
+    )
+
+
+def patches(n: int, seed: int = 0) -> Tensor:
+    """Smooth random patches in [0, 1] (content does not matter for speed)."""
+    g = torch.Generator().manual_seed(seed)
+    return F.avg_pool2d(torch.rand(n, 1, 68, 68, generator=g), 5, 1).clamp(0, 1)
+
+
+# ----- plain PyTorch steps over the very same networks --------------------------------------------
+def plain_train_step(model: pl.LightningModule, opts: list[torch.optim.Optimizer], step: int) -> Callable[[Tensor], None]:
+    """A bare training step for ``model``'s network: same loss maths, no Lightning."""
+    if isinstance(model, CAE):
+        net, opt = model.net, opts[0]
+
+        def run(x: Tensor) -> None:
+            loss = (net(x)[0] - x).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    elif isinstance(model, BetaVAE):
+        net, opt, beta = model.net, opts[0], model.hparams.beta
+
+        def run(x: Tensor) -> None:
+            recon, mu, logvar = net(x, sample=True)
+            loss = ((recon - x).pow(2).mean((1, 2, 3)) + beta * gaussian_kl(mu, logvar) / 4096).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    elif isinstance(model, VQVAE):
+        net, opt = model.net, opts[0]
+
+        def run(x: Tensor) -> None:
+            recon, vq_loss, idx, _ = net(x)
+            loss = ((recon - x).pow(2).mean((1, 2, 3)) + vq_loss).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            net.quantizer.update_usage(idx)
+    else:
+        g, d, (opt_d, opt_g) = model.generator, model.critic, opts
+        counter = [0]
+
+        def run(x: Tensor) -> None:
+            with torch.no_grad():
+                fake = g(torch.randn(x.shape[0], model.hparams.latent_dim))
+            loss_d = d(fake).mean() - d(x).mean() + 10.0 * gradient_penalty(d, x, fake).mean()
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
+            counter[0] += 1
+            if counter[0] % model.hparams.n_critic == 0:
+                loss_g = -d(g(torch.randn(x.shape[0], model.hparams.latent_dim))).mean()
+                opt_g.zero_grad(set_to_none=True)
+                loss_g.backward()
+                opt_g.step()
+    return run
+
+
+def plain_score(model: pl.LightningModule) -> Callable[[Tensor], Tensor]:
+    """A bare scoring forward (the same score maths) for ``model``'s network."""
+    if isinstance(model, CAE):
+        return lambda x: (model.net(x)[0] - x).pow(2).mean((1, 2, 3))
+    if isinstance(model, BetaVAE):
+        def bvae(x: Tensor) -> Tensor:
+            recon, mu, logvar = model.net(x)
+            return (recon - x).pow(2).mean((1, 2, 3)) + model.hparams.beta * gaussian_kl(mu, logvar) / 4096
+        return bvae
+    if isinstance(model, VQVAE):
+        return lambda x: (model.net(x)[0] - x).pow(2).mean((1, 2, 3))
+
+    def gan(x: Tensor) -> Tensor:
+        recon = model.generator(model.encoder(x))
+        feat = (model.critic.features(x) - model.critic.features(recon)).pow(2).mean(1)
+        return (recon - x).pow(2).mean((1, 2, 3)) + feat
+    return gan
+
+
+def _timed_loop(fn: Callable[[Tensor], Any], x: Tensor, steps: int, ctx: Callable[[], Any] = nullcontext) -> float:
+    """Patches/s of ``fn`` over consecutive batches of ``x`` (after WARMUP batches)."""
+    batches = x.split(BATCH)
+    with ctx():
+        for i in range(WARMUP):
+            fn(batches[i % len(batches)])
+        start = time.perf_counter()
+        for i in range(steps):
+            fn(batches[i % len(batches)])
+        elapsed = time.perf_counter() - start
+    return steps * BATCH / elapsed
+
+
+def _steps_for(seconds: float, rate_guess: float) -> int:
+    return max(5, int(seconds * rate_guess / BATCH))
+
+
+def lightning_train_rate(model: pl.LightningModule, x: Tensor, steps: int, precision: str = "32-true") -> float:
+    clock = _StepClock()
+    loader = DataLoader(InMemoryPatches(x), batch_size=BATCH, shuffle=True, collate_fn=_identity,
+                        generator=torch.Generator().manual_seed(0))
+    trainer = _trainer(steps + WARMUP, clock, precision)
+    trainer.fit(model, loader)
+    return clock.batches * BATCH / (clock.end - clock.start)
+
+
+def lightning_score_rate(model: pl.LightningModule, x: Tensor) -> float:
+    """Trainer.predict over evaluation items of 256 patches, scored in chunks of BATCH."""
+    model.score_batch_size = BATCH
+    clock = _StepClock()
+    items = EvalItems(x, 4 * BATCH)
+    trainer = _trainer(1, clock)
+    trainer.predict(model, DataLoader(items, batch_size=None), return_predictions=False)
+    n = sum(len(items.chunks[i]) for i in range(WARMUP, len(items)))
+    return n / (clock.end - clock.start)
+
+
+def plain_score_rate(model: pl.LightningModule, x: Tensor, steps: int) -> float:
+    model.eval()
+    fn = plain_score(model)
+    try:
+        return _timed_loop(fn, x, steps, torch.inference_mode)
+    finally:
+        model.train()
+
+
+def flops_per_batch(fn: Callable[[Tensor], Any], x: Tensor) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn(x[:BATCH])
+    return counter.get_total_flops()
+
+
+def matmul_flops(seconds: float = 1.0, n: int = 1024) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def _fresh(name: str) -> pl.LightningModule:
+    pl.seed_everything(0, verbose=False)
+    return {"cae": CAE, "bvae": BetaVAE, "vqvae": VQVAE, "fanogan": FAnoGAN}[name]()
+
+
+def _optimizers(model: pl.LightningModule) -> list[torch.optim.Optimizer]:
+    opts = model.configure_optimizers()
+    return list(opts) if isinstance(opts, list | tuple) else [opts]
+
+
+def bench_model(name: str, seconds: float, peak: float) -> dict[str, float]:
+    x = patches(N_PATCHES)
+    guess = {"cae": 600, "bvae": 600, "vqvae": 250, "fanogan": 60}[name]
+    steps = _steps_for(seconds, guess)
+    score_steps = _steps_for(seconds, guess * 4)
+    # training: plain, Lightning, plain again (alternating evens out load from other processes)
+    plain_model = _fresh(name)
+    run = plain_train_step(plain_model, _optimizers(plain_model), 0)
+    plain_train = [_timed_loop(run, x, steps)]
+    light_train = [lightning_train_rate(_fresh(name), x, steps)]
+    plain_train.append(_timed_loop(run, x, steps))
+    light_train.append(lightning_train_rate(_fresh(name), x, steps))
+    train_flops = flops_per_batch(run, x)
+    # scoring
+    model = _fresh(name)
+    plain_sc = [plain_score_rate(model, x, score_steps)]
+    light_sc = [lightning_score_rate(model, x)]
+    plain_sc.append(plain_score_rate(model, x, score_steps))
+    light_sc.append(lightning_score_rate(model, x))
+    model.eval()
+    with torch.inference_mode():
+        score_flops = flops_per_batch(plain_score(model), x)
+    pt, lt, ps, ls = max(plain_train), max(light_train), max(plain_sc), max(light_sc)
+    return {
+        "plain_train": pt, "lightning_train": lt, "train_ratio": lt / pt,
+        "plain_score": ps, "lightning_score": ls, "score_ratio": ls / ps,
+        "train_gflops": train_flops / BATCH * lt / 1e9, "score_gflops": score_flops / BATCH * ls / 1e9,
+        "train_frac_peak": train_flops / BATCH * lt / peak, "score_frac_peak": score_flops / BATCH * ls / peak,
+    }
+
+
+def precision_variants(seconds: float) -> list[tuple[str, float, float]]:
+    """CAE plain loop in fp32, bf16 autocast and channels-last: (variant, train patches/s, score patches/s)."""
+    x = patches(N_PATCHES)
+    rows = []
+    variants = [
+        ("fp32", False, False),
+        ("bf16 autocast", True, False),
+        ("channels_last", False, True),
+        ("bf16 + channels_last", True, True),
+    ]
+    for label, bf16, cl in variants:
+        model = _fresh("cae")
+        xin = x.contiguous(memory_format=torch.channels_last) if cl else x
+        if cl:
+            model.net.to(memory_format=torch.channels_last)
+
+        def ctx(bf16: bool = bf16) -> Any:
+            return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+
+        run = plain_train_step(model, _optimizers(model), 0)
+        train = _timed_loop(run, xin, _steps_for(seconds, 600), ctx)
+        model.eval()
+        score_fn = plain_score(model)
+
+        def score_ctx(bf16: bool = bf16) -> Any:
+            class _Both:
+                def __enter__(self_inner) -> None:
+                    self_inner.a = torch.inference_mode()
+                    self_inner.a.__enter__()
+                    self_inner.b = ctx(bf16)
+                    self_inner.b.__enter__()
+
+                def __exit__(self_inner, *exc: Any) -> None:
+                    self_inner.b.__exit__(*exc)
+                    self_inner.a.__exit__(*exc)
+            return _Both()
+
+        score = _timed_loop(score_fn, xin, _steps_for(seconds, 2400), score_ctx)
+        rows.append((label, train, score))
+    return rows
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    for name in ("lightning.pytorch", "pytorch_lightning", "lightning_fabric"):
+        import logging
+
+        logging.getLogger(name).setLevel(logging.ERROR)
+    seconds = float(os.environ.get("BENCH_SECONDS", "3"))
+    names = os.environ.get("BENCH_MODELS", "cae,bvae,vqvae,fanogan").split(",")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}")
+    peak = matmul_flops()
+    print(f"plain fp32 matmul 1024^3: {peak / 1e9:.1f} GFLOP/s (the reference for 'of matmul')")
+    header = (f"{'model':8} {'train plain':>11} {'train PL':>9} {'ratio':>6} {'score plain':>11} {'score PL':>9} "
+              f"{'ratio':>6} {'train GFLOP/s':>13} {'score GFLOP/s':>13}")
+    print("patches/s; PL = Lightning Trainer.fit / Trainer.predict over a DataLoader")
+    print(header)
+    for name in names:
+        r = bench_model(name, seconds, peak)
+        print(f"{name:8} {r['plain_train']:11.0f} {r['lightning_train']:9.0f} {r['train_ratio']:6.2f} "
+              f"{r['plain_score']:11.0f} {r['lightning_score']:9.0f} {r['score_ratio']:6.2f} "
+              f"{r['train_gflops']:7.1f} ({r['train_frac_peak']:4.0%}) {r['score_gflops']:7.1f} ({r['score_frac_peak']:4.0%})",
+              flush=True)
+    print("\nCAE plain loop, precision / memory-format variants (patches/s):")
+    for label, train, score in precision_variants(seconds):
+        print(f"  {label:22} train {train:7.0f}   score {score:7.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
