@@ -391,11 +391,17 @@ def _write_roi(root: Path, folder: str, pixels: np.ndarray, mask: np.ndarray, ki
 
 
 # ----------------------------------------------------------------------------------------- entry points
+def _check_arguments(seed: object, scale: object) -> None:
+    if scale not in SCALES:
+        raise DataError(f"unknown synthetic scale {scale!r}: choose one of {', '.join(SCALES)}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise DataError(f"synthetic seed must be a non-negative integer, got {seed!r}")
+
+
 def generate(out: Path, seed: int, scale: str, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write a complete synthetic set into ``out`` (non-atomic; `ensure_synthetic` is the safe entry) and
     return its summary, which is also written last to ``out/DONE.json``."""
-    if scale not in SCALES:
-        raise DataError(f"unknown synthetic scale {scale!r}: choose one of {', '.join(SCALES)}")
+    _check_arguments(seed, scale)
     log = log or (lambda message: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -457,8 +463,7 @@ def ensure_synthetic(root: str | Path, seed: int = 0, scale: str = "quick",
     written, so an interrupted build never looks complete. A set with another seed/scale is replaced; a
     non-empty folder that is not a synthetic set is refused rather than overwritten.
     """
-    if scale not in SCALES:
-        raise DataError(f"unknown synthetic scale {scale!r}: choose one of {', '.join(SCALES)}")
+    _check_arguments(seed, scale)
     root = Path(root).expanduser().absolute()
     if _matches(read_summary(root), seed, scale):
         return root
@@ -512,6 +517,8 @@ def write_preview(root: str | Path, out_png: str | Path, n_mass: int = 4, n_calc
     tiles: list[np.ndarray] = []
     for kind, count in (("mass", n_mass), ("calc", n_calc)):
         csv_path = root / "cbis-ddsm" / "csv" / f"{kind}_case_description_test_set.csv"
+        if not csv_path.is_file():
+            raise DataError(f"{csv_path} not found: {root} is not a synthetic set (run `mammospn synth` first)")
         with open(csv_path, newline="") as handle:
             records = list(csv.DictReader(handle))
         seen: list[str] = []

@@ -277,6 +277,11 @@ def test_ensure_refuses_foreign_folder_and_bad_scale(tmp_path: Path) -> None:
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "keep me"
     with pytest.raises(DataError, match="unknown synthetic scale 'huge'"):
         synthetic.ensure_synthetic(tmp_path / "x", seed=0, scale="huge")
+    with pytest.raises(DataError, match="non-negative integer, got -1"):
+        synthetic.generate(tmp_path / "x", seed=-1, scale="tiny")
+    with pytest.raises(DataError, match="is not a synthetic set"):
+        synthetic.write_preview(tmp_path / "mine", tmp_path / "p.png")
+    assert not (tmp_path / "x").exists()
 
 
 # ------------------------------------------------------------------------------------------ CLI
