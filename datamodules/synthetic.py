@@ -230,36 +230,53 @@ def _image_shape(rng: np.random.Generator, scale: Scale) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------- healthy set
+@dataclass
+class HealthyCase:
+    """One healthy DDSM-style patient: case number, scanning site letter, header facts and four views."""
+
+    number: int
+    letter: str
+    density: int
+    age: int
+    study_date: str
+    views: dict[str, BreastImage]
+
+
+def healthy_case(seed: int, scale: str | Scale, k: int) -> HealthyCase:
+    """The k-th healthy patient of a set, drawn exactly as `generate` draws it (ground truth for checks)."""
+    spec = SCALES[scale] if isinstance(scale, str) else scale
+    rng = _rng(seed, 0, k)
+    letter = "ABCD"[int(rng.choice(4, p=[0.35, 0.3, 0.15, 0.2]))]
+    density = int(rng.choice(4, p=_DENSITY_P)) + 1
+    views: dict[str, BreastImage] = {}
+    for side in ("LEFT", "RIGHT"):
+        for view in ("CC", "MLO"):
+            views[f"{side}_{view}"] = breast_view(_image_shape(rng, spec), side, view, density, NATIVE_SPACING_MM, rng)
+    age = int(rng.integers(38, 75))
+    study_date = f"{int(rng.integers(1, 29))} {int(rng.integers(1, 13))} {int(rng.integers(1993, 1998))}"
+    return HealthyCase(k + 1, letter, density, age, study_date, views)
+
+
 def _write_healthy(out: Path, seed: int, scale: Scale, log: Callable[[str], None]) -> dict[str, Any]:
     """DDSM normals: four views per patient, ``.ics`` + byte-swapped LJPEG in digitiser grey levels."""
     normals = out / "ddsm" / "cases" / "normals"
-    letters = "ABCD"
     n_images = 0
-    case_numbers = []
     for k in range(scale.healthy_patients):
-        rng = _rng(seed, 0, k)
-        letter = letters[int(rng.choice(4, p=[0.35, 0.3, 0.15, 0.2]))]
-        number = k + 1
-        case_numbers.append(number)
-        case_dir = normals / f"normal_{k // 25 + 1:02d}" / f"case{number:04d}"
+        case = healthy_case(seed, scale, k)
+        name = f"{case.letter}-{case.number:04d}-1"
+        case_dir = normals / f"normal_{k // 25 + 1:02d}" / f"case{case.number:04d}"
         case_dir.mkdir(parents=True, exist_ok=True)
-        density = int(rng.choice(4, p=_DENSITY_P)) + 1
-        views: dict[str, tuple[int, int]] = {}
-        for side in ("LEFT", "RIGHT"):
-            for view in ("CC", "MLO"):
-                shape = _image_shape(rng, scale)
-                image = breast_view(shape, side, view, density, NATIVE_SPACING_MM, rng)
-                name = f"{side}_{view}"
-                views[name] = shape
-                _write_ljpeg(case_dir / f"{letter}_{number:04d}_1.{name}.LJPEG", grey_levels(image.brightness, letter))
-                n_images += 1
-        _write_ics(case_dir / f"{letter}-{number:04d}-1.ics", f"{letter}-{number:04d}-1", density,
-                   DIGITISERS[letter][0], int(rng.integers(38, 75)),
-                   f"{int(rng.integers(1, 29))} {int(rng.integers(1, 13))} {int(rng.integers(1993, 1998))}", views)
+        for view_name, image in case.views.items():
+            _write_ljpeg(case_dir / f"{case.letter}_{case.number:04d}_1.{view_name}.LJPEG",
+                         grey_levels(image.brightness, case.letter))
+            n_images += 1
+        shapes = {view_name: image.brightness.shape for view_name, image in case.views.items()}
+        _write_ics(case_dir / f"{name}.ics", name, case.density, DIGITISERS[case.letter][0], case.age,
+                   case.study_date, shapes)
         if (k + 1) % 10 == 0:
             log(f"  healthy: {k + 1}/{scale.healthy_patients} patients")
     return {"patients": scale.healthy_patients, "images": n_images, "folder": "ddsm/cases/normals",
-            "case_numbers": [case_numbers[0], case_numbers[-1]] if case_numbers else []}
+            "case_numbers": [1, scale.healthy_patients]}
 
 
 # ----------------------------------------------------------------------------------------- lesion sets

@@ -379,3 +379,19 @@ def test_tiny_set_round_trips_through_real_readers(tiny: Path) -> None:
         patients_lesion |= {r.patient_id for r in records}
     assert not patients_healthy & patients_lesion
     assert np.mean(visible) >= 0.7  # masses are denser than the tissue around them
+
+
+def test_healthy_views_read_back_as_their_optical_density(tiny: Path) -> None:
+    """Every pixel of a written view comes back through the DDSM reader as OD_REF - OD (one grey level)."""
+    records = {r.image_id: r for r in readers.list_source("ddsm", tiny / "ddsm", diagnosis="normals")}
+    for k in range(2):
+        case = synthetic.healthy_case(SEED, "tiny", k)
+        assert f"{case.letter}-{case.number:04d}-1.ics" in {p.name for p in tiny.rglob("*.ics")}
+        for view_name, view in case.views.items():
+            record = records[f"{case.letter}_{case.number:04d}_1.{view_name}"]
+            assert record.meta["density"] == case.density and record.meta["site"] == case.letter
+            image = readers.read_image(record)
+            expected = image.meta["value_range"][1] - synthetic.od_from_brightness(view.brightness)
+            assert np.abs(image.pixels - expected).max() < 1.2e-3
+            # bright = dense: the breast is brighter than the film background
+            assert image.pixels[view.breast_mask].mean() > image.pixels[~view.breast_mask].mean() + 0.5
