@@ -80,6 +80,15 @@ def main() -> None:
     print(f"training DataLoader with num_workers=2 (for comparison): {with_workers:,.0f} patches/s")
     print(f"ratio DataLoader / in-memory slicing: {served / ceiling:.2f}")
 
+    start = time.perf_counter()
+    test_set = dm._listed_evaluation().dataset("test")
+    print(f"test evaluation cache ready in {time.perf_counter() - start:.1f} s ({len(test_set)} images)")
+    start = time.perf_counter()
+    n_grid = sum(len(item["centers"]) for item in dm.test_dataloader())
+    elapsed = time.perf_counter() - start
+    print(f"evaluation items from the cache (grid + reflect-padded patches): {len(test_set) / elapsed:.1f} images/s, "
+          f"{n_grid / elapsed:,.0f} grid patches/s")
+
 
 if __name__ == "__main__":
     main()
