@@ -6,7 +6,7 @@ one log-einsum-exp, and the EM statistics are gradients of the log-likelihood wi
 (normalised) weights and the leaves' sufficient-statistic coefficients, taken once per batch.
 
 Layout (R repetitions, G = 2**depth leaf regions per repetition, I leaf components per region,
-S internal sums, C roots): leaf regions ``(R, G, N, I)`` -> ``depth`` product+sum layers that pair the
+S internal sums, C roots): leaf regions ``(R, G, I, N)`` (batch last) -> ``depth`` product+sum layers that pair the
 sibling regions ``2j, 2j+1`` and take weighted sums over all I x I (or S x S) products -> one root
 value per repetition and root ``(R, N, C)`` -> a mixing layer over the repetitions ``(N, C)``.
 """
@@ -105,7 +105,10 @@ class RatSpn(nn.Module):
             slot_of.scatter_(0, graph.permutation[:, start : start + size].T, slots[:, None].expand(size, num_repetitions))
         self.register_buffer("slot_var", slot_var)
         self.register_buffer("slot_of", slot_of)
-        self.register_buffer("slot_valid", (slot_var < num_vars).view(num_repetitions, G, smax, 1))
+        self.register_buffer("slot_valid", (slot_var < num_vars).view(num_repetitions, G, 1, smax))
+        # row of every (statistic, slot) in the transposed feature matrix (3 * (V + 1), N): region-major gather
+        stat_rows = torch.arange(3)[None, None, :, None] * (num_vars + 1) + slot_var.view(num_repetitions, G, 1, smax)
+        self.register_buffer("feature_rows", stat_rows.reshape(-1))
 
         R, V, I = num_repetitions, num_vars, num_input_distributions  # noqa: E741 (I = input distributions, as in the paper)
         # sum layers, top (level 0: one region per repetition, C roots) to bottom (inputs: I leaves)
@@ -121,7 +124,7 @@ class RatSpn(nn.Module):
         self.log_mix = nn.Parameter(torch.log(mix / mix.sum(-1, keepdim=True)))
 
         if leaf == "gaussian":
-            shape = (R, 2**depth, self.max_region_size, I)
+            shape = (R, 2**depth, I, self.max_region_size)  # slot layout: (repetition, region, component, slot)
             self.leaf_mean = nn.Parameter(torch.randn(shape, generator=gen) * self.slot_valid)
             self.leaf_log_var = nn.Parameter(torch.zeros(shape))
         else:
@@ -145,16 +148,21 @@ class RatSpn(nn.Module):
         return weights + self.leaf_log_table.numel()
 
     def leaf_variance(self) -> Tensor:
-        """Gaussian leaf variances in slot layout (R, G, smax, I), clamped to [min_var, max_var]."""
+        """Gaussian leaf variances in slot layout (R, G, I, smax), clamped to [min_var, max_var]."""
         return self.leaf_log_var.exp().clamp(self.min_var, self.max_var)
 
     def gaussian_leaves(self) -> tuple[Tensor, Tensor]:
         """Gaussian leaf (mean, variance), each V x R x I: variable v's component i in repetition r."""
-        R, I = self.num_repetitions, self.num_input_distributions  # noqa: E741 (I = input distributions, as in the paper)
+        R = self.num_repetitions
         rep = torch.arange(R, device=self.slot_of.device)[None].expand_as(self.slot_of)
-        mean = self.leaf_mean.reshape(R, -1, I)[rep, self.slot_of]
-        var = self.leaf_variance().reshape(R, -1, I)[rep, self.slot_of]
+        mean = self._slot_major(self.leaf_mean)[rep, self.slot_of]
+        var = self._slot_major(self.leaf_variance())[rep, self.slot_of]
         return mean, var
+
+    def _slot_major(self, t: Tensor) -> Tensor:
+        """(R, G, I, smax) slot-layout tensor -> (R, G * smax, I), indexable by ``slot_of``."""
+        R, G = self.num_repetitions, 2**self.depth
+        return t.transpose(2, 3).reshape(R, G * self.max_region_size, self.num_input_distributions)
 
     def categorical_log_probs(self, rep: int, var: int) -> Tensor:
         """Leaf log-probabilities (K x I) of variable ``var`` in repetition ``rep`` (categorical)."""
@@ -176,30 +184,32 @@ class RatSpn(nn.Module):
 
     # ------------------------------------------------------------------ leaves
     def _gaussian_coefficients(self) -> Tensor:
-        """(R*G, 3*smax, I) coefficients of (x^2, x, 1) in log N(x; mean, var): the leaf as a quadratic form."""
+        """(R*G, I, 3*smax) coefficients of (x^2, x, 1) in log N(x; mean, var): the leaf as a quadratic form."""
         var = self.leaf_variance()
         mean = self.leaf_mean
+        inv = var.reciprocal()
         coeffs = torch.stack(
-            [-0.5 / var, mean / var, -0.5 * mean * mean / var - 0.5 * torch.log(2 * math.pi * var)], dim=2
-        )  # R x G x 3 x smax x I
+            [-0.5 * inv, mean * inv, -0.5 * mean * mean * inv - 0.5 * torch.log(2 * math.pi * var)], dim=3
+        )  # R x G x I x 3 x smax
         R, G = self.num_repetitions, 2**self.depth
-        return coeffs.reshape(R * G, 3 * self.max_region_size, self.num_input_distributions)
+        return coeffs.reshape(R * G, self.num_input_distributions, 3 * self.max_region_size)
 
     def _gaussian_regions(self, x: Tensor, obs: Tensor, coeffs: Tensor) -> Tensor:
-        """Leaf-region log-densities (R, G, N, I): one batched matmul of per-region (x^2, x, 1) features.
+        """Leaf-region log-densities (R, G, I, N): one batched matmul of per-region (x^2, x, 1) features.
 
         Missing variables contribute zero features, i.e. they are integrated out exactly.
         """
         R, G, I, smax = self.num_repetitions, 2**self.depth, self.num_input_distributions, self.max_region_size  # noqa: E741 (I = input distributions, as in the paper)
         N = x.shape[0]
-        x = torch.where(obs > 0, x.to(obs.dtype), torch.zeros_like(obs))
-        features = torch.stack([x * x * obs, x * obs, obs], dim=1)  # N x 3 x V
-        features = torch.cat([features, features.new_zeros(N, 3, 1)], dim=2)[:, :, self.slot_var]  # N x 3 x R x G*smax
-        features = features.view(N, 3, R, G, smax).permute(2, 3, 0, 1, 4).reshape(R * G, N, 3 * smax)
-        return torch.bmm(features, coeffs).view(R, G, N, I)
+        xt = torch.where(obs > 0, x.to(obs.dtype), torch.zeros_like(obs)).T  # V x N
+        ot = obs.T
+        pad = ot.new_zeros(1, N)
+        features = torch.cat([xt * xt * ot, pad, xt * ot, pad, ot, pad])  # 3(V+1) x N
+        features = features.index_select(0, self.feature_rows).view(R * G, 3 * smax, N)
+        return torch.bmm(coeffs, features).view(R, G, I, N)
 
     def _categorical_regions(self, x: Tensor, obs: Tensor, log_table: Tensor, log_scale: Tensor, missing: bool) -> Tensor:
-        """Leaf-region log-probabilities (R, G, N, I) by embedding_bag look-ups (no one-hot tensor)."""
+        """Leaf-region log-probabilities (R, G, I, N) by embedding_bag look-ups (no one-hot tensor)."""
         R, V, G, I = self.num_repetitions, self.num_vars, 2**self.depth, self.num_input_distributions  # noqa: E741 (I = input distributions, as in the paper)
         N = x.shape[0]
         codes = x.long().clamp(0, self.num_categories - 1)
@@ -214,33 +224,32 @@ class RatSpn(nn.Module):
         ).view(N, R, G, I)
         scale = torch.einsum("vrg,rvi->vrgi", self.assignment.to(log_scale.dtype), log_scale)
         looked_up = looked_up + (obs @ scale.reshape(V, R * G * I)).view(N, R, G, I)
-        return looked_up.permute(1, 2, 0, 3)
+        return looked_up.permute(1, 2, 3, 0)
 
     # ------------------------------------------------------------------ sum layers
     @staticmethod
     def _log_einsum_exp(left: Tensor, right: Tensor, weight: Tensor) -> Tensor:
         """log sum_{a,b} W[s,a,b] exp(left[a] + right[b]) per (r, j, n): one batched matmul.
 
-        left/right: (R, J, N, A) log-values; weight: (R, J, S, A, A) probabilities -> (R, J, N, S).
+        left/right: (R, J, A, N) log-values; weight: (R, J, S, A, A) probabilities -> (R, J, S, N).
         """
-        R, J, N, A = left.shape
+        R, J, A, N = left.shape
         S = weight.shape[2]
-        ml = left.detach().amax(-1, keepdim=True)
-        mr = right.detach().amax(-1, keepdim=True)
+        ml = left.detach().amax(2, keepdim=True)
+        mr = right.detach().amax(2, keepdim=True)
         ml = torch.where(torch.isfinite(ml), ml, torch.zeros_like(ml))
         mr = torch.where(torch.isfinite(mr), mr, torch.zeros_like(mr))
         el = torch.exp(left - ml)
         er = torch.exp(right - mr)
-        # T[r, j, n, s, a] = sum_b er[r, j, n, b] W[r, j, s, a, b]
-        w = weight.permute(0, 1, 4, 2, 3).reshape(R * J, A, S * A)
-        t = torch.bmm(er.reshape(R * J, N, A), w).view(R, J, N, S, A)
-        out = (t * el.unsqueeze(-2)).sum(-1)
+        # T[r, j, s, a, n] = sum_b W[r, j, s, a, b] er[r, j, b, n]
+        t = torch.bmm(weight.reshape(R * J, S * A, A), er.reshape(R * J, A, N)).view(R, J, S, A, N)
+        out = (t * el.unsqueeze(2)).sum(3)
         return torch.log(out) + ml + mr
 
     def _upward(
         self, regions: Tensor, weights: list[Tensor], mix: Tensor, keep: bool = False
     ) -> tuple[Tensor, list[Tensor]]:
-        """From leaf regions (R, G, N, I) to root log-values (N, C); optionally keeps each layer's input."""
+        """From leaf regions (R, G, I, N) to root log-values (N, C); optionally keeps each layer's input."""
         inputs = []
         values = regions
         for level in reversed(range(self.depth)):
@@ -248,10 +257,10 @@ class RatSpn(nn.Module):
                 inputs.append(values)
             values = self._log_einsum_exp(values[:, 0::2], values[:, 1::2], weights[level])
         inputs.reverse()  # inputs[level] = the values feeding sum layer `level`
-        top = values[:, 0]  # R x N x C
+        top = values[:, 0]  # R x C x N
         m = top.detach().amax(0)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        root = torch.log(torch.einsum("rnc,cr->nc", torch.exp(top - m), mix)) + m
+        root = (torch.log(torch.einsum("rcn,cr->cn", torch.exp(top - m), mix)) + m).T
         if keep:
             inputs.append(top)
         return root, inputs
@@ -284,17 +293,17 @@ class RatSpn(nn.Module):
         argmax for MPE, a seeded categorical draw for sampling. Scores are log-weight + child log-values,
         i.e. the posterior over the children given the evidence.
         """
-        top = inputs[-1]  # R x N x C
-        n = top.shape[1]
+        top = inputs[-1]  # R x C x N
+        n = top.shape[2]
         rows = torch.arange(n, device=top.device)
-        rep = choose((torch.log_softmax(self.log_mix, -1)[root][:, None] + top[:, :, root]).T)
+        rep = choose((torch.log_softmax(self.log_mix, -1)[root][:, None] + top[:, root]).T)
         chosen = torch.full((n, 1), root, dtype=torch.long, device=top.device)
         for level, log_w in enumerate(self.log_weights):
-            values = inputs[level]  # R x 2J x N x A
+            values = inputs[level]  # R x 2J x A x N
             J, A = log_w.shape[1], log_w.shape[-1]
             log_w = torch.log_softmax(log_w.reshape(*log_w.shape[:3], -1), -1)
             w = log_w[rep[:, None], torch.arange(J, device=top.device)[None], chosen]  # n x J x A*A
-            v = values[rep, :, rows]  # n x 2J x A: (rep[n], :, n, :)
+            v = values[rep, :, :, rows]  # n x 2J x A: (rep[n], :, :, n)
             scores = w.view(n, J, A, A) + v[:, 0::2, :, None] + v[:, 1::2, None, :]
             flat = choose(scores.reshape(n * J, A * A)).view(n, J)
             nxt = torch.empty(n, 2 * J, dtype=torch.long, device=top.device)
@@ -332,7 +341,7 @@ class RatSpn(nn.Module):
         comp = self._leaf_components(rep, chosen)
         if self.leaf == "gaussian":
             slot = self.slot_of.T[rep]  # N x V
-            mode = self.leaf_mean.reshape(self.num_repetitions, -1, self.num_input_distributions)[rep[:, None], slot, comp]
+            mode = self._slot_major(self.leaf_mean)[rep[:, None], slot, comp]
             return torch.where(missing.bool(), mode.to(x.dtype), x)
         mode = self._leaf_log_probs_categorical(rep, comp).argmax(-1)
         return torch.where(missing.bool(), mode, x.long())
@@ -365,8 +374,8 @@ class RatSpn(nn.Module):
         if self.leaf == "gaussian":
             r = rep[:, None].expand_as(comp)
             slot = self.slot_of.T[rep]
-            mean = self.leaf_mean.reshape(self.num_repetitions, -1, self.num_input_distributions)[r, slot, comp]
-            std = self.leaf_variance().reshape(self.num_repetitions, -1, self.num_input_distributions)[r, slot, comp].sqrt()
+            mean = self._slot_major(self.leaf_mean)[r, slot, comp]
+            std = self._slot_major(self.leaf_variance())[r, slot, comp].sqrt()
             noise = torch.randn(mean.shape, generator=gen, device=dev, dtype=mean.dtype)
             return torch.where(missing.bool(), mean + std * noise, x.to(mean.dtype))
         draws = draw(self._leaf_log_probs_categorical(rep, comp).reshape(-1, self.num_categories)).view(n, -1)
@@ -396,9 +405,10 @@ class RatSpn(nn.Module):
             var = torch.cat([var, var.new_ones(1)])
             slot_var = self.slot_var.cpu()  # R x G*smax
             means = filled[picks[:, None, :], slot_var[:, :, None]]  # R x G*smax x I
-            self.leaf_mean.copy_(means.view(self.leaf_mean.shape).to(self.leaf_mean))
+            G, smax = 2**self.depth, self.max_region_size
+            self.leaf_mean.copy_(means.view(R, G, smax, I).transpose(2, 3).to(self.leaf_mean))
             log_var = torch.log(var.clamp(self.min_var, self.max_var))[slot_var][:, :, None].expand(means.shape)
-            self.leaf_log_var.copy_(log_var.reshape(self.leaf_log_var.shape).to(self.leaf_log_var))
+            self.leaf_log_var.copy_(log_var.reshape(R, G, smax, I).transpose(2, 3).to(self.leaf_log_var))
             return
         K = self.num_categories
         codes = x.long().clamp(0, K - 1)
@@ -421,7 +431,7 @@ class RatSpn(nn.Module):
         """Expected sufficient statistics of one batch, from autograd of sum_n log p(x_n).
 
         Keys: ``weights.<level>`` and ``mix`` (expected counts of every sum edge), Gaussian
-        ``leaf_n``/``leaf_x``/``leaf_xx`` (slot layout R x G x smax x I), or categorical ``leaf_n``
+        ``leaf_n``/``leaf_x``/``leaf_xx`` (slot layout R x G x I x smax), or categorical ``leaf_n``
         (R x V x I) and the sparse ``leaf_table`` (rows of the flat table, I columns, duplicates
         allowed), plus ``log_likelihood`` (sum) and ``count``. Batches above ``chunk_size`` rows are
         processed in chunks (the statistics are sums), so memory stays bounded for any batch size.
@@ -479,8 +489,8 @@ class RatSpn(nn.Module):
         stats["mix"] = (mix * grads[self.depth]).detach()
         leaf_grads = grads[self.depth + 1 :]
         if self.leaf == "gaussian":
-            g = leaf_grads[0].view(*self.leaf_mean.shape[:2], 3, *self.leaf_mean.shape[2:])
-            stats["leaf_xx"], stats["leaf_x"], stats["leaf_n"] = g[:, :, 0], g[:, :, 1], g[:, :, 2]
+            g = leaf_grads[0].view(*self.leaf_mean.shape[:3], 3, self.max_region_size)
+            stats["leaf_xx"], stats["leaf_x"], stats["leaf_n"] = g[:, :, :, 0], g[:, :, :, 1], g[:, :, :, 2]
         else:
             stats["leaf_table"] = leaf_grads[0]
             stats["leaf_n"] = leaf_grads[1]

@@ -160,14 +160,14 @@ def test_online_em_with_small_steps_improves_and_leaves_unused_components_alone(
     model.init_from_data(x)
     before = float(model.log_likelihood(x).mean())
     with torch.no_grad():
-        model.leaf_mean[0, 0, :, 2] = 1e4  # a component far from every data point: zero responsibility
-    frozen = model.leaf_mean[0, 0, :, 2].clone()
-    frozen_var = model.leaf_variance()[0, 0, :, 2].clone()
+        model.leaf_mean[0, 0, 2, :] = 1e4  # a component far from every data point: zero responsibility
+    frozen = model.leaf_mean[0, 0, 2, :].clone()
+    frozen_var = model.leaf_variance()[0, 0, 2, :].clone()
     for _epoch in range(10):
         for batch in x.split(64):
             model.em_update(batch, step_size=0.05)
-    torch.testing.assert_close(model.leaf_mean[0, 0, :, 2].detach(), frozen)
-    torch.testing.assert_close(model.leaf_variance()[0, 0, :, 2].detach(), frozen_var)
+    torch.testing.assert_close(model.leaf_mean[0, 0, 2, :].detach(), frozen)
+    torch.testing.assert_close(model.leaf_variance()[0, 0, 2, :].detach(), frozen_var)
     assert float(model.log_likelihood(x).mean()) > before + 0.5
 
 
