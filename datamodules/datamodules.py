@@ -37,6 +37,7 @@ from datamodules.patches import (
     cache_key,
     collate_patch_batch,
     listing_fingerprint,
+    remove_stale_builds,
     split_patients,
     to_uint8,
 )
@@ -198,6 +199,7 @@ def build_evaluation_cache(
         rank_zero_info("evaluation cache reused: %s (%d images)", final, len(info["files"]))
         return [final / f for f in info["files"]], info["summary"]
     cache_root.mkdir(parents=True, exist_ok=True)
+    remove_stale_builds(cache_root, f"eval-{name}-{test_set}-{key}")
     tmp = cache_root / f".eval-{name}-{test_set}-{key}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -161,6 +161,30 @@ class PatchCache:
                    arrays["on_contour"])
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_builds(cache_root: Path, prefix: str) -> int:
+    """Deletes ``.<prefix>.tmp-<pid>`` folders left by killed builds (their pid is gone); returns the count."""
+    removed = 0
+    for path in cache_root.glob(f".{prefix}.tmp-*"):
+        try:
+            pid = int(path.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 def _progress(iterable, total: int, desc: str, enabled: bool):
     if not enabled:
         return iterable
@@ -209,6 +233,7 @@ def build_patch_cache(
         rank_zero_info("patch cache reused: %s", final)
         return PatchCache.open(final)
     cache_root.mkdir(parents=True, exist_ok=True)
+    remove_stale_builds(cache_root, f"patches-{key}")
     tmp = cache_root / f".patches-{key}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -110,6 +110,12 @@ def test_interrupted_build_leaves_no_complete_cache(tmp_path, monkeypatch) -> No
     with pytest.raises(KeyboardInterrupt):
         build_patch_cache(records(), tmp_path, n_inside=2, n_contour=2, progress=False, preprocess=boom)
     assert list(tmp_path.iterdir()) == []
+    # a build killed outright leaves its temp folder: the next build of that key removes it
+    killed = tmp_path / ".patches-0123456789abcdef.tmp-999999999"
+    killed.mkdir()
+    (killed / "patches.u8").write_bytes(b"x" * 10)
+    assert patches_mod.remove_stale_builds(tmp_path, "patches-0123456789abcdef") == 1
+    assert not killed.exists()
     half = tmp_path / "patches-deadbeef"
     half.mkdir()
     with pytest.raises(DataError, match="DONE.json"):
