@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.grids import (
@@ -309,6 +309,9 @@ class HealthyPatchDataModule(pl.LightningDataModule):
         is_val = np.isin(self.cache.patient_index, val_numbers)
         self.train_dataset = PatchDataset(self.cache, np.flatnonzero(~is_val))
         self.val_dataset = PatchDataset(self.cache, np.flatnonzero(is_val))
+        if len(self.val_dataset) == 0:
+            rank_zero_warn(f"no healthy validation patches ({len(self.cache.patients)} patient(s), val_fraction "
+                           f"{self.val_fraction}): val/loss will not be logged; add healthy patients")
         rank_zero_info("healthy patches: %d train, %d validation (%d / %d patients)", len(self.train_dataset),
                  len(self.val_dataset), len(self.cache.patients) - len(val_patients), len(val_patients))
 

@@ -290,3 +290,10 @@ def test_preview_sheet_from_a_config(tmp_path) -> None:
     assert red.sum() > 20 and cyan.sum() > 100  # lesion and breast outlines drawn
     bad = parser.parse_args(["--data", str(tmp_path / "missing.yaml")])
     assert preview.run(bad) == 1
+
+
+def test_single_patient_warns_that_val_loss_is_missing(tmp_path) -> None:
+    dm = HealthyPatchDataModule(healthy_records(tmp_path, 1), tmp_path / "cache", progress=False)
+    with pytest.warns(UserWarning, match="no healthy validation patches"):
+        dm.setup("fit")
+    assert len(dm.train_dataset) == 240 and len(dm.val_dataset) == 0
