@@ -528,6 +528,8 @@ class MammographyDataModule(pl.LightningDataModule):
         lesion_validation_fraction: for sources without a lesion validation split of their own, the fraction
             of lesion patients held out from the test set for validation curves.
         max_healthy_images: use only the first N healthy images (quick runs; None = all).
+        max_lesion_validation_images: score only a seeded (``data_seed``) sample of N lesion validation
+            images during fit (CBIS-DDSM's train split has ~1,200 per lesion type; None = all).
         num_workers: training / validation DataLoader workers. 0 is fastest here: the memmapped cache
             serves ~100,000 patches/s in the main process, and worker IPC only slows it down.
         eval_num_workers: workers of the test / predict / lesion-validation loaders (reading and
@@ -562,6 +564,7 @@ class MammographyDataModule(pl.LightningDataModule):
         remove_pectoral: bool = False,
         lesion_validation_fraction: float = 0.2,
         max_healthy_images: int | None = None,
+        max_lesion_validation_images: int | None = None,
         progress: bool = True,
     ) -> None:
         super().__init__()
@@ -595,6 +598,7 @@ class MammographyDataModule(pl.LightningDataModule):
         self.remove_pectoral = remove_pectoral
         self.lesion_validation_fraction = lesion_validation_fraction
         self.max_healthy_images = max_healthy_images
+        self.max_lesion_validation_images = max_lesion_validation_images
         self.progress = progress
         self._records: SourceRecords | None = None
         self._healthy: HealthyPatchDataModule | None = None
@@ -616,6 +620,11 @@ class MammographyDataModule(pl.LightningDataModule):
             )
             if self.max_healthy_images is not None:
                 self._records.healthy = self._records.healthy[: self.max_healthy_images]
+            n_val = self.max_lesion_validation_images
+            if n_val is not None and len(self._records.lesion_validation) > n_val:
+                order = np.random.default_rng(self.data_seed).permutation(len(self._records.lesion_validation))
+                keep = sorted(order[:n_val].tolist())
+                self._records.lesion_validation = [self._records.lesion_validation[i] for i in keep]
         return self._records
 
     @property

@@ -226,6 +226,10 @@ def test_synthetic_source_tiny(tmp_path) -> None:
     assert float(item["image"][item["breast_mask"]].mean()) > 0.2
     n_val = len(list(dm.lesion_validation_dataloader()))
     assert n_val == dm.selection_summary()["lesion_validation"]["selected"] > 0
+    capped = MammographyDataModule(root=str(root), scale="tiny", cache_dir=str(cache),
+                                   max_lesion_validation_images=1, progress=False)
+    assert len(capped.records.lesion_validation) == 1
+    assert capped.records.lesion_validation[0].image_id in {r.image_id for r in listed.lesion_validation}
 
 
 def test_every_data_config_builds_the_module() -> None:
