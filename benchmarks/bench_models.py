@@ -11,7 +11,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from typing import Any
 
 import pytorch_lightning as pl
@@ -193,8 +193,15 @@ def _timed_loop(fn: Callable[[Tensor], Any], x: Tensor, steps: int, ctx: Callabl
     return steps * BATCH / elapsed
 
 
-def _steps_for(seconds: float, rate_guess: float) -> int:
-    return max(5, int(seconds * rate_guess / BATCH))
+def _steps_for(seconds: float, fn: Callable[[Tensor], Any], x: Tensor, ctx: Callable[[], Any] = nullcontext) -> int:
+    """How many batches of ``fn`` fill about ``seconds`` on this machine now (timed on two batches)."""
+    with ctx():
+        fn(x[:BATCH])
+        start = time.perf_counter()
+        fn(x[:BATCH])
+        fn(x[BATCH : 2 * BATCH])
+        per_batch = (time.perf_counter() - start) / 2
+    return max(5, int(seconds / per_batch))
 
 
 def lightning_train_rate(model: pl.LightningModule, x: Tensor, steps: int, precision: str = "32-true") -> float:
@@ -256,12 +263,10 @@ def _optimizers(model: pl.LightningModule) -> list[torch.optim.Optimizer]:
 
 def bench_model(name: str, seconds: float, peak: float) -> dict[str, float]:
     x = patches(N_PATCHES)
-    guess = {"cae": 600, "bvae": 600, "vqvae": 250, "fanogan": 60}[name]
-    steps = _steps_for(seconds, guess)
-    score_steps = _steps_for(seconds, guess * 4)
     # training: plain, Lightning, plain again (alternating evens out load from other processes)
     plain_model = _fresh(name)
     run = plain_train_step(plain_model, _optimizers(plain_model), 0)
+    steps = _steps_for(seconds, run, x)
     plain_train = [_timed_loop(run, x, steps)]
     light_train = [lightning_train_rate(_fresh(name), x, steps)]
     plain_train.append(_timed_loop(run, x, steps))
@@ -269,6 +274,9 @@ def bench_model(name: str, seconds: float, peak: float) -> dict[str, float]:
     train_flops = flops_per_batch(run, x)
     # scoring
     model = _fresh(name)
+    model.eval()
+    score_steps = _steps_for(seconds, plain_score(model), x, torch.inference_mode)
+    model.train()
     plain_sc = [plain_score_rate(model, x, score_steps)]
     light_sc = [lightning_score_rate(model, x)]
     plain_sc.append(plain_score_rate(model, x, score_steps))
@@ -305,24 +313,17 @@ def precision_variants(seconds: float) -> list[tuple[str, float, float]]:
             return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
 
         run = plain_train_step(model, _optimizers(model), 0)
-        train = _timed_loop(run, xin, _steps_for(seconds, 600), ctx)
+        train = _timed_loop(run, xin, _steps_for(seconds, run, xin, ctx), ctx)
         model.eval()
         score_fn = plain_score(model)
 
-        def score_ctx(bf16: bool = bf16) -> Any:
-            class _Both:
-                def __enter__(self_inner) -> None:
-                    self_inner.a = torch.inference_mode()
-                    self_inner.a.__enter__()
-                    self_inner.b = ctx(bf16)
-                    self_inner.b.__enter__()
+        def score_ctx(bf16: bool = bf16) -> ExitStack:
+            stack = ExitStack()
+            stack.enter_context(torch.inference_mode())
+            stack.enter_context(ctx(bf16))
+            return stack
 
-                def __exit__(self_inner, *exc: Any) -> None:
-                    self_inner.b.__exit__(*exc)
-                    self_inner.a.__exit__(*exc)
-            return _Both()
-
-        score = _timed_loop(score_fn, xin, _steps_for(seconds, 2400), score_ctx)
+        score = _timed_loop(score_fn, xin, _steps_for(seconds, score_fn, xin, score_ctx), score_ctx)
         rows.append((label, train, score))
     return rows
 

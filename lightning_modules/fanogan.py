@@ -102,6 +102,11 @@ class FAnoGAN(AnomalyDetector):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["anomaly_model_class"] = class_tag(self)
+        checkpoint["fanogan_critic_steps"] = self._critic_steps  # a resumed run keeps the n_critic phase
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._critic_steps = int(checkpoint.get("fanogan_critic_steps", 0))
+        self._gan_loaded = True  # the checkpoint's own generator and critic win over generator_ckpt
 
     # ----- losses ---------------------------------------------------------------------------
     def sample_z(self, n: int, generator: torch.Generator | None = None) -> Tensor:

@@ -69,6 +69,10 @@ def test_gan_stage_logs_and_takes_one_generator_step_per_n_critic(stages) -> Non
         assert key in m and math.isfinite(m[key]), key
     # 150 optimiser steps with n_critic = 2: 100 critic steps and 50 generator steps
     assert stages["steps"] == {"critic": 100, "generator": 50}
+    ckpt = torch.load(stages["gan_ckpt"], map_location="cpu", weights_only=False)
+    assert ckpt["fanogan_critic_steps"] == 100  # a resumed run continues the n_critic phase
+    resumed = FAnoGAN.load_from_checkpoint(stages["gan_ckpt"], map_location="cpu")
+    assert resumed._critic_steps == 100 and resumed._gan_loaded
 
 
 def test_encoder_stage_keeps_gan_frozen_and_learns(stages, data) -> None:
