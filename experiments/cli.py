@@ -113,7 +113,19 @@ class AnomalyMapWriter(BasePredictionWriter):
 
 
 def _model_name(config: Any) -> str:
-    class_path = str(config.get("model", {}).get("class_path") or "model")
+    """Short model name for run folders: the class name, or ``<autoencoder>_spn`` for a second stage.
+
+    A second stage names its autoencoder checkpoint ``<runs>/<ae run>/checkpoints/*.ckpt``; its run is
+    called after that autoencoder so the three RAT-SPN stages never share a folder.
+    """
+    model = config.get("model") or {}
+    class_path = str(model.get("class_path") or "model")
+    init_args = model.get("init_args") or {}
+    ae_ckpt = init_args.get("autoencoder_ckpt") if hasattr(init_args, "get") else None
+    if ae_ckpt:
+        path = Path(str(ae_ckpt))
+        ae_run = path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
+        return f"{ae_run.split('-')[0]}_spn"
     return class_path.rsplit(".", 1)[-1].lower()
 
 

@@ -290,24 +290,26 @@ def run_stages(
         elapsed = time.perf_counter() - start
         if not force and stage_done(stage, runs_dir, eval_dir):
             log(f"[{k:2d}/{len(stages)}] {stage.kind:4s} {stage.name:24s} reused ({runs_dir / stage.name})")
-            timings.setdefault(stage.name, {})["reused"] = True
+            timings.setdefault(stage.name, {"reused": True})  # keep the measured entry of the run that made it
             continue
         log(
             f"[{k:2d}/{len(stages)}] {stage.kind:4s} {stage.name:24s} running  "
             f"elapsed {_fmt_duration(elapsed)}  ETA {_fmt_duration(eta)}"
         )
         args = stage_args(stage, runs_dir, eval_dir, group)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         try:
             cli.run_cli(args)
         except SystemExit as err:  # a config error: jsonargparse already printed the key at fault
             if err.code not in (0, None):
                 raise RuntimeError(f"stage {stage.name} failed: lightning {' '.join(args)}") from err
         seconds = time.perf_counter() - t0
+        cpu_seconds = time.process_time() - cpu0
         spent_actual += seconds
         spent_estimate += stage.estimate_s
         timings[stage.name] = {"kind": stage.kind, "model": stage.model, "test_set": stage.test_set,
-                               "seconds": round(seconds, 2), "estimate_s": stage.estimate_s, "reused": False}
+                               "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
+                               "estimate_s": stage.estimate_s, "reused": False}
         _atomic_write_text(runs_dir / stage.name / "DONE.json", json.dumps(timings[stage.name], indent=2) + "\n")
         write_timings(timings_path, timings)
         log(f"        {stage.name} done in {_fmt_duration(seconds)}")
@@ -316,9 +318,15 @@ def run_stages(
 
 
 def write_timings(path: Path, timings: Mapping[str, Mapping[str, Any]]) -> None:
-    """``timings.json``: seconds per stage (the latest run of each) and their total."""
+    """``timings.json``: wall and CPU seconds per stage (the latest run of each) and their totals.
+
+    CPU seconds (this process, all threads) tell a run slowed by other jobs on the machine from a slow stage.
+    """
     total = sum(float(t.get("seconds", 0.0)) for t in timings.values())
-    _atomic_write_text(path, json.dumps({"stages": dict(timings), "total_seconds": round(total, 2)}, indent=2) + "\n")
+    cpu = sum(float(t.get("cpu_seconds", 0.0)) for t in timings.values())
+    payload = {"stages": dict(timings), "total_seconds": round(total, 2), "total_cpu_seconds": round(cpu, 2),
+               "cpu_count": os.cpu_count()}
+    _atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 # --- the table ---------------------------------------------------------------------------------

@@ -276,3 +276,17 @@ def test_missing_checkpoint_is_one_clear_line(workdir: Path, capsys: pytest.Capt
     assert code == 2
     err = capsys.readouterr().err
     assert "lightning:" in err and "nope.ckpt" in err and "Traceback" not in err
+
+
+def test_run_names_keep_second_stages_apart() -> None:
+    from jsonargparse import Namespace
+
+    def config(**init_args: str) -> Namespace:
+        return Namespace(model=Namespace(class_path="lightning_modules.RatSpnStage", init_args=Namespace(**init_args)),
+                         data=Namespace(class_path="x.Data", init_args=Namespace(source="synthetic", test_set="calc")))
+
+    assert cli._model_name(config(autoencoder_ckpt="runs/betavae-synthetic-mass-s0/checkpoints/best.ckpt")) == (
+        "betavae_spn")
+    assert cli._model_name(config(autoencoder_ckpt="cae.ckpt")) == "cae_spn"
+    assert cli._model_name(config()) == "ratspnstage"
+    assert cli._data_name(config()) == "synthetic-calc"

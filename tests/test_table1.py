@@ -179,7 +179,8 @@ def test_run_stages_reuses_finished_stages_and_resumes(tmp_path: Path, monkeypat
     assert resumed[resumed.index("--ckpt_path") + 1] == "last"
     assert sum("reused" in line for line in lines) == 2
     timings = json.loads((tmp_path / "timings.json").read_text())
-    assert len(timings["stages"]) == 24 and timings["total_seconds"] >= 0
+    assert len(timings["stages"]) == 24 and timings["total_seconds"] >= 0 and timings["total_cpu_seconds"] >= 0
+    assert all("cpu_seconds" in t and not t["reused"] for t in timings["stages"].values())
     table1.run_stages(stages, tmp_path, "g", log=lines.append)
     assert len(calls) == 25  # everything reused
 
