@@ -135,7 +135,9 @@ PROFILE_OVERRIDES: dict[str, dict[str, list[str]]] = {
 }
 
 
-def _data_args(data: str, data_root: str | None, seed: int) -> tuple[list[str], list[str]]:
+def _data_args(
+    data: str, data_root: str | None, seed: int, healthy_root: str | None = None
+) -> tuple[list[str], list[str]]:
     """(config files, overrides) selecting the data source, its root and the seed.
 
     A data config comes after the profile, so a profile's synthetic settings never override a real source.
@@ -149,17 +151,20 @@ def _data_args(data: str, data_root: str | None, seed: int) -> tuple[list[str], 
     overrides = ["--seed_everything", str(seed), "--data.init_args.seed", str(seed)]
     if data_root:
         overrides += ["--data.init_args.root", str(data_root)]
+    if healthy_root:
+        overrides += ["--data.init_args.healthy_root", str(healthy_root)]
     return configs, overrides
 
 
 def build_stages(
-    profile: str, data: str = "synthetic", data_root: str | None = None, seed: int = 0
+    profile: str, data: str = "synthetic", data_root: str | None = None, seed: int = 0,
+    healthy_root: str | None = None,
 ) -> list[Stage]:
     """The reproduction's stages in run order (8 fits, then 16 tests: 8 models x mass/calc)."""
     if profile not in PROFILES:
         raise ValueError(f"--profile must be one of {PROFILES}, got {profile!r}")
     profile_yaml = str(CONFIG_DIR / "profiles" / f"{profile}.yaml")
-    data_configs, data_overrides = _data_args(data, data_root, seed)
+    data_configs, data_overrides = _data_args(data, data_root, seed, healthy_root)
     estimates = ESTIMATES[profile]
     stages: list[Stage] = []
     for spec in FITS:
@@ -512,6 +517,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="quick: CPU, synthetic, <= 45 min; paper: the paper's settings, for a GPU; smoke: tests")
     parser.add_argument("--data", choices=DATA_CHOICES, default="synthetic", help="data source of every stage")
     parser.add_argument("--data-root", default=None, help="root of the data (synthetic: where it is generated)")
+    parser.add_argument("--healthy-root", default=None,
+                        help="cbis_ddsm: the DDSM folder holding cases/normals (healthy training images)")
     parser.add_argument("--out", default="results", help="output folder (runs/, eval/, table1.md, figures)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage (data sampling and training)")
     parser.add_argument("--force", action="store_true", help="rerun stages even when their outputs exist")
@@ -524,7 +531,7 @@ def run(args: argparse.Namespace) -> int:
     """Runs the reproduction; returns a process exit code (0 = table written)."""
     out_dir = Path(args.out)
     try:
-        stages = build_stages(args.profile, args.data, args.data_root, args.seed)
+        stages = build_stages(args.profile, args.data, args.data_root, args.seed, args.healthy_root)
     except (ValueError, FileNotFoundError) as err:
         print(f"mammospn table1: {err}", file=sys.stderr)
         return 2

@@ -135,7 +135,9 @@ def test_stage_plan_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert tools.main(["table1", "--profile", "smoke", "--dry-run", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 24 and out[0].startswith("[ 1/24] lightning fit --config")
-    assert tools.main(["table1", "--data", "cbis_ddsm", "--dry-run"]) in (0, 2)
+    assert tools.main(["table1", "--data", "cbis_ddsm", "--data-root", "/d/cbis", "--healthy-root", "/d/ddsm", "--dry-run"]) == 0
+    cbis = capsys.readouterr().out.splitlines()
+    assert len(cbis) == 24 and all("configs/data/cbis_ddsm.yaml" in line and "/d/ddsm" in line for line in cbis)
 
 
 def test_intensity_baseline_scores_mean_patch_intensity() -> None:
