@@ -279,8 +279,6 @@ class RatSpnStage(AnomalyDetector):
         self._count_em_step()
         n = z.shape[0]
         self.log("train/log_likelihood", info["log_likelihood"], on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
-        self.log("em/weight_change", info["weight_change"], on_step=False, on_epoch=True, batch_size=n)
-        self.log("em/leaf_change", info["leaf_change"], on_step=False, on_epoch=True, batch_size=n)
 
     def _count_em_step(self) -> None:
         """Counts the EM update as a training step: Lightning's global_step counts optimizer steps, and
@@ -300,6 +298,8 @@ class RatSpnStage(AnomalyDetector):
         if "mean" in self._init_snapshot:
             moved = (spn.leaf_mean.detach() - self._init_snapshot["mean"]).abs().sum()
             self.log("em/leaf_mean_distance_from_init", moved / (spn.slot_valid.sum() * spn.num_input_distributions))
+        else:  # categorical: share of each leaf's probability mass EM has rewritten since initialisation
+            self.log("em/leaf_mass_replaced", 1.0 - spn.leaf_log_scale.exp().mean())
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
         z = self._standardise(self.cached_latents(batch))

@@ -507,6 +507,7 @@ class RatSpn(nn.Module):
         missing: Tensor | None = None,
         root: Tensor | int = 0,
         reduce: StatsReducer | None = None,
+        track_changes: bool = False,
     ) -> dict[str, float]:
         """One stochastic (online) EM step on a batch; ``step_size`` 1.0 on the full data is classic EM.
 
@@ -515,7 +516,8 @@ class RatSpn(nn.Module):
         count keeps its parameters instead of collapsing). ``reduce`` sums the statistics over
         processes before the update (default: all-reduce when torch.distributed is initialised), so
         data-parallel replicas stay identical. Returns the batch mean log-likelihood before the
-        step and how far the step moved the weights and the leaves (mean absolute change).
+        step and, with ``track_changes``, how far the step moved the weights and the leaves (mean
+        absolute change; off by default because it costs a few extra passes over the parameters).
         """
         if not 0 < step_size <= 1:
             raise ValueError(f"step_size must be in (0, 1], got {step_size}")
@@ -523,44 +525,48 @@ class RatSpn(nn.Module):
         reducer = reduce if reduce is not None else default_stats_reducer()
         if reducer is not None:
             stats = reducer(stats)
-        return self.apply_statistics(stats, step_size)
+        return self.apply_statistics(stats, step_size, track_changes)
 
     @torch.no_grad()
-    def apply_statistics(self, stats: dict[str, Tensor], step_size: float) -> dict[str, float]:
+    def apply_statistics(self, stats: dict[str, Tensor], step_size: float, track_changes: bool = False) -> dict[str, float]:
         """The M-step of :meth:`em_update` from (possibly all-reduced) statistics."""
         eta, kappa = float(step_size), float(self.pseudo_count)
         moved_w = []
-        for level, log_w in enumerate(self.log_weights):
+        tiny = torch.finfo(self.log_mix.dtype).tiny
+        for log_w, counts in [
+            *[(w, stats[f"weights.{level}"]) for level, w in enumerate(self.log_weights)],
+            (self.log_mix, stats["mix"]),
+        ]:
             shape = log_w.shape
-            counts = stats[f"weights.{level}"].reshape(*shape[:3], -1)
-            old = torch.softmax(log_w.reshape(*shape[:3], -1), -1)
-            new = self._interpolate_weights(old, counts, eta, kappa)
-            moved_w.append((new - old).abs().mean())
-            log_w.copy_(torch.log(new.clamp_min(torch.finfo(new.dtype).tiny)).view(shape))
-        old = torch.softmax(self.log_mix, -1)
-        new = self._interpolate_weights(old, stats["mix"], eta, kappa)
-        moved_w.append((new - old).abs().mean())
-        self.log_mix.copy_(torch.log(new.clamp_min(torch.finfo(new.dtype).tiny)))
+            flat_shape = (*shape[:-2], -1) if log_w is not self.log_mix else shape
+            old = torch.softmax(log_w.reshape(flat_shape), -1)
+            new = self._interpolate_weights(old, counts.reshape(flat_shape), eta, kappa)
+            if track_changes:
+                moved_w.append((new - old).abs().mean())
+            log_w.copy_(new.clamp_min_(tiny).log_().view(shape))
         if self.leaf == "gaussian":
-            moved_leaf = self._update_gaussian(stats, eta, kappa)
+            moved_leaf = self._update_gaussian(stats, eta, kappa, track_changes)
         else:
             moved_leaf = self._update_categorical(stats, eta, kappa)
         count = float(stats["count"].sum())
-        return {
-            "log_likelihood": float(stats["log_likelihood"].sum()) / max(count, 1.0),
-            "weight_change": float(torch.stack(moved_w).mean()),
-            "leaf_change": float(moved_leaf),
-        }
+        out = {"log_likelihood": float(stats["log_likelihood"].sum()) / max(count, 1.0)}
+        if track_changes:
+            out["weight_change"] = float(torch.stack(moved_w).mean())
+            out["leaf_change"] = float(moved_leaf)
+        return out
 
     @staticmethod
     def _interpolate_weights(old: Tensor, counts: Tensor, eta: float, kappa: float) -> Tensor:
-        total = counts.sum(-1, keepdim=True)
-        target = (counts + kappa * old) / (total + kappa).clamp_min(_MIN_COUNT)
-        valid = (total + kappa) > _MIN_COUNT
-        new = torch.where(valid, (1 - eta) * old + eta * target, old)
-        return new / new.sum(-1, keepdim=True)
+        """(1 - eta) old + eta (counts + kappa old) / (total + kappa), per sum node (last axis = children).
 
-    def _update_gaussian(self, stats: dict[str, Tensor], eta: float, kappa: float) -> Tensor:
+        Written as old (1 - lam) + counts * eta / (total + kappa) with lam = eta total / (total + kappa):
+        a node with zero count keeps its weights exactly.
+        """
+        total = counts.sum(-1, keepdim=True)
+        rate = eta / (total + kappa).clamp_min(_MIN_COUNT)
+        return torch.addcmul(old * (1 - rate * total), counts, rate)
+
+    def _update_gaussian(self, stats: dict[str, Tensor], eta: float, kappa: float, track_changes: bool = False) -> Tensor:
         """Moves each leaf towards its batch moments by lam = eta * n / (n + kappa).
 
         The same as interpolating the expectation parameters (E[x], E[x^2]) towards the smoothed
@@ -578,7 +584,9 @@ class RatSpn(nn.Module):
         delta = batch_mean - mean
         new_var = torch.lerp(var, batch_var, lam).addcmul_(lam * (1 - lam), delta * delta)
         new_mean = mean.addcmul(lam, delta)
-        moved = (lam * delta).abs().sum() / (self.slot_valid.sum() * self.num_input_distributions)
+        moved = torch.zeros(())
+        if track_changes:
+            moved = (lam * delta).abs().sum() / (self.slot_valid.sum() * self.num_input_distributions)
         self.leaf_mean.copy_(new_mean)
         self.leaf_log_var.copy_(new_var.clamp_(self.min_var, self.max_var).log_())
         return moved
