@@ -1,5 +1,5 @@
 """Model throughput at batch 64: Lightning (Trainer.fit / Trainer.predict over a DataLoader) beside a plain
-PyTorch loop over the same network and tensors, measured alternately in one run, plus achieved FLOP/s
+PyTorch step over the same network and batch, interleaved step by step in one run (medians), plus achieved FLOP/s
 (torch.utils.flop_counter) against a plain fp32 matmul, and the bf16 / channels-last variants on the CAE.
 
 `python -m benchmarks models`; `BENCH_MODELS=cae,vqvae` picks models, `BENCH_SECONDS` the time per
@@ -8,6 +8,7 @@ measurement (default 3)."""
 from __future__ import annotations
 
 import os
+import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -70,34 +71,49 @@ class EvalItems(Dataset):
         return {"image_id": f"img{i}", "patches": self.chunks[i]}
 
 
-class _StepClock(pl.Callback):
-    """Wall time from the start of batch ``WARMUP`` to the end of the loop: steady-state throughput."""
+class _Interleaved(pl.Callback):
+    """Times each Lightning step (batch start to next batch start, DataLoader fetch included) and, between
+    them, one plain-PyTorch step on the same batch: both see the same machine load at the same moment."""
 
-    def __init__(self) -> None:
-        self.start: float | None = None
-        self.batches = 0
-        self.end = 0.0
+    def __init__(self, plain_fn: Callable[[Tensor], Any]) -> None:
+        self.plain_fn = plain_fn
+        self.last: float | None = None
+        self.lightning: list[float] = []
+        self.plain: list[float] = []
 
-    def _start(self, batch_idx: int) -> None:
-        if batch_idx == WARMUP:
-            self.start = time.perf_counter()
+    def _tick(self, x: Tensor, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self.last is not None:
+            self.lightning.append(now - self.last)
+        self.last = None
         if batch_idx >= WARMUP:
-            self.batches += 1
+            start = time.perf_counter()
+            self.plain_fn(x)
+            self.plain.append(time.perf_counter() - start)
+            self.last = time.perf_counter()
+
+    def _end(self) -> None:
+        if self.last is not None:
+            self.lightning.append(time.perf_counter() - self.last)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start(batch_idx)
+        self._tick(batch["image"], batch_idx)
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        self._start(batch_idx)
+        self._tick(batch["patches"], batch_idx)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.end = time.perf_counter()
+        self._end()
 
     def on_predict_end(self, trainer, pl_module) -> None:
-        self.end = time.perf_counter()
+        self._end()
+
+    def rates(self, n: int) -> tuple[float, float]:
+        """(Lightning, plain) items/s from the median step times, ``n`` items per step."""
+        return n / statistics.median(self.lightning), n / statistics.median(self.plain)
 
 
-def _trainer(steps: int, clock: _StepClock, precision: str = "32-true") -> pl.Trainer:
+def _trainer(steps: int, clock: pl.Callback, precision: str = "32-true") -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu", devices=1, max_steps=steps, max_epochs=10_000, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
@@ -204,33 +220,32 @@ def _steps_for(seconds: float, fn: Callable[[Tensor], Any], x: Tensor, ctx: Call
     return max(5, int(seconds / per_batch))
 
 
-def lightning_train_rate(model: pl.LightningModule, x: Tensor, steps: int, precision: str = "32-true") -> float:
-    clock = _StepClock()
+def train_rates(model: pl.LightningModule, plain_fn: Callable[[Tensor], Any], x: Tensor, steps: int) -> tuple[float, float]:
+    """(Lightning, plain) training patches/s: Trainer.fit over a DataLoader, a plain step interleaved."""
+    clock = _Interleaved(plain_fn)
     loader = DataLoader(InMemoryPatches(x), batch_size=BATCH, shuffle=True, collate_fn=_identity,
                         generator=torch.Generator().manual_seed(0))
-    trainer = _trainer(steps + WARMUP, clock, precision)
-    trainer.fit(model, loader)
-    return clock.batches * BATCH / (clock.end - clock.start)
+    _trainer(steps + WARMUP, clock).fit(model, loader)
+    return clock.rates(BATCH)
 
 
-def lightning_score_rate(model: pl.LightningModule, x: Tensor) -> float:
-    """Trainer.predict over evaluation items of 256 patches, scored in chunks of BATCH."""
+def score_rates(model: pl.LightningModule, x: Tensor, per_item: int = 4 * BATCH) -> tuple[float, float]:
+    """(Lightning, plain) scoring patches/s: Trainer.predict over evaluation items (chunks of BATCH) vs a
+    plain inference-mode loop over the same item's patches in chunks of BATCH."""
     model.score_batch_size = BATCH
-    clock = _StepClock()
-    items = EvalItems(x, 4 * BATCH)
-    trainer = _trainer(1, clock)
-    trainer.predict(model, DataLoader(items, batch_size=None), return_predictions=False)
-    n = sum(len(items.chunks[i]) for i in range(WARMUP, len(items)))
-    return n / (clock.end - clock.start)
+    score = plain_score(model)
 
+    def plain(p: Tensor) -> None:
+        was = model.training
+        model.eval()
+        with torch.inference_mode():
+            for chunk in p.split(BATCH):
+                score(chunk)
+        model.train(was)
 
-def plain_score_rate(model: pl.LightningModule, x: Tensor, steps: int) -> float:
-    model.eval()
-    fn = plain_score(model)
-    try:
-        return _timed_loop(fn, x, steps, torch.inference_mode)
-    finally:
-        model.train()
+    clock = _Interleaved(plain)
+    _trainer(1, clock).predict(model, DataLoader(EvalItems(x, per_item), batch_size=None), return_predictions=False)
+    return clock.rates(per_item)
 
 
 def flops_per_batch(fn: Callable[[Tensor], Any], x: Tensor) -> int:
@@ -263,33 +278,22 @@ def _optimizers(model: pl.LightningModule) -> list[torch.optim.Optimizer]:
 
 def bench_model(name: str, seconds: float, peak: float) -> dict[str, float]:
     x = patches(N_PATCHES)
-    # training: plain, Lightning, plain again (alternating evens out load from other processes)
     plain_model = _fresh(name)
     run = plain_train_step(plain_model, _optimizers(plain_model), 0)
-    steps = _steps_for(seconds, run, x)
-    plain_train = [_timed_loop(run, x, steps)]
-    light_train = [lightning_train_rate(_fresh(name), x, steps)]
-    plain_train.append(_timed_loop(run, x, steps))
-    light_train.append(lightning_train_rate(_fresh(name), x, steps))
+    steps = min(_steps_for(seconds, run, x), 4 * len(x) // BATCH)
+    light_train, plain_train = train_rates(_fresh(name), run, x, steps)
     train_flops = flops_per_batch(run, x)
-    # scoring
     model = _fresh(name)
-    model.eval()
-    score_steps = _steps_for(seconds, plain_score(model), x, torch.inference_mode)
-    model.train()
-    plain_sc = [plain_score_rate(model, x, score_steps)]
-    light_sc = [lightning_score_rate(model, x)]
-    plain_sc.append(plain_score_rate(model, x, score_steps))
-    light_sc.append(lightning_score_rate(model, x))
+    n_items = max(WARMUP + 4, min(4 * WARMUP, _steps_for(seconds, plain_score(model), x, torch.inference_mode) // 4))
+    light_sc, plain_sc = score_rates(model, patches(n_items * 4 * BATCH, seed=1))
     model.eval()
     with torch.inference_mode():
         score_flops = flops_per_batch(plain_score(model), x)
-    pt, lt, ps, ls = max(plain_train), max(light_train), max(plain_sc), max(light_sc)
     return {
-        "plain_train": pt, "lightning_train": lt, "train_ratio": lt / pt,
-        "plain_score": ps, "lightning_score": ls, "score_ratio": ls / ps,
-        "train_gflops": train_flops / BATCH * lt / 1e9, "score_gflops": score_flops / BATCH * ls / 1e9,
-        "train_frac_peak": train_flops / BATCH * lt / peak, "score_frac_peak": score_flops / BATCH * ls / peak,
+        "plain_train": plain_train, "lightning_train": light_train, "train_ratio": light_train / plain_train,
+        "plain_score": plain_sc, "lightning_score": light_sc, "score_ratio": light_sc / plain_sc,
+        "train_gflops": train_flops / BATCH * light_train / 1e9, "score_gflops": score_flops / BATCH * light_sc / 1e9,
+        "train_frac_peak": train_flops / BATCH * light_train / peak, "score_frac_peak": score_flops / BATCH * light_sc / peak,
     }
 
 
