@@ -65,7 +65,7 @@ class Scale:
 
 
 SCALES: dict[str, Scale] = {
-    "tiny": Scale(healthy_patients=4, mass_test=8, calc_test=3, mass_val=2, calc_val=2, rows=(640, 720)),
+    "tiny": Scale(healthy_patients=4, mass_test=10, calc_test=3, mass_val=2, calc_val=2, rows=(640, 720)),
     "quick": Scale(healthy_patients=40, mass_test=40, calc_test=25, mass_val=15, calc_val=10, rows=(900, 1100)),
     "full": Scale(healthy_patients=300, mass_test=160, calc_test=110, mass_val=60, calc_val=40, rows=(1300, 1700)),
 }

@@ -120,7 +120,10 @@ def breast_view(
     thickness = np.where(breast, 1.0 - np.exp(-dist_mm / edge_scale), 0.0).astype(np.float32)
 
     # --- fibroglandular tissue: power-law field + blobs, concentrated behind the nipple
-    coarse = power_law_noise(shape, 3.0, rng, f_min=2.0)
+    # texture statistics are physical: the spectrum's low-frequency cap is a fixed length (50 mm coarse,
+    # 12.5 mm fine), so a smaller film shows the same tissue, not a shrunken copy of a larger breast
+    extent_mm = h * spacing_mm
+    coarse = power_law_noise(shape, 3.0, rng, f_min=max(1.0, extent_mm / 50.0))
     n_blobs = int(rng.integers(6, 14))
     blobs = np.zeros(shape, np.float32)
     for _ in range(n_blobs):
@@ -144,7 +147,7 @@ def breast_view(
     fibro = (1.0 / (1.0 + np.exp(-(z - threshold) / softness))).astype(np.float32)
     fibro *= breast
 
-    fine = power_law_noise(shape, 3.0, rng, f_min=8.0)
+    fine = power_law_noise(shape, 3.0, rng, f_min=max(1.0, extent_mm / 12.5))
     fat_level = rng.uniform(0.30, 0.36)
     dense_level = 0.2 + 0.04 * density
     texture_amp = 0.025 + 0.01 * density
@@ -164,7 +167,8 @@ def breast_view(
         edge = 1.0 + bow * np.sin(np.pi * np.clip(yy / py, 0, 1))
         pect = breast & (u < edge)
         pect_soft = _smoothstep((edge - u) / 0.04) * breast
-        pect_level = rng.uniform(0.68, 0.8) + 0.02 * fine
+        # brighter towards the corner (thicker muscle), with a faint fibrous texture
+        pect_level = rng.uniform(0.62, 0.72) + 0.1 * np.clip(1.0 - u / edge, 0.0, 1.0) + 0.025 * fine
         bright = bright * (1 - pect_soft) + pect_soft * pect_level * (0.85 + 0.15 * thickness)
         del pect
 
