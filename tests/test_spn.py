@@ -46,7 +46,7 @@ def _explicit_log_likelihood(model: RatSpn, leaf_log_prob) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "num_vars,depth,reps,inputs,sums,roots",
-    [(4, 1, 2, 3, 1, 1), (5, 2, 2, 2, 2, 2), (9, 3, 1, 2, 2, 1)],
+    [(4, 1, 2, 3, 1, 1), (5, 2, 2, 2, 2, 2), (9, 3, 1, 2, 1, 1)],
 )
 def test_gaussian_network_equals_its_mixture_expansion(num_vars, depth, reps, inputs, sums, roots):
     model = RatSpn(num_vars, depth, reps, inputs, num_sums=sums, num_roots=roots, seed=3, min_var=0.05).double()
