@@ -211,3 +211,30 @@ def test_smoke_profile_runs_the_whole_table(tmp_path: Path, monkeypatch: pytest.
     assert (out / "fig2_mass.png").is_file() and (out / "fig3_cae.png").is_file()
     timings = json.loads((out / "timings.json").read_text())
     assert len(timings["stages"]) == 24
+
+
+@pytest.mark.parametrize("profile", ["quick", "paper"])
+def test_every_stage_parses_with_the_real_configs(
+    profile: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    from experiments import cli
+
+    for stage in table1.build_stages(profile, seed=2):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.run_cli([*table1.stage_args(stage, tmp_path / "runs", tmp_path / "eval", "g"), "--print_config"])
+        assert exit_info.value.code in (0, None), stage.name
+        config = yaml.safe_load(capsys.readouterr().out)
+        assert config["run"]["name"] == stage.name and config["run"]["group"] == "g"
+        assert config["seed_everything"] == 2
+        assert config["data"]["init_args"]["test_set"] == (stage.test_set or "mass")
+        if profile == "quick":
+            assert config["trainer"]["max_epochs"] == 3 and config["trainer"]["accelerator"] == "cpu"
+        else:
+            assert config["trainer"]["precision"] == "bf16-mixed"
+            assert stage.kind == "test" or config["trainer"]["max_epochs"] >= 20  # the paper's epochs
+        if stage.name == "fanogan_gan":
+            assert config["model"]["init_args"]["stage"] == "gan"
+        if stage.model == "Intensity":
+            assert config["model"]["class_path"] == "experiments.table1.IntensityBaseline"
