@@ -165,7 +165,9 @@ class MammoCLI(LightningCLI):
             run.name = f"{self.model_name}-{self.data_name}-s{seed}"
         self.run_dir = Path(run.root) / run.name
         self.results_dir = Path(run.results_dir) / run.name
-        self.save_config_kwargs = {**self.save_config_kwargs, "run_dir": self.run_dir}
+        # fit owns config.yaml; test / validate / predict in the same folder never overwrite it
+        filename = "config.yaml" if self.subcommand in (None, "fit") else f"config-{self.subcommand}.yaml"
+        self.save_config_kwargs = {**self.save_config_kwargs, "run_dir": self.run_dir, "config_filename": filename}
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init

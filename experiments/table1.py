@@ -249,7 +249,8 @@ def stage_args(stage: Stage, runs_dir: Path, eval_dir: Path, group: str) -> list
 def stage_done(stage: Stage, runs_dir: Path, eval_dir: Path) -> bool:
     """A stage is reused when its marker, resolved config and checkpoint (fit) or metrics (test) exist."""
     run_dir = runs_dir / stage.name
-    if not (run_dir / "DONE.json").is_file() or not (run_dir / "config.yaml").is_file():
+    config_name = "config.yaml" if stage.kind == "fit" else f"config-{stage.kind}.yaml"
+    if not (run_dir / "DONE.json").is_file() or not (run_dir / config_name).is_file():
         return False
     if stage.kind == "fit":
         return checkpoint_path(runs_dir, stage.name).is_file()

@@ -197,8 +197,12 @@ def test_ckpt_path_restores_hyperparameters_and_test_runs(workdir: Path) -> None
     config = _write(workdir / "a.yaml", BASE)
     cli.run_cli(["fit", "--config", config, "--run.name", "h", "--model.init_args.hidden", "6"])
     ckpt = str(workdir / "runs" / "h" / "checkpoints" / "best.ckpt")
-    tested = cli.run_cli(["test", "--config", config, "--run.name", "h-test", "--ckpt_path", ckpt])
+    tested = cli.run_cli(["test", "--config", config, "--run.name", "h", "--ckpt_path", ckpt])
     assert tested.model.hparams.hidden == 6
+    # the test's resolved config sits beside the fit's, which it does not overwrite
+    saved = yaml.safe_load((workdir / "runs" / "h" / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["hidden"] == 6 and saved.get("ckpt_path") is None
+    assert yaml.safe_load((workdir / "runs" / "h" / "config-test.yaml").read_text())["ckpt_path"] == ckpt
     assert tested.model.encoder.out_features == 6
 
 

@@ -156,7 +156,7 @@ def test_run_stages_reuses_finished_stages_and_resumes(tmp_path: Path, monkeypat
         name = args[args.index("--run.name") + 1]
         run_dir = Path(args[args.index("--run.root") + 1]) / name
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text("x: 1\n")
+        (run_dir / ("config.yaml" if args[0] == "fit" else f"config-{args[0]}.yaml")).write_text("x: 1\n")
         if args[0] == "fit":
             if name == "vqvae" and len([c for c in calls if "vqvae" in c]) == 1:
                 (run_dir / "checkpoints" / "last.ckpt").write_text("partial")
