@@ -10,6 +10,7 @@ from __future__ import annotations
 import netrc
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -66,18 +67,30 @@ def build_loggers(
 
     # unique-ish tags, W&B limits each to 64 characters
     clean_tags = list(dict.fromkeys(str(t)[:64] for t in (tags or []) if t))
-    wandb_logger = WandbLogger(
-        name=name,
-        save_dir=str(run_dir),
-        project=project,
-        group=group,
-        job_type=job_type,
-        tags=clean_tags,
-        offline=mode == "offline",
-        log_model=False,
-        config=config or {},
-        settings=_wandb_settings(),
-    )
+
+    def make(offline: bool) -> WandbLogger:
+        return WandbLogger(
+            name=name,
+            save_dir=str(run_dir),
+            project=project,
+            group=group,
+            job_type=job_type,
+            tags=clean_tags,
+            offline=offline,
+            log_model=False,
+            config=config or {},
+            settings=_wandb_settings(),
+        )
+
+    wandb_logger = make(mode == "offline")
+    if mode == "online":
+        try:
+            wandb_logger.experiment  # noqa: B018 - start the run now, so a dead network shows here
+        except Exception as err:  # noqa: BLE001 - any failure to reach W&B: keep the run, log offline
+            warnings.warn(f"W&B online run failed ({err}); logging offline to {run_dir}/wandb instead "
+                          "(upload later with `wandb sync`)", stacklevel=2)
+            finish_wandb(exit_code=1)
+            wandb_logger = make(True)
     return [wandb_logger, *loggers]
 
 
@@ -85,7 +98,8 @@ def _wandb_settings() -> Any:
     """Quiet, network-tolerant W&B settings (no console capture, which fights with progress bars)."""
     import wandb
 
-    return wandb.Settings(console="off", silent=True)
+    timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", "30"))
+    return wandb.Settings(console="off", silent=True, init_timeout=timeout)
 
 
 def finish_wandb(exit_code: int = 0) -> None:
