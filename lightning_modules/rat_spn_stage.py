@@ -9,6 +9,7 @@ the batch's stable patch ``index``, so later epochs cost only the EM step.
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -331,7 +332,10 @@ class RatSpnStage(AnomalyDetector):
             class_path = checkpoint.get("autoencoder_class")
             if class_path is None:
                 raise FileNotFoundError(self._missing_autoencoder_message())
-            autoencoder = _import_class(class_path)(**checkpoint.get("autoencoder_hparams", {}))
+            cls = _import_class(class_path)
+            accepted = inspect.signature(cls.__init__).parameters
+            hparams = {k: v for k, v in checkpoint.get("autoencoder_hparams", {}).items() if k in accepted}
+            autoencoder = cls(**hparams)  # e.g. LightningCLI adds "_class_path", not an __init__ argument
             saved = checkpoint.get("hyper_parameters", {})
             self.hparams.update({k: v for k, v in saved.items() if k not in ("autoencoder_ckpt", "autoencoder_class")})
             self._build(autoencoder)
