@@ -18,7 +18,7 @@ FIBROGLANDULAR_FRACTION = {1: 0.12, 2: 0.3, 3: 0.5, 4: 0.72}
 
 #: Mass contrast (added brightness at the mass core, relative to the local tissue). Tuned so that the
 #: smoothed-intensity baseline gives a pixel AUC in [0.6, 0.8] on the mass sets (real data: about 0.77).
-MASS_CONTRAST = (0.08, 0.14)
+MASS_CONTRAST = (0.1, 0.16)
 
 
 @dataclass
@@ -32,6 +32,7 @@ class BreastImage:
     side: str
     view: str
     density: int
+    pectoral: np.ndarray | None = None  # bool H x W on MLO views
     lesions: list[LesionDraw] = field(default_factory=list)
 
 
@@ -170,7 +171,8 @@ def breast_view(
         # brighter towards the corner (thicker muscle), with a faint fibrous texture
         pect_level = rng.uniform(0.62, 0.72) + 0.1 * np.clip(1.0 - u / edge, 0.0, 1.0) + 0.025 * fine
         bright = bright * (1 - pect_soft) + pect_soft * pect_level * (0.85 + 0.15 * thickness)
-        del pect
+    else:
+        pect = np.zeros(shape, bool)
 
     # --- background and film labels
     background = 0.035 + 0.012 * power_law_noise(shape, 2.0, rng, f_min=4.0)
@@ -180,8 +182,10 @@ def breast_view(
     bright = np.clip(bright, 0.0, 1.0).astype(np.float32)
 
     if side == "LEFT":
-        bright, breast, fibro, thickness = (np.ascontiguousarray(a[:, ::-1]) for a in (bright, breast, fibro, thickness))
-    return BreastImage(bright, breast, fibro, thickness, side, view, density)
+        bright, breast, fibro, thickness, pect = (
+            np.ascontiguousarray(a[:, ::-1]) for a in (bright, breast, fibro, thickness, pect)
+        )
+    return BreastImage(bright, breast, fibro, thickness, side, view, density, pectoral=pect)
 
 
 def _film_labels(bright: np.ndarray, breast: np.ndarray, rng: np.random.Generator, spacing_mm: float) -> None:
@@ -257,8 +261,10 @@ def lesion_site(image: BreastImage, rng: np.random.Generator, margin_px: int, av
     """A lesion centre inside the breast, preferring fibroglandular tissue, away from skin and pectoral."""
     h, w = image.breast_mask.shape
     candidates = image.breast_mask & (image.thickness > 0.6)
-    if image.view == "MLO":
-        candidates &= image.brightness < np.quantile(image.brightness[image.breast_mask], 0.97)
+    if image.pectoral is not None and image.pectoral.any():
+        # lesions lie in the breast tissue, clear of the pectoral muscle
+        clear = cv2.dilate(image.pectoral.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=margin_px)
+        candidates &= ~clear.astype(bool)
     if avoid is not None:
         candidates &= ~avoid
     border = np.zeros_like(candidates)
