@@ -132,11 +132,18 @@ class RatSpn(nn.Module):
             probs = 0.01 + 0.98 * torch.rand(R, V, K, I, generator=gen)
             probs = probs / probs.sum(2, keepdim=True)
             self.register_buffer("leaf_table", probs.reshape(R * V * K, I))
-            self.register_buffer("leaf_log_table", torch.log(probs).reshape(R * V * K, I))
+            # derived from leaf_table: not saved (halves checkpoints), rebuilt after load_state_dict
+            self.register_buffer("leaf_log_table", torch.log(probs).reshape(R * V * K, I), persistent=False)
+            self.register_load_state_dict_post_hook(RatSpn._rebuild_log_table)
             self.register_buffer("leaf_log_scale", torch.zeros(R, V, I))
             # flat table row of (repetition, position) before adding the code: (r * V + v) * K
             base = (torch.arange(R)[:, None] * V + graph.permutation) * K
             self.register_buffer("table_base", base)
+
+    @staticmethod
+    def _rebuild_log_table(module: RatSpn, incompatible_keys: object) -> None:
+        with torch.no_grad():
+            torch.log(module.leaf_table.clamp_min(math.exp(LOG_FLOOR)), out=module.leaf_log_table)
 
     # ------------------------------------------------------------------ structure helpers
     @property
