@@ -472,6 +472,22 @@ def _matches(summary: dict[str, Any] | None, seed: int, scale: str) -> bool:
             and summary.get("format_version") == FORMAT_VERSION)
 
 
+#: A temporary build folder untouched for this long belongs to a killed process and is removed.
+STALE_BUILD_SECONDS = 6 * 3600
+
+
+def _remove_stale_builds(root: Path) -> None:
+    """Delete leftovers of killed builds (``.<name>.building-*`` / ``.<name>.old-*`` beside ``root``)."""
+    now = time.time()
+    for pattern in (f".{root.name}.building-*", f".{root.name}.old-*"):
+        for leftover in root.parent.glob(pattern):
+            try:
+                if leftover.is_dir() and now - leftover.stat().st_mtime > STALE_BUILD_SECONDS:
+                    shutil.rmtree(leftover, ignore_errors=True)
+            except OSError:
+                continue
+
+
 def ensure_synthetic(root: str | Path, seed: int = 0, scale: str = "quick",
                      log: Callable[[str], None] | None = None) -> Path:
     """Return ``root`` holding the synthetic set for (seed, scale), generating it once if needed.
@@ -493,6 +509,7 @@ def ensure_synthetic(root: str | Path, seed: int = 0, scale: str = "quick",
 
     log(f"generating the synthetic mammogram set (seed {seed}, scale {scale}) in {root}; this happens once")
     root.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(root)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
     try:
         generate(tmp, seed, scale, log)

@@ -6,7 +6,9 @@ import argparse
 import csv
 import hashlib
 import json
+import os
 import re
+import time
 from pathlib import Path
 
 import cv2
@@ -267,6 +269,18 @@ def test_ensure_is_atomic_and_replaces_other_parameters(tmp_path: Path, monkeypa
     synthetic.ensure_synthetic(root, seed=2, scale="tiny")  # other parameters: rebuilt and swapped in
     assert (root / "payload.txt").read_text() == "2 tiny"
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["synthetic"]
+
+
+def test_ensure_removes_only_stale_leftovers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stale = tmp_path / ".synthetic.building-dead"
+    fresh = tmp_path / ".synthetic.building-alive"
+    for folder in (stale, fresh):
+        (folder / "ddsm").mkdir(parents=True)
+    old = time.time() - synthetic.STALE_BUILD_SECONDS - 60
+    os.utime(stale, (old, old))
+    monkeypatch.setattr(synthetic, "generate", _fake_generate)
+    synthetic.ensure_synthetic(tmp_path / "synthetic", seed=0, scale="tiny")
+    assert not stale.exists() and fresh.exists()  # a concurrent build in progress is left alone
 
 
 def test_ensure_refuses_foreign_folder_and_bad_scale(tmp_path: Path) -> None:
