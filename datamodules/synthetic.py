@@ -6,6 +6,12 @@
 the real columns and quirks, ``cbis-ddsm/CBIS-DDSM/<case folder>/<uid>/<uid>/00000N.dcm``), so the real
 readers load them unchanged. CBIS "test" = the test sets, CBIS "train" = the lesion validation sets.
 ``mammospn synth`` is the command-line face of this module (`configure_parser` / `run`).
+
+Images are drawn at 0.1 mm (`NATIVE_SPACING_MM`; readers resample to 0.2 mm). Difficulty is calibrated
+against real data: the smoothed intensity used as an anomaly score (`baseline_arrays`, pooled pixel AUC
+over the evaluated mass test images) lands in [0.6, 0.8], as on real masses (~0.77); the figure is stored
+in ``DONE.json`` (``intensity_baseline.pixel_auc_mass_test``) and printed. `healthy_case` redraws any
+healthy patient exactly as written, for checks against ground truth (true breast mask, optical density).
 """
 
 from __future__ import annotations
