@@ -28,7 +28,7 @@ def _all_gather_sparse(t: Tensor) -> Tensor:
     # concatenate in rank order so every rank builds (and coalesces) the very same tensor
     indices = torch.cat([i[:, : int(s)] for i, s in zip(all_idx, sizes)], dim=1)
     values = torch.cat([v[: int(s)] for v, s in zip(all_val, sizes)], dim=0)
-    return torch.sparse_coo_tensor(indices, values, t.shape).coalesce()
+    return torch.sparse_coo_tensor(indices, values, t.shape, check_invariants=False).coalesce()
 
 
 def all_reduce_stats(stats: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -461,6 +461,7 @@ class RatSpn(nn.Module):
                         torch.cat([old._indices(), value._indices()], 1),
                         torch.cat([old._values(), value._values()]),
                         old.shape,
+                        check_invariants=False,  # indices come from autograd: valid by construction
                     )
                 else:
                     total[key] = total[key] + value
