@@ -440,7 +440,7 @@ class RatSpn(nn.Module):
         Keys: ``weights.<level>`` and ``mix`` (expected counts of every sum edge), Gaussian
         ``leaf_n``/``leaf_x``/``leaf_xx`` (slot layout R x G x I x smax), or categorical ``leaf_n``
         (R x V x I) and the sparse ``leaf_table`` (rows of the flat table, I columns, duplicates
-        allowed), plus ``log_likelihood`` (sum) and ``count``. Batches above ``chunk_size`` rows are
+        allowed; a dense table when the batch was chunked), plus ``log_likelihood`` (sum) and ``count``. Batches above ``chunk_size`` rows are
         processed in chunks (the statistics are sums), so memory stays bounded for any batch size.
         """
         n = x.shape[0]
@@ -453,16 +453,12 @@ class RatSpn(nn.Module):
                 x[part], None if missing is None else missing[part], root if isinstance(root, int) else root[part]
             )
             for key, value in stats.items():
-                if key not in total:
+                if value.is_sparse:  # large batch: a dense accumulator is smaller than all chunks' rows
+                    if key not in total:
+                        total[key] = torch.zeros(value.shape, dtype=value.dtype, device=value.device)
+                    total[key].index_add_(0, value._indices()[0], value._values())
+                elif key not in total:
                     total[key] = value
-                elif value.is_sparse:
-                    old = total[key]
-                    total[key] = torch.sparse_coo_tensor(
-                        torch.cat([old._indices(), value._indices()], 1),
-                        torch.cat([old._values(), value._values()]),
-                        old.shape,
-                        check_invariants=False,  # indices come from autograd: valid by construction
-                    )
                 else:
                     total[key] = total[key] + value
         return total
@@ -618,7 +614,14 @@ class RatSpn(nn.Module):
             scale.masked_fill_(reset, 0.0)
         scale.add_(torch.where(reset, torch.zeros_like(keep), torch.log(keep.clamp_min(_RESET_BELOW))))
         factor = (eta / denom) * torch.exp(-scale)  # per row: eta / ((n + kappa) * new scale)
-        rows = table_stats._indices()[0]
+        if not table_stats.is_sparse:  # dense statistics (chunked large batch): one dense update
+            view = self.leaf_table.view(R, V, K, I)
+            view.addcmul_(table_stats.view(R, V, K, I), factor.view(R, V, 1, I))
+            torch.log(self.leaf_table.clamp_min(math.exp(LOG_FLOOR)), out=self.leaf_log_table)
+            rows = table_stats.new_zeros(0, dtype=torch.long)
+            any_reset = False
+        else:
+            rows = table_stats._indices()[0]
         if rows.numel():
             values = table_stats._values() * factor.view(R * V, I).index_select(0, rows // K)
             self.leaf_table.index_add_(0, rows, values)

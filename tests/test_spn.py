@@ -299,3 +299,16 @@ def test_state_dict_round_trip_restores_the_same_density():
         fresh.load_state_dict(model.state_dict())
         assert "leaf_log_table" not in model.state_dict()
         torch.testing.assert_close(fresh.log_likelihood(x).detach(), model.log_likelihood(x).detach())
+
+
+def test_chunked_categorical_em_step_equals_one_pass():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 5, (60, 6), generator=gen)
+    one, chunked = (RatSpn(6, 1, 2, 3, leaf="categorical", num_categories=5, seed=2) for _ in range(2))
+    for model, size in ((one, 1024), (chunked, 16)):
+        model.init_from_data(x)
+        for _ in range(3):
+            model.apply_statistics(model.em_statistics(x, chunk_size=size), step_size=0.3)
+    assert not chunked.em_statistics(x, chunk_size=16)["leaf_table"].is_sparse
+    torch.testing.assert_close(chunked.leaf_table, one.leaf_table, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(chunked.log_likelihood(x).detach(), one.log_likelihood(x).detach(), atol=1e-4, rtol=1e-5)
