@@ -132,11 +132,19 @@ def image_percentile_threshold(amap: np.ndarray, breast_mask: np.ndarray, percen
 
 
 def segment(amap: np.ndarray, breast_mask: np.ndarray, threshold: float) -> np.ndarray:
-    """Segmentation: breast pixels whose score is strictly above ``threshold``."""
+    """Segmentation: breast pixels whose score is strictly above ``threshold``.
+
+    When the top scores form a plateau at the threshold (e.g. the map clamped to the outermost grid
+    node's value), nothing is strictly above it; the plateau itself (``>=``) is then the segmentation,
+    so a percentile threshold never yields an empty mask on a non-empty breast.
+    """
     if not math.isfinite(threshold):
         return np.zeros(breast_mask.shape, dtype=bool)
     with np.errstate(invalid="ignore"):
-        return breast_mask & (amap > threshold)
+        above = breast_mask & (amap > threshold)
+        if not above.any():
+            above = breast_mask & (amap >= threshold)
+    return above
 
 
 def border_distance(breast_mask: np.ndarray) -> np.ndarray:

@@ -201,3 +201,17 @@ def test_empty_accumulator_writes_nulls(tmp_path) -> None:
     evaluation.write_per_image_csv(tmp_path / "p.csv", acc.results)
     assert json.loads((tmp_path / "m.json").read_text())["pixel_auc"] is None
     assert (tmp_path / "p.csv").read_text().splitlines()[0].startswith("image_id,patient_id")
+
+
+def test_segment_takes_the_top_plateau_when_nothing_is_strictly_above() -> None:
+    from experiments.evaluation import image_percentile_threshold, segment
+
+    amap = np.zeros((20, 20), dtype=np.float32)
+    amap[:, 15:] = 1.0  # a plateau of 25 % of the breast at the maximum
+    breast = np.ones_like(amap, dtype=bool)
+    threshold = image_percentile_threshold(amap, breast, 99.0)
+    assert threshold == 1.0
+    seg = segment(amap, breast, threshold)
+    assert seg.sum() == 100 and seg[:, 15:].all()
+    amap[0, 0] = 2.0  # one pixel strictly above: the strict rule applies
+    assert segment(amap, breast, 1.5).sum() == 1
