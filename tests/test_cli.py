@@ -226,9 +226,12 @@ def test_predict_writes_map_overlay_and_mask(workdir: Path) -> None:
         assert overlay.shape == (96, 80, 3)
         mask = figures.cv2.imread(str(out / f"img{k}_mask.png"), figures.cv2.IMREAD_GRAYSCALE)
         # the mask is exactly the in-breast pixels above the image's 99th percentile
+        # (or, when the top is a plateau with nothing strictly above, the plateau)
         level = np.percentile(amap[:, :64], 99.0)
-        assert np.array_equal(mask > 0, np.nan_to_num(amap, nan=-np.inf) > level)
-        assert (mask > 0).sum() <= 62 and not (mask[:, 64:] > 0).any()
+        scores = np.nan_to_num(amap, nan=-np.inf)
+        expected = scores > level if (scores > level).any() else scores >= level
+        assert np.array_equal(mask > 0, expected)
+        assert (mask > 0).any() and not (mask[:, 64:] > 0).any()
 
 
 def test_wandb_offline_run_records_keys_and_disabled_writes_nothing(
