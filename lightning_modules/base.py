@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
+
+
+def class_tag(obj: object) -> str:
+    """``"<module>.<ClassName>"`` stored in every checkpoint so it loads without its config."""
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 class AnomalyDetector(pl.LightningModule):
@@ -24,19 +32,30 @@ class AnomalyDetector(pl.LightningModule):
     def score_patches(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    @torch.no_grad()
-    def score_grid(self, patches: Tensor) -> Tensor:
-        """Scores many patches in chunks, in eval mode, without gradient."""
+    def _eval_call(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        """``fn(x)`` in eval mode without gradient, restoring the previous mode afterwards."""
         was_training = self.training
         self.eval()
         try:
-            chunks = [
-                self.score_patches(chunk.to(self.device, non_blocking=True)).float()
-                for chunk in patches.split(self.score_batch_size)
-            ]
+            with torch.no_grad():
+                return fn(x)
         finally:
             self.train(was_training)
-        return torch.cat(chunks) if chunks else patches.new_zeros(0)
+
+    def score_grid(self, patches: Tensor) -> Tensor:
+        """Scores many patches in chunks, in eval mode, without gradient."""
+
+        def score_all(x: Tensor) -> Tensor:
+            chunks = [
+                self.score_patches(chunk.to(self.device, non_blocking=True)).float()
+                for chunk in x.split(self.score_batch_size)
+            ]
+            return torch.cat(chunks) if chunks else x.new_zeros(0)
+
+        return self._eval_call(score_all, patches)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["anomaly_model_class"] = class_tag(self)
 
     def test_step(self, batch: dict, batch_idx: int) -> dict:
         return {"scores": self.score_grid(batch["patches"])}

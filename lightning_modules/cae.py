@@ -25,11 +25,6 @@ def batch_images(batch: Any) -> Tensor:
     return batch
 
 
-def class_tag(module: object) -> str:
-    """``"<module>.<ClassName>"`` stored in every checkpoint so it loads without its config."""
-    return f"{type(module).__module__}.{type(module).__qualname__}"
-
-
 class ReconstructionDetector(AnomalyDetector):
     """Shared shell of CAE / beta-VAE / VQ-VAE: subclasses define ``per_sample_loss(x) -> (Tensor[N], logs)``
     and ``reconstruct(x)``; the loss averaged over the batch is trained on, the per-sample value scored."""
@@ -60,18 +55,6 @@ class ReconstructionDetector(AnomalyDetector):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["anomaly_model_class"] = class_tag(self)
-
-    def _eval_call(self, fn, x: Tensor) -> Tensor:
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                return fn(x)
-        finally:
-            self.train(was_training)
 
     def score_patches(self, x: Tensor) -> Tensor:
         """Per-patch anomaly score (the model's per-sample loss), eval mode, no gradient."""

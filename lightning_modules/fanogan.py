@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from lightning_modules.base import AnomalyDetector
-from lightning_modules.cae import batch_images, class_tag
+from lightning_modules.cae import batch_images
 from lightning_modules.networks import Critic, GanEncoder, Generator, gradient_penalty
 
 STAGES = ("gan", "encoder")
@@ -101,7 +101,7 @@ class FAnoGAN(AnomalyDetector):
         return torch.optim.Adam(self.encoder.parameters(), lr=lr, betas=betas)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["anomaly_model_class"] = class_tag(self)
+        super().on_save_checkpoint(checkpoint)
         checkpoint["fanogan_critic_steps"] = self._critic_steps  # a resumed run keeps the n_critic phase
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -174,15 +174,6 @@ class FAnoGAN(AnomalyDetector):
         return loss
 
     # ----- scoring --------------------------------------------------------------------------
-    def _eval_call(self, fn, x: Tensor) -> Tensor:
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                return fn(x)
-        finally:
-            self.train(was_training)
-
     def score_patches(self, x: Tensor) -> Tensor:
         """izi_f anomaly score per patch: MSE(x, G(E(x))) + kappa * MSE(f(x), f(G(E(x))))."""
         return self._eval_call(lambda t: self.izif_loss(t)[0].float(), x)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_modules.base import AnomalyDetector
+from lightning_modules.base import AnomalyDetector, class_tag
 from spn import RatSpn
 
 _TRAINING_COMMANDS = {
@@ -34,10 +34,6 @@ def _import_class(path: str) -> type:
         return getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError, ValueError) as err:
         raise ValueError(f"autoencoder class {path!r} cannot be imported: {err}") from err
-
-
-def _class_tag(obj: object) -> str:
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 class RatSpnStage(AnomalyDetector):
@@ -124,7 +120,7 @@ class RatSpnStage(AnomalyDetector):
         elif hasattr(autoencoder, "encode"):
             leaf, categories = "gaussian", None
         else:
-            raise ValueError(f"{_class_tag(autoencoder)} serves neither encode(x) nor encode_codes(x)")
+            raise ValueError(f"{class_tag(autoencoder)} serves neither encode(x) nor encode_codes(x)")
         num_vars = self._latent_dim(autoencoder)
         self.spn = RatSpn(
             num_vars,
@@ -320,9 +316,9 @@ class RatSpnStage(AnomalyDetector):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["anomaly_model_class"] = _class_tag(self)
+        super().on_save_checkpoint(checkpoint)
         if self.autoencoder is not None:
-            checkpoint["autoencoder_class"] = _class_tag(self.autoencoder)
+            checkpoint["autoencoder_class"] = class_tag(self.autoencoder)
             checkpoint["autoencoder_hparams"] = dict(getattr(self.autoencoder, "hparams", {}))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
