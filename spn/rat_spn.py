@@ -29,6 +29,8 @@ LOG_FLOOR = -80.0
 _RESET_BELOW = 1e-6
 #: expected counts below this (plus the pseudo-count) leave a component's parameters unchanged.
 _MIN_COUNT = 1e-8
+#: rows of sparse categorical statistics applied at a time (their intermediates stay in cache).
+_ROW_BLOCK = 4096
 
 StatsReducer = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 
@@ -201,37 +203,57 @@ class RatSpn(nn.Module):
         R, G = self.num_repetitions, 2**self.depth
         return coeffs.reshape(R * G, self.num_input_distributions, 3 * self.max_region_size)
 
-    def _gaussian_regions(self, x: Tensor, obs: Tensor, coeffs: Tensor) -> Tensor:
-        """Leaf-region log-densities (R, G, I, N): one batched matmul of per-region (x^2, x, 1) features.
-
-        Missing variables contribute zero features, i.e. they are integrated out exactly.
-        """
-        R, G, I, smax = self.num_repetitions, 2**self.depth, self.num_input_distributions, self.max_region_size  # noqa: E741 (I = input distributions, as in the paper)
+    def _gaussian_features(self, x: Tensor, obs: Tensor) -> Tensor:
+        """Per-region (x^2, x, 1) features (R*G, 3*smax, N); missing variables (and padding) are zero."""
+        R, G, smax = self.num_repetitions, 2**self.depth, self.max_region_size
         N = x.shape[0]
         xt = torch.where(obs > 0, x.to(obs.dtype), torch.zeros_like(obs)).T  # V x N
         ot = obs.T
         pad = ot.new_zeros(1, N)
         features = torch.cat([xt * xt * ot, pad, xt * ot, pad, ot, pad])  # 3(V+1) x N
-        features = features.index_select(0, self.feature_rows).view(R * G, 3 * smax, N)
-        return torch.bmm(coeffs, features).view(R, G, I, N)
+        return features.index_select(0, self.feature_rows).view(R * G, 3 * smax, N)
+
+    def _gaussian_regions(self, x: Tensor, obs: Tensor, coeffs: Tensor) -> Tensor:
+        """Leaf-region log-densities (R, G, I, N): one batched matmul of per-region (x^2, x, 1) features.
+
+        Missing variables contribute zero features, i.e. they are integrated out exactly.
+        """
+        R, G, I = self.num_repetitions, 2**self.depth, self.num_input_distributions  # noqa: E741 (I = input distributions, as in the paper)
+        return torch.bmm(coeffs, self._gaussian_features(x, obs)).view(R, G, I, x.shape[0])
 
     def _categorical_regions(self, x: Tensor, obs: Tensor, log_table: Tensor, log_scale: Tensor, missing: bool) -> Tensor:
-        """Leaf-region log-probabilities (R, G, I, N) by embedding_bag look-ups (no one-hot tensor)."""
+        """Leaf-region log-probabilities (R, G, I, N) by embedding_bag look-ups (no one-hot tensor).
+
+        The look-ups are ordered (repetition, region, sample, position): consecutive bags read the same
+        repetition's block of the table, which keeps the (random) reads far more cache-friendly.
+        """
         R, V, G, I = self.num_repetitions, self.num_vars, 2**self.depth, self.num_input_distributions  # noqa: E741 (I = input distributions, as in the paper)
         N = x.shape[0]
         codes = x.long().clamp(0, self.num_categories - 1)
         if missing:
             codes = torch.where(obs > 0, codes, torch.zeros_like(codes))
-        index = (self.table_base[None] + codes[:, self.permutation]).reshape(-1)
-        starts = torch.tensor(self.region_starts, device=x.device)
-        offsets = ((torch.arange(N * R, device=x.device) * V)[:, None] + starts[None]).reshape(-1)
-        weights = obs[:, self.permutation].reshape(-1) if missing else None
+        index = self._region_major(self.table_base[:, :, None] + codes.T[self.permutation]).reshape(-1)
+        dev = x.device
+        starts = torch.tensor(self.region_starts, device=dev)
+        sizes = torch.tensor(self.region_sizes, device=dev)
+        offsets = (
+            torch.arange(R, device=dev)[:, None, None] * (N * V)
+            + (starts * N)[None, :, None]
+            + torch.arange(N, device=dev)[None, None, :] * sizes[None, :, None]
+        ).reshape(-1)
+        weights = self._region_major(obs.T[self.permutation]).reshape(-1) if missing else None
         looked_up = F.embedding_bag(
             index, log_table, offsets, mode="sum", per_sample_weights=weights, sparse=True
-        ).view(N, R, G, I)
+        ).view(R, G, N, I)
         scale = torch.einsum("vrg,rvi->vrgi", self.assignment.to(log_scale.dtype), log_scale)
-        looked_up = looked_up + (obs @ scale.reshape(V, R * G * I)).view(N, R, G, I)
-        return looked_up.permute(1, 2, 3, 0)
+        looked_up = looked_up + (obs @ scale.reshape(V, R * G * I)).view(N, R, G, I).permute(1, 2, 0, 3)
+        return looked_up.transpose(2, 3)
+
+    def _region_major(self, t: Tensor) -> Tensor:
+        """(R, V, N) in position order -> (R, V * N) ordered (region, sample, position in the region)."""
+        R = t.shape[0]
+        parts = [t[:, a : a + z].transpose(1, 2).reshape(R, -1) for a, z in zip(self.region_starts, self.region_sizes)]
+        return torch.cat(parts, 1)
 
     # ------------------------------------------------------------------ sum layers
     @staticmethod
@@ -464,6 +486,92 @@ class RatSpn(nn.Module):
         return total
 
     def _em_statistics(self, x: Tensor, missing: Tensor | None, root: Tensor | int) -> dict[str, Tensor]:
+        if self.depth == 1:
+            return self._em_statistics_depth1(x, missing, root)
+        return self._em_statistics_autograd(x, missing, root)
+
+    @torch.no_grad()
+    def _em_statistics_depth1(self, x: Tensor, missing: Tensor | None, root: Tensor | int) -> dict[str, Tensor]:
+        """The statistics of :meth:`_em_statistics_autograd` in closed form, for depth 1 (no autograd).
+
+        Per repetition r and root c the circuit is a bilinear form p_rc = a_r^T W_rc b_r of the two leaf
+        regions' (max-normalised) likelihoods a, b. With g = d log p(x) / d p_rc (the posterior of
+        repetition r divided by p_rc), the edge counts are W ⊙ (a g b^T), the left leaf responsibilities
+        g a ⊙ (W b) and the right ones g b ⊙ (W^T a): three batched matmuls instead of a backward pass.
+        """
+        R, I, C, N = self.num_repetitions, self.num_input_distributions, self.num_roots, x.shape[0]  # noqa: E741 (I = input distributions, as in the paper)
+        obs = self._observed(x, missing)
+        if self.leaf == "gaussian":
+            features = self._gaussian_features(x, obs)  # R*2 x 3*smax x N
+            regions = torch.bmm(self._gaussian_coefficients(), features).view(R, 2, I, N)
+        else:
+            regions = self._categorical_regions(x, obs, self.leaf_log_table, self.leaf_log_scale, missing is not None)
+        w = torch.softmax(self.log_weights[0].reshape(R, C, I * I), -1).view(R, C * I, I)
+        mix = torch.softmax(self.log_mix, -1)  # C x R
+        shift = regions.amax(2, keepdim=True)  # R x 2 x 1 x N
+        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        e = torch.exp(regions - shift)
+        a, b = e[:, 0], e[:, 1]  # R x I x N
+        t = torch.bmm(w, b).view(R, C, I, N)  # (W b)
+        p = (t * a[:, None]).sum(2)  # R x C x N
+        top = torch.log(p) + shift.sum(1)  # R x C x N
+        m = top.amax(0)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        joint = torch.exp(top - m) * mix.T[:, :, None]  # R x C x N
+        evidence = joint.sum(0)  # C x N
+        root_ll = torch.log(evidence) + m  # C x N
+        if isinstance(root, int):
+            selected = torch.zeros(C, N, dtype=joint.dtype, device=x.device)
+            selected[root] = 1.0
+            ll = root_ll[root]
+        else:
+            root = root.view(-1)
+            selected = F.one_hot(root, C).T.to(joint.dtype)
+            ll = root_ll.gather(0, root[None]).squeeze(0)
+        posterior = joint / evidence * selected  # R x C x N: responsibility of repetition r for the chosen root
+        g = ((posterior / p)[:, :, None] * a[:, None]).contiguous()  # R x C x I x N
+        stats: dict[str, Tensor] = {}
+        counts = torch.bmm(g.reshape(R, C * I, N), b.transpose(1, 2))  # R x C*I x I
+        stats["weights.0"] = (w * counts).view(self.log_weights[0].shape)
+        stats["mix"] = posterior.sum(2).T.contiguous()
+        resp = torch.stack([(g * t).sum(1), b * torch.bmm(w.transpose(1, 2), g.reshape(R, C * I, N))], 1)  # R x 2 x I x N
+        if self.leaf == "gaussian":
+            grads = torch.bmm(resp.view(R * 2, I, N), features.transpose(1, 2))  # R*2 x I x 3*smax
+            grads = grads.view(*self.leaf_mean.shape[:3], 3, self.max_region_size)
+            stats["leaf_xx"], stats["leaf_x"], stats["leaf_n"] = (grads[:, :, :, k].contiguous() for k in range(3))
+        else:
+            stats["leaf_table"], stats["leaf_n"] = self._categorical_statistics(x, obs, resp, missing is not None)
+        stats["log_likelihood"] = ll.sum().reshape(1)
+        stats["count"] = torch.tensor([float(N)], device=x.device, dtype=ll.dtype)
+        return stats
+
+    def _categorical_statistics(self, x: Tensor, obs: Tensor, resp: Tensor, missing: bool) -> tuple[Tensor, Tensor]:
+        """Categorical leaf statistics from region responsibilities ``resp`` (R, G, I, N).
+
+        The sparse table statistics (one row per (repetition, position, sample) look-up, ordered so that
+        consecutive rows fall in the same (repetition, variable) block of the table) and the expected
+        count per (r, v, i), exactly what the backward pass of :meth:`_categorical_regions` produces.
+        """
+        R, V, K, I = self.num_repetitions, self.num_vars, self.num_categories, self.num_input_distributions  # noqa: E741 (I = input distributions, as in the paper)
+        G = resp.shape[1]
+        codes = x.long().clamp(0, K - 1)
+        if missing:
+            codes = torch.where(obs > 0, codes, torch.zeros_like(codes))
+        rows = self.table_base[:, :, None] + codes.T[self.permutation]  # R x V x N
+        region_at = torch.repeat_interleave(
+            torch.arange(G, device=x.device), torch.tensor(self.region_sizes, device=x.device)
+        )  # region of each position
+        values = resp.transpose(2, 3).index_select(1, region_at)  # R x V x N x I
+        if missing:
+            values.mul_(obs.T[self.permutation][..., None])
+        table = torch.sparse_coo_tensor(
+            rows.reshape(1, -1), values.view(-1, I), (R * V * K, I), check_invariants=False
+        )
+        per_region = torch.matmul(obs.T, resp.transpose(2, 3))  # R x G x V x I
+        counts = per_region.gather(1, self.region_of.T[:, None, :, None].expand(R, 1, V, I)).squeeze(1)
+        return table, counts.contiguous()
+
+    def _em_statistics_autograd(self, x: Tensor, missing: Tensor | None, root: Tensor | int) -> dict[str, Tensor]:
         obs = self._observed(x, missing)
         weights = [w.detach().requires_grad_() for w in self._normalised_weights()]
         mix = torch.softmax(self.log_mix.detach(), -1).requires_grad_()
@@ -622,13 +730,17 @@ class RatSpn(nn.Module):
             any_reset = False
         else:
             rows = table_stats._indices()[0]
-        if rows.numel():
-            values = table_stats._values() * factor.view(R * V, I).index_select(0, rows // K)
-            self.leaf_table.index_add_(0, rows, values)
+        factor = factor.view(R * V, I)
+        # in blocks of rows, so that the per-row intermediates stay in cache; a row's log is refreshed
+        # after each block that adds to it, so the last refresh follows its last addition
+        for start in range(0, rows.numel(), _ROW_BLOCK):
+            block = rows[start : start + _ROW_BLOCK]
+            values = table_stats._values()[start : start + _ROW_BLOCK] * factor.index_select(0, block // K)
+            self.leaf_table.index_add_(0, block, values)
+            if not any_reset:
+                self.leaf_log_table.index_copy_(0, block, self.leaf_table.index_select(0, block).log_())
         if any_reset:
             torch.log(self.leaf_table.clamp_min(math.exp(LOG_FLOOR)), out=self.leaf_log_table)
-        elif rows.numel():
-            self.leaf_log_table.index_copy_(0, rows, torch.log(self.leaf_table.index_select(0, rows)))
         if float(scale.min()) < -30.0:  # fold the scale into the table long before float32 suffers
             self.leaf_table.view(R, V, K, I).mul_(scale.exp()[:, :, None, :])
             self.leaf_log_table.view(R, V, K, I).add_(scale[:, :, None, :])

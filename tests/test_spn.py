@@ -312,3 +312,44 @@ def test_chunked_categorical_em_step_equals_one_pass():
     assert not chunked.em_statistics(x, chunk_size=16)["leaf_table"].is_sparse
     torch.testing.assert_close(chunked.leaf_table, one.leaf_table, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(chunked.log_likelihood(x).detach(), one.log_likelihood(x).detach(), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("leaf", ["gaussian", "categorical"])
+@pytest.mark.parametrize("with_missing", [False, True])
+@pytest.mark.parametrize("num_roots", [1, 3])
+def test_depth1_closed_form_statistics_equal_autograd(leaf, with_missing, num_roots):
+    """The closed-form depth-1 EM statistics (and the EM step they give) equal the autograd ones."""
+    import copy
+
+    gen = torch.Generator().manual_seed(7)
+    kwargs = {"leaf": "categorical", "num_categories": 6} if leaf == "categorical" else {}
+    model = RatSpn(11, depth=1, num_repetitions=4, num_input_distributions=5, num_roots=num_roots, seed=3, **kwargs)
+    n = 40
+    if leaf == "categorical":
+        x = torch.randint(0, 6, (n, 11), generator=gen)
+    else:
+        x = 2.0 * torch.randn(n, 11, generator=gen) + 0.5
+    model.init_from_data(x)
+    missing = torch.rand(n, 11, generator=gen) < 0.3 if with_missing else None
+    root = torch.randint(0, num_roots, (n,), generator=gen) if num_roots > 1 else 0
+    fast = model._em_statistics_depth1(x, missing, root)
+    slow = model._em_statistics_autograd(x, missing, root)
+    assert fast.keys() == slow.keys()
+    for key in fast:
+        a = fast[key].to_dense() if fast[key].is_sparse else fast[key]
+        b = slow[key].to_dense() if slow[key].is_sparse else slow[key]
+        assert a.shape == b.shape, key
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max().clamp_min(1e-12), key
+    stepped = []
+    for stats in (fast, slow):
+        copy_ = copy.deepcopy(model)
+        copy_.apply_statistics(stats, 0.5)
+        stepped.append(copy_.state_dict())
+    for key, value in stepped[1].items():
+        other = stepped[0][key]
+        if value.is_floating_point():
+            torch.testing.assert_close(other, value, rtol=1e-5, atol=1e-6, msg=key)
+        else:
+            assert torch.equal(other, value), key
+    # the public entry point takes the closed form at depth 1, the autograd path elsewhere
+    torch.testing.assert_close(model.em_statistics(x, missing, root)["mix"], slow["mix"], rtol=1e-5, atol=1e-7)
