@@ -197,9 +197,10 @@ class RatSpn(nn.Module):
         var = self.leaf_variance()
         mean = self.leaf_mean
         inv = var.reciprocal()
-        coeffs = torch.stack(
-            [-0.5 * inv, mean * inv, -0.5 * mean * mean * inv - 0.5 * torch.log(2 * math.pi * var)], dim=3
-        )  # R x G x I x 3 x smax
+        scaled_mean = mean * inv
+        # -0.5 (log(2 pi var) + mean^2 / var)
+        const = torch.addcmul(torch.log(var) + math.log(2 * math.pi), mean, scaled_mean).mul(-0.5)
+        coeffs = torch.stack([inv * -0.5, scaled_mean, const], dim=3)  # R x G x I x 3 x smax
         R, G = self.num_repetitions, 2**self.depth
         return coeffs.reshape(R * G, self.num_input_distributions, 3 * self.max_region_size)
 
@@ -689,18 +690,17 @@ class RatSpn(nn.Module):
         n, sx, sxx = stats["leaf_n"], stats["leaf_x"], stats["leaf_xx"]
         mean = self.leaf_mean.detach()
         var = self.leaf_variance()
-        safe_n = n.clamp_min(_MIN_COUNT)
-        batch_mean = sx / safe_n
-        batch_var = (sxx / safe_n).addcmul_(batch_mean, batch_mean, value=-1.0).clamp_min_(0.0)
-        lam = (eta * n / (n + kappa).clamp_min(_MIN_COUNT)).clamp_(0.0, 1.0)
-        delta = batch_mean - mean
-        new_var = torch.lerp(var, batch_var, lam).addcmul_(lam * (1 - lam), delta * delta)
-        new_mean = mean.addcmul(lam, delta)
+        inv_n = n.clamp_min(_MIN_COUNT).reciprocal_()
+        batch_mean = sx * inv_n
+        batch_var = (sxx * inv_n).addcmul_(batch_mean, batch_mean, value=-1.0).clamp_min_(0.0)
+        lam = torch.div(n, (n + kappa).clamp_min_(_MIN_COUNT)).mul_(eta).clamp_(0.0, 1.0)
+        delta = batch_mean.sub_(mean)
+        new_var = torch.lerp(var, batch_var, lam).addcmul_(torch.addcmul(lam, lam, lam, value=-1.0), delta * delta)
         moved = torch.zeros(())
         if track_changes:
             moved = (lam * delta).abs().sum() / (self.slot_valid.sum() * self.num_input_distributions)
-        self.leaf_mean.copy_(new_mean)
-        self.leaf_log_var.copy_(new_var.clamp_(self.min_var, self.max_var).log_())
+        self.leaf_mean.detach().addcmul_(lam, delta)
+        torch.log(new_var.clamp_(self.min_var, self.max_var), out=self.leaf_log_var.detach())
         return moved
 
     def _update_categorical(self, stats: dict[str, Tensor], eta: float, kappa: float) -> Tensor:
