@@ -214,12 +214,31 @@ class RatSpn(nn.Module):
         features = torch.cat([xt * xt * ot, pad, xt * ot, pad, ot, pad])  # 3(V+1) x N
         return features.index_select(0, self.feature_rows).view(R * G, 3 * smax, N)
 
-    def _gaussian_regions(self, x: Tensor, obs: Tensor, coeffs: Tensor) -> Tensor:
+    def _gaussian_features_observed(self, x: Tensor) -> Tensor:
+        """Per-region (x^2, x) features (R*G, 2*smax, N) when every variable is observed (padding is zero)."""
+        R, G, smax = self.num_repetitions, 2**self.depth, self.max_region_size
+        xt = x.to(self._float_dtype()).T  # V x N
+        pad = xt.new_zeros(1, x.shape[0])
+        rows = self.feature_rows.view(R * G, 3, smax)[:, :2].reshape(-1)
+        return torch.cat([xt * xt, pad, xt, pad]).index_select(0, rows).view(R * G, 2 * smax, x.shape[0])
+
+    def _gaussian_observed_regions(self, coeffs: Tensor, features: Tensor) -> Tensor:
+        """(R*G, I, N) leaf-region log-densities of fully observed data: the (x^2, x) coefficients times
+        the :meth:`_gaussian_features_observed` features plus, as a bias, the constant terms of the
+        region's (real) slots: a third fewer multiply-adds than the general feature matrix."""
+        smax = self.max_region_size
+        valid = self.slot_valid.view(-1, 1, smax).to(coeffs.dtype)
+        bias = (coeffs[:, :, 2 * smax :] * valid).sum(-1, keepdim=True)  # R*G x I x 1
+        return torch.baddbmm(bias, coeffs[:, :, : 2 * smax], features)
+
+    def _gaussian_regions(self, x: Tensor, obs: Tensor, coeffs: Tensor, missing: bool = True) -> Tensor:
         """Leaf-region log-densities (R, G, I, N): one batched matmul of per-region (x^2, x, 1) features.
 
         Missing variables contribute zero features, i.e. they are integrated out exactly.
         """
         R, G, I = self.num_repetitions, 2**self.depth, self.num_input_distributions  # noqa: E741 (I = input distributions, as in the paper)
+        if not missing:
+            return self._gaussian_observed_regions(coeffs, self._gaussian_features_observed(x)).view(R, G, I, x.shape[0])
         return torch.bmm(coeffs, self._gaussian_features(x, obs)).view(R, G, I, x.shape[0])
 
     def _categorical_regions(self, x: Tensor, obs: Tensor, log_table: Tensor, log_scale: Tensor, missing: bool) -> Tensor:
@@ -304,7 +323,7 @@ class RatSpn(nn.Module):
 
     def _regions(self, x: Tensor, obs: Tensor, missing: Tensor | None) -> Tensor:
         if self.leaf == "gaussian":
-            return self._gaussian_regions(x, obs, self._gaussian_coefficients())
+            return self._gaussian_regions(x, obs, self._gaussian_coefficients(), missing is not None)
         return self._categorical_regions(x, obs, self.leaf_log_table, self.leaf_log_scale, missing is not None)
 
     # ------------------------------------------------------------------ inference
@@ -503,8 +522,12 @@ class RatSpn(nn.Module):
         R, I, C, N = self.num_repetitions, self.num_input_distributions, self.num_roots, x.shape[0]  # noqa: E741 (I = input distributions, as in the paper)
         obs = self._observed(x, missing)
         if self.leaf == "gaussian":
-            features = self._gaussian_features(x, obs)  # R*2 x 3*smax x N
-            regions = torch.bmm(self._gaussian_coefficients(), features).view(R, 2, I, N)
+            if missing is None:
+                features = self._gaussian_features_observed(x)  # R*2 x 2*smax x N
+                regions = self._gaussian_observed_regions(self._gaussian_coefficients(), features).view(R, 2, I, N)
+            else:
+                features = self._gaussian_features(x, obs)  # R*2 x 3*smax x N
+                regions = torch.bmm(self._gaussian_coefficients(), features).view(R, 2, I, N)
         else:
             regions = self._categorical_regions(x, obs, self.leaf_log_table, self.leaf_log_scale, missing is not None)
         w = torch.softmax(self.log_weights[0].reshape(R, C, I * I), -1).view(R, C * I, I)
@@ -537,9 +560,13 @@ class RatSpn(nn.Module):
         stats["mix"] = posterior.sum(2).T.contiguous()
         resp = torch.stack([(g * t).sum(1), b * torch.bmm(w.transpose(1, 2), g.reshape(R, C * I, N))], 1)  # R x 2 x I x N
         if self.leaf == "gaussian":
-            grads = torch.bmm(resp.view(R * 2, I, N), features.transpose(1, 2))  # R*2 x I x 3*smax
-            grads = grads.view(*self.leaf_mean.shape[:3], 3, self.max_region_size)
-            stats["leaf_xx"], stats["leaf_x"], stats["leaf_n"] = (grads[:, :, :, k].contiguous() for k in range(3))
+            grads = torch.bmm(resp.view(R * 2, I, N), features.transpose(1, 2))  # R*2 x I x (2 or 3)*smax
+            grads = grads.view(R, 2, I, -1, self.max_region_size)
+            stats["leaf_xx"], stats["leaf_x"] = grads[:, :, :, 0].contiguous(), grads[:, :, :, 1].contiguous()
+            if missing is None:  # every real slot of a region has the region's total responsibility
+                stats["leaf_n"] = resp.sum(3, keepdim=True) * self.slot_valid.to(resp.dtype)
+            else:
+                stats["leaf_n"] = grads[:, :, :, 2].contiguous()
         else:
             stats["leaf_table"], stats["leaf_n"] = self._categorical_statistics(x, obs, resp, missing is not None)
         stats["log_likelihood"] = ll.sum().reshape(1)
