@@ -29,6 +29,8 @@ LOG_FLOOR = -80.0
 _RESET_BELOW = 1e-6
 #: expected counts below this (plus the pseudo-count) leave a component's parameters unchanged.
 _MIN_COUNT = 1e-8
+#: rows per block of a large Gaussian forward pass (3x faster at batch 4096 than one block on one thread).
+_FORWARD_BLOCK = 256
 #: rows of sparse categorical statistics applied at a time (their intermediates stay in cache).
 _ROW_BLOCK = 4096
 
@@ -329,6 +331,14 @@ class RatSpn(nn.Module):
     # ------------------------------------------------------------------ inference
     def log_likelihood(self, x: Tensor, missing: Tensor | None = None) -> Tensor:
         """Exact log p(x) per root, (N, C); variables flagged in ``missing`` (bool N x V) are integrated out."""
+        n = x.shape[0]
+        if self.leaf == "gaussian" and n > _FORWARD_BLOCK:  # blocks of rows keep the (R, G, I, N) layers in cache
+            return torch.cat(
+                [
+                    self.log_likelihood(x[s : s + _FORWARD_BLOCK], None if missing is None else missing[s : s + _FORWARD_BLOCK])
+                    for s in range(0, n, _FORWARD_BLOCK)
+                ]
+            )
         obs = self._observed(x, missing)
         root, _ = self._upward(self._regions(x, obs, missing), self._normalised_weights(), torch.softmax(self.log_mix, -1))
         return root

@@ -353,3 +353,18 @@ def test_depth1_closed_form_statistics_equal_autograd(leaf, with_missing, num_ro
             assert torch.equal(other, value), key
     # the public entry point takes the closed form at depth 1, the autograd path elsewhere
     torch.testing.assert_close(model.em_statistics(x, missing, root)["mix"], slow["mix"], rtol=1e-5, atol=1e-7)
+
+
+def test_large_gaussian_batch_forward_in_blocks_equals_small_batches():
+    """A batch above the forward block size (evaluated in row blocks) gives the per-row results."""
+    gen = torch.Generator().manual_seed(5)
+    model = RatSpn(10, depth=1, num_repetitions=3, num_input_distributions=4, seed=2)
+    x = torch.randn(700, 10, generator=gen)
+    missing = torch.rand(700, 10, generator=gen) < 0.2
+    for mask in (None, missing):
+        full = model.log_likelihood(x, mask)
+        parts = torch.cat(
+            [model.log_likelihood(x[s : s + 50], None if mask is None else mask[s : s + 50]) for s in range(0, 700, 50)]
+        )
+        assert full.shape == (700, 1)
+        torch.testing.assert_close(full, parts, rtol=1e-5, atol=1e-5)
