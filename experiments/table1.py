@@ -109,6 +109,9 @@ _FAST_AE = {
     "bvae": ["--model.init_args.lr", "1e-3"],
     "vqvae": ["--model.init_args.lr", "3e-4"],
 }
+#: bf16 autocast trains the conv networks 2-3x faster on a CPU with bf16 support (make bench: CAE
+#: 270 -> 584 patches/s); the RAT-SPN stages and all tests stay in fp32 (exact likelihoods and metrics)
+_BF16 = ["--trainer.precision", "bf16-mixed"]
 #: a step of 1e-4 keeps almost all of the data-driven leaf initialisation after a few hundred EM steps
 _FAST_EM = {
     name: ["--model.init_args.step_size", "0.01"] for name in ("cae_spn", "bvae_spn", "vqvae_spn")
@@ -126,10 +129,10 @@ PROFILE_OVERRIDES: dict[str, dict[str, list[str]]] = {
         "fanogan": ["--model.init_args.width", "8", "--model.init_args.latent_dim", "16"],
     },
     "quick": {
-        **_FAST_AE,
+        **{name: [*args, *_BF16] for name, args in _FAST_AE.items()},
         **_FAST_EM,
-        "fanogan_gan": ["--model.init_args.width", "32", "--model.init_args.latent_dim", "64"],
-        "fanogan": ["--model.init_args.width", "32", "--model.init_args.latent_dim", "64"],
+        "fanogan_gan": ["--model.init_args.width", "32", "--model.init_args.latent_dim", "64", *_BF16],
+        "fanogan": ["--model.init_args.width", "32", "--model.init_args.latent_dim", "64", *_BF16],
     },
     "paper": {},
 }
