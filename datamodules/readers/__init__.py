@@ -23,6 +23,7 @@ BitsStored range, or (0, 4) for calibrated DDSM), for preprocessing to normalise
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
 from pathlib import Path
@@ -51,31 +52,10 @@ _DECODER_KEYS = ("value_range", "photometric", "bits_stored", "spacing_from_head
 
 
 def _lister(name: str) -> Callable[..., list[ImageRecord]]:
-    if name == "ddsm":
-        from datamodules.readers.ddsm import list_ddsm
-
-        return list_ddsm
-    if name == "cbis_ddsm":
-        from datamodules.readers.cbis_ddsm import list_cbis_ddsm
-
-        return list_cbis_ddsm
-    if name == "mini_ddsm":
-        from datamodules.readers.mini_ddsm import list_mini_ddsm
-
-        return list_mini_ddsm
-    if name == "mias":
-        from datamodules.readers.mias import list_mias
-
-        return list_mias
-    if name == "manifest":
-        from datamodules.readers.manifest import list_manifest
-
-        return list_manifest
-    if name == "images":
-        from datamodules.readers.images import list_images
-
-        return list_images
-    raise DataError(f"unknown data source {name!r}; valid sources: {', '.join(SOURCES)}")
+    """The lister of a source: ``datamodules.readers.<name>.list_<name>``, imported on first use."""
+    if name not in SOURCES:
+        raise DataError(f"unknown data source {name!r}; valid sources: {', '.join(SOURCES)}")
+    return getattr(importlib.import_module(f"datamodules.readers.{name}"), f"list_{name}")
 
 
 def list_source(name: str, root: str | Path, **options: Any) -> list[ImageRecord]:
