@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ _FORWARD_BLOCK = 256
 _ROW_BLOCK = 4096
 
 StatsReducer = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+_T = TypeVar("_T")
 
 
 class RatSpn(nn.Module):
@@ -68,6 +70,7 @@ class RatSpn(nn.Module):
         pseudo_count: float = 0.1,
     ) -> None:
         super().__init__()
+        self._derived_cache: dict[str, tuple[tuple, object]] = {}  # see _derived
         if leaf not in ("gaussian", "categorical"):
             raise ValueError(f"leaf must be 'gaussian' or 'categorical', got {leaf!r}")
         if leaf == "categorical" and (num_categories is None or num_categories < 2):
@@ -193,55 +196,98 @@ class RatSpn(nn.Module):
     def _float_dtype(self) -> torch.dtype:
         return self.log_mix.dtype
 
-    # ------------------------------------------------------------------ leaves
-    def _gaussian_coefficients(self) -> Tensor:
-        """(R*G, I, 3*smax) coefficients of (x^2, x, 1) in log N(x; mean, var): the leaf as a quadratic form."""
-        var = self.leaf_variance()
-        mean = self.leaf_mean
-        inv = var.reciprocal()
-        scaled_mean = mean * inv
-        # -0.5 (log(2 pi var) + mean^2 / var)
-        const = torch.addcmul(torch.log(var) + math.log(2 * math.pi), mean, scaled_mean).mul(-0.5)
-        coeffs = torch.stack([inv * -0.5, scaled_mean, const], dim=3)  # R x G x I x 3 x smax
-        R, G = self.num_repetitions, 2**self.depth
-        return coeffs.reshape(R * G, self.num_input_distributions, 3 * self.max_region_size)
+    # ------------------------------------------------------------------ derived tensors
+    def _derived(self, name: str, params: tuple[Tensor, ...], compute: Callable[[], _T]) -> _T:
+        """``compute()``, a pure function of ``params``, reused while none of them changes (no-grad only).
 
-    def _gaussian_features(self, x: Tensor, obs: Tensor) -> Tensor:
-        """Per-region (x^2, x, 1) features (R*G, 3*smax, N); missing variables (and padding) are zero."""
+        The key is each parameter's storage and in-place version counter, which every in-place write
+        (EM, optimiser steps, ``load_state_dict``, ``.to()``) changes, so a reused value is always the
+        one ``compute()`` would give. An EM step thus normalises its weights once for the statistics
+        and the M-step, and a scoring pass in row blocks builds the leaves' quadratic forms once.
+        """
+        if torch.is_grad_enabled():
+            return compute()
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        hit = self._derived_cache.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = compute()
+        self._derived_cache[name] = (key, value)
+        return value
+
+    def _normalised_weights(self) -> list[Tensor]:
+        """Sum weights as probabilities (R, regions, S_out, S_in, S_in) per level."""
+        return [self._derived(f"weights.{level}", (w,), lambda w=w: self._softmax_children(w)) for level, w in enumerate(self.log_weights)]
+
+    @staticmethod
+    def _softmax_children(log_w: Tensor) -> Tensor:
+        shape = log_w.shape
+        return torch.softmax(log_w.reshape(*shape[:3], -1), -1).view(shape)
+
+    # ------------------------------------------------------------------ leaves
+    def _gaussian_coefficients(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The leaves as quadratic forms: log N(x; mean, var) = -x^2 / (2 var) + x mean / var + const.
+
+        Returns ``(quad_lin, const, bias)``: ``quad_lin`` (R*G, I, 2*smax) holds the x^2 coefficients of
+        a region's slots followed by their x coefficients, ``const`` (R*G, I, smax) the constant terms
+        -(log(2 pi var) + mean^2 / var) / 2 and ``bias`` (R*G, I, 1) their sum over the region's real
+        slots (the constant of a fully observed region).
+        """
+        return self._derived("gaussian", (self.leaf_mean, self.leaf_log_var), self._quadratic_forms)
+
+    def _quadratic_forms(self) -> tuple[Tensor, Tensor, Tensor]:
+        R, G, I, smax = self.num_repetitions, 2**self.depth, self.num_input_distributions, self.max_region_size  # noqa: E741 (I = input distributions, as in the paper)
+        log_var = self.leaf_log_var.clamp(math.log(self.min_var), math.log(self.max_var))
+        inv = torch.exp(-log_var)
+        mean = self.leaf_mean
+        if torch.is_grad_enabled():  # differentiable (gradient training, autograd EM statistics)
+            quad_lin = torch.stack([inv * -0.5, mean * inv], dim=3)
+        else:  # written in place: a stack along an inner axis costs as much as the rest together
+            quad_lin = inv.new_empty(R, G, I, 2, smax)
+            torch.mul(inv, -0.5, out=quad_lin[:, :, :, 0])
+            torch.mul(mean, inv, out=quad_lin[:, :, :, 1])
+        const = torch.addcmul(log_var + math.log(2 * math.pi), mean * mean, inv).mul(-0.5).view(R * G, I, smax)
+        return quad_lin.view(R * G, I, 2 * smax), const, self._region_bias(const)
+
+    def _region_bias(self, const: Tensor) -> Tensor:
+        """(R*G, I, 1) sum of the constant terms over each region's real slots."""
+        valid = self.slot_valid.view(-1, self.max_region_size, 1).to(const.dtype)
+        return torch.bmm(const, valid)
+
+    def _gaussian_features(self, x: Tensor, obs: Tensor | None) -> Tensor:
+        """Per-region (x^2, x, observed) features (R*G, 3, smax, N); missing variables and padding are zero.
+
+        With ``obs`` None every variable is observed: the indicator rows are left out (R*G, 2, smax, N).
+        """
         R, G, smax = self.num_repetitions, 2**self.depth, self.max_region_size
         N = x.shape[0]
-        xt = torch.where(obs > 0, x.to(obs.dtype), torch.zeros_like(obs)).T  # V x N
-        ot = obs.T
-        pad = ot.new_zeros(1, N)
-        features = torch.cat([xt * xt * ot, pad, xt * ot, pad, ot, pad])  # 3(V+1) x N
-        return features.index_select(0, self.feature_rows).view(R * G, 3 * smax, N)
-
-    def _gaussian_features_observed(self, x: Tensor) -> Tensor:
-        """Per-region (x^2, x) features (R*G, 2*smax, N) when every variable is observed (padding is zero)."""
-        R, G, smax = self.num_repetitions, 2**self.depth, self.max_region_size
         xt = x.to(self._float_dtype()).T  # V x N
-        pad = xt.new_zeros(1, x.shape[0])
-        rows = self.feature_rows.view(R * G, 3, smax)[:, :2].reshape(-1)
-        return torch.cat([xt * xt, pad, xt, pad]).index_select(0, rows).view(R * G, 2 * smax, x.shape[0])
+        pad = xt.new_zeros(1, N)
+        rows = self.feature_rows.view(R * G, 3, smax)
+        if obs is None:
+            features, rows = torch.cat([xt * xt, pad, xt, pad]), rows[:, :2]
+        else:
+            ot = obs.T
+            xt = torch.where(ot > 0, xt, torch.zeros_like(xt))
+            features = torch.cat([xt * xt, pad, xt, pad, ot, pad])  # 3(V+1) x N
+        return features.index_select(0, rows.reshape(-1)).view(R * G, rows.shape[1], smax, N)
 
-    def _gaussian_observed_regions(self, coeffs: Tensor, features: Tensor) -> Tensor:
-        """(R*G, I, N) leaf-region log-densities of fully observed data: the (x^2, x) coefficients times
-        the :meth:`_gaussian_features_observed` features plus, as a bias, the constant terms of the
-        region's (real) slots: a third fewer multiply-adds than the general feature matrix."""
-        smax = self.max_region_size
-        valid = self.slot_valid.view(-1, 1, smax).to(coeffs.dtype)
-        bias = (coeffs[:, :, 2 * smax :] * valid).sum(-1, keepdim=True)  # R*G x I x 1
-        return torch.baddbmm(bias, coeffs[:, :, : 2 * smax], features)
+    def _gaussian_regions(
+        self, x: Tensor, obs: Tensor, coeffs: tuple[Tensor, Tensor, Tensor], missing: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """Leaf-region log-densities (R, G, I, N) and the features they came from.
 
-    def _gaussian_regions(self, x: Tensor, obs: Tensor, coeffs: Tensor, missing: bool = True) -> Tensor:
-        """Leaf-region log-densities (R, G, I, N): one batched matmul of per-region (x^2, x, 1) features.
-
-        Missing variables contribute zero features, i.e. they are integrated out exactly.
+        One batched matmul of the (x^2, x) coefficients with the per-region features, plus the constant
+        terms: the region's bias when everything is observed, else the constants weighted by the
+        observed indicators, so missing variables contribute nothing, i.e. are integrated out exactly.
         """
-        R, G, I = self.num_repetitions, 2**self.depth, self.num_input_distributions  # noqa: E741 (I = input distributions, as in the paper)
-        if not missing:
-            return self._gaussian_observed_regions(coeffs, self._gaussian_features_observed(x)).view(R, G, I, x.shape[0])
-        return torch.bmm(coeffs, self._gaussian_features(x, obs)).view(R, G, I, x.shape[0])
+        R, G, I, smax = self.num_repetitions, 2**self.depth, self.num_input_distributions, self.max_region_size  # noqa: E741 (I = input distributions, as in the paper)
+        N = x.shape[0]
+        quad_lin, const, bias = coeffs
+        features = self._gaussian_features(x, obs if missing else None)
+        base = torch.bmm(const, features[:, 2]) if missing else bias
+        regions = torch.baddbmm(base, quad_lin, features[:, :2].reshape(R * G, 2 * smax, N))
+        return regions.view(R, G, I, N), features
 
     def _categorical_regions(self, x: Tensor, obs: Tensor, log_table: Tensor, log_scale: Tensor, missing: bool) -> Tensor:
         """Leaf-region log-probabilities (R, G, I, N) by embedding_bag look-ups (no one-hot tensor).
@@ -316,16 +362,9 @@ class RatSpn(nn.Module):
             inputs.append(top)
         return root, inputs
 
-    def _normalised_weights(self) -> list[Tensor]:
-        out = []
-        for w in self.log_weights:
-            shape = w.shape
-            out.append(torch.softmax(w.reshape(*shape[:3], -1), -1).view(shape))
-        return out
-
     def _regions(self, x: Tensor, obs: Tensor, missing: Tensor | None) -> Tensor:
         if self.leaf == "gaussian":
-            return self._gaussian_regions(x, obs, self._gaussian_coefficients(), missing is not None)
+            return self._gaussian_regions(x, obs, self._gaussian_coefficients(), missing is not None)[0]
         return self._categorical_regions(x, obs, self.leaf_log_table, self.leaf_log_scale, missing is not None)
 
     # ------------------------------------------------------------------ inference
@@ -490,7 +529,8 @@ class RatSpn(nn.Module):
         """Expected sufficient statistics of one batch, from autograd of sum_n log p(x_n).
 
         Keys: ``weights.<level>`` and ``mix`` (expected counts of every sum edge), Gaussian
-        ``leaf_n``/``leaf_x``/``leaf_xx`` (slot layout R x G x I x smax), or categorical ``leaf_n``
+        ``leaf_x``/``leaf_xx`` (slot layout R x G x I x smax) and ``leaf_n`` (the same, or R x G x I x 1
+        when nothing is missing: every slot of a region then has the region's count), or categorical ``leaf_n``
         (R x V x I) and the sparse ``leaf_table`` (rows of the flat table, I columns, duplicates
         allowed; a dense table when the batch was chunked), plus ``log_likelihood`` (sum) and ``count``. Batches above ``chunk_size`` rows are
         processed in chunks (the statistics are sums), so memory stays bounded for any batch size.
@@ -532,22 +572,17 @@ class RatSpn(nn.Module):
         R, I, C, N = self.num_repetitions, self.num_input_distributions, self.num_roots, x.shape[0]  # noqa: E741 (I = input distributions, as in the paper)
         obs = self._observed(x, missing)
         if self.leaf == "gaussian":
-            if missing is None:
-                features = self._gaussian_features_observed(x)  # R*2 x 2*smax x N
-                regions = self._gaussian_observed_regions(self._gaussian_coefficients(), features).view(R, 2, I, N)
-            else:
-                features = self._gaussian_features(x, obs)  # R*2 x 3*smax x N
-                regions = torch.bmm(self._gaussian_coefficients(), features).view(R, 2, I, N)
+            regions, features = self._gaussian_regions(x, obs, self._gaussian_coefficients(), missing is not None)
         else:
             regions = self._categorical_regions(x, obs, self.leaf_log_table, self.leaf_log_scale, missing is not None)
-        w = torch.softmax(self.log_weights[0].reshape(R, C, I * I), -1).view(R, C * I, I)
+        w = self._normalised_weights()[0].view(R, C * I, I)
         mix = torch.softmax(self.log_mix, -1)  # C x R
         shift = regions.amax(2, keepdim=True)  # R x 2 x 1 x N
         shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-        e = torch.exp(regions - shift)
+        e = regions.sub_(shift).exp_()  # in place: the regions are not needed again
         a, b = e[:, 0], e[:, 1]  # R x I x N
-        t = torch.bmm(w, b).view(R, C, I, N)  # (W b)
-        p = (t * a[:, None]).sum(2)  # R x C x N
+        at = torch.bmm(w, b).view(R, C, I, N).mul_(a[:, None])  # a ⊙ (W b)
+        p = at.sum(2)  # R x C x N
         top = torch.log(p) + shift.sum(1)  # R x C x N
         m = top.amax(0)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -563,20 +598,26 @@ class RatSpn(nn.Module):
             selected = F.one_hot(root, C).T.to(joint.dtype)
             ll = root_ll.gather(0, root[None]).squeeze(0)
         posterior = joint / evidence * selected  # R x C x N: responsibility of repetition r for the chosen root
-        g = ((posterior / p)[:, :, None] * a[:, None]).contiguous()  # R x C x I x N
+        q = (posterior / p)[:, :, None]  # R x C x 1 x N: d log p(x) / d p_rc
+        g = q * a[:, None]  # R x C x I x N
         stats: dict[str, Tensor] = {}
-        counts = torch.bmm(g.reshape(R, C * I, N), b.transpose(1, 2))  # R x C*I x I
-        stats["weights.0"] = (w * counts).view(self.log_weights[0].shape)
+        stats["weights.0"] = torch.bmm(g.reshape(R, C * I, N), b.transpose(1, 2)).mul_(w).view(self.log_weights[0].shape)
         stats["mix"] = posterior.sum(2).T.contiguous()
-        resp = torch.stack([(g * t).sum(1), b * torch.bmm(w.transpose(1, 2), g.reshape(R, C * I, N))], 1)  # R x 2 x I x N
+        resp = torch.empty(R, 2, I, N, dtype=g.dtype, device=g.device)  # responsibilities of the two leaf regions
+        if C == 1:
+            torch.mul(at[:, 0], q[:, 0], out=resp[:, 0])
+        else:
+            torch.sum(at.mul_(q), 1, out=resp[:, 0])
+        torch.bmm(w.transpose(1, 2), g.reshape(R, C * I, N), out=resp[:, 1]).mul_(b)
         if self.leaf == "gaussian":
-            grads = torch.bmm(resp.view(R * 2, I, N), features.transpose(1, 2))  # R*2 x I x (2 or 3)*smax
-            grads = grads.view(R, 2, I, -1, self.max_region_size)
-            stats["leaf_xx"], stats["leaf_x"] = grads[:, :, :, 0].contiguous(), grads[:, :, :, 1].contiguous()
+            smax = self.max_region_size
+            resp = resp.view(R * 2, I, N)
+            grads = torch.bmm(resp, features[:, :2].reshape(R * 2, 2 * smax, N).transpose(1, 2)).view(R, 2, I, 2, smax)
+            stats["leaf_xx"], stats["leaf_x"] = grads[:, :, :, 0], grads[:, :, :, 1]
             if missing is None:  # every real slot of a region has the region's total responsibility
-                stats["leaf_n"] = resp.sum(3, keepdim=True) * self.slot_valid.to(resp.dtype)
+                stats["leaf_n"] = resp.sum(2).view(R, 2, I, 1)
             else:
-                stats["leaf_n"] = grads[:, :, :, 2].contiguous()
+                stats["leaf_n"] = torch.bmm(resp, features[:, 2].transpose(1, 2)).view(R, 2, I, smax)
         else:
             stats["leaf_table"], stats["leaf_n"] = self._categorical_statistics(x, obs, resp, missing is not None)
         stats["log_likelihood"] = ll.sum().reshape(1)
@@ -618,9 +659,9 @@ class RatSpn(nn.Module):
                 coeffs = self._gaussian_coefficients()
         with torch.enable_grad():
             if self.leaf == "gaussian":
-                coeffs = coeffs.requires_grad_()  # R*G x 3*smax x I
-                leaf_inputs = [coeffs]
-                regions = self._gaussian_regions(x, obs, coeffs)
+                quad_lin, const, bias = (c.detach().requires_grad_() for c in coeffs)
+                leaf_inputs = [quad_lin, const if missing is not None else bias]  # the constants that are used
+                regions, _ = self._gaussian_regions(x, obs, (quad_lin, const, bias), missing is not None)
             else:
                 table = self.leaf_log_table.detach().requires_grad_()
                 scale = self.leaf_log_scale.detach().requires_grad_()
@@ -639,8 +680,9 @@ class RatSpn(nn.Module):
         stats["mix"] = (mix * grads[self.depth]).detach()
         leaf_grads = grads[self.depth + 1 :]
         if self.leaf == "gaussian":
-            g = leaf_grads[0].view(*self.leaf_mean.shape[:3], 3, self.max_region_size)
-            stats["leaf_xx"], stats["leaf_x"], stats["leaf_n"] = g[:, :, :, 0], g[:, :, :, 1], g[:, :, :, 2]
+            g = leaf_grads[0].view(*self.leaf_mean.shape[:3], 2, self.max_region_size)
+            stats["leaf_xx"], stats["leaf_x"] = g[:, :, :, 0], g[:, :, :, 1]
+            stats["leaf_n"] = leaf_grads[1].view(*self.leaf_mean.shape[:3], -1)  # per region if all observed
         else:
             stats["leaf_table"] = leaf_grads[0]
             stats["leaf_n"] = leaf_grads[1]
@@ -683,17 +725,15 @@ class RatSpn(nn.Module):
         eta, kappa = float(step_size), float(self.pseudo_count)
         moved_w = []
         tiny = torch.finfo(self.log_mix.dtype).tiny
-        for log_w, counts in [
-            *[(w, stats[f"weights.{level}"]) for level, w in enumerate(self.log_weights)],
-            (self.log_mix, stats["mix"]),
-        ]:
+        levels = [(w, stats[f"weights.{level}"], old) for level, (w, old) in enumerate(zip(self.log_weights, self._normalised_weights()))]
+        for log_w, counts, old in [*levels, (self.log_mix, stats["mix"], torch.softmax(self.log_mix, -1))]:
             shape = log_w.shape
             flat_shape = (*shape[:-2], -1) if log_w is not self.log_mix else shape
-            old = torch.softmax(log_w.reshape(flat_shape), -1)
+            old = old.reshape(flat_shape)
             new = self._interpolate_weights(old, counts.reshape(flat_shape), eta, kappa)
             if track_changes:
                 moved_w.append((new - old).abs().mean())
-            log_w.copy_(new.clamp_min_(tiny).log_().view(shape))
+            torch.log(new.clamp_min_(tiny), out=log_w.detach().view(flat_shape))
         if self.leaf == "gaussian":
             moved_leaf = self._update_gaussian(stats, eta, kappa, track_changes)
         else:
@@ -726,17 +766,18 @@ class RatSpn(nn.Module):
         """
         n, sx, sxx = stats["leaf_n"], stats["leaf_x"], stats["leaf_xx"]
         mean = self.leaf_mean.detach()
-        var = self.leaf_variance()
         inv_n = n.clamp_min(_MIN_COUNT).reciprocal_()
-        batch_mean = sx * inv_n
-        batch_var = (sxx * inv_n).addcmul_(batch_mean, batch_mean, value=-1.0).clamp_min_(0.0)
         lam = torch.div(n, (n + kappa).clamp_min_(_MIN_COUNT)).mul_(eta).clamp_(0.0, 1.0)
+        spread = lam - lam * lam  # lam (1 - lam), per region when the counts are
+        lam = lam * self.slot_valid  # padding slots stay as they are
+        batch_mean = sx * inv_n
+        batch_var = (sxx * inv_n).addcmul_(batch_mean, batch_mean, value=-1.0)  # rounding below 0: clamped below
         delta = batch_mean.sub_(mean)
-        new_var = torch.lerp(var, batch_var, lam).addcmul_(torch.addcmul(lam, lam, lam, value=-1.0), delta * delta)
+        new_var = self.leaf_variance().lerp_(batch_var, lam).addcmul_(spread, delta * delta)
         moved = torch.zeros(())
         if track_changes:
             moved = (lam * delta).abs().sum() / (self.slot_valid.sum() * self.num_input_distributions)
-        self.leaf_mean.detach().addcmul_(lam, delta)
+        mean.addcmul_(lam, delta)
         torch.log(new_var.clamp_(self.min_var, self.max_var), out=self.leaf_log_var.detach())
         return moved
 
