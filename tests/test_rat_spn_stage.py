@@ -191,6 +191,30 @@ def test_train_log_likelihood_rises_over_epochs(tmp_path):
     assert len(history) == 4 and history[-1] > history[0]
 
 
+def test_em_batch_size_splits_loader_batches_into_the_same_em_steps(tmp_path):
+    """Loader batches of 32 split into EM steps of 16 take exactly the steps of a loader of batch 16
+    (same order): same parameters, and global_step counts EM steps (max_steps stops mid-batch)."""
+    ae_path = _save_autoencoder(TinyAE(seed=2), tmp_path, "ae")
+    images = _images(96, seed=4)
+    fitted = []
+    for loader_batch, em_batch, init_batches in ((32, 16, 2), (16, None, 4)):
+        stage = RatSpnStage(str(ae_path), num_repetitions=3, num_input_distributions=4, step_size=0.05,
+                            init_batches=init_batches, em_batch_size=em_batch)
+        trainer = _trainer(tmp_path / f"b{loader_batch}", 2, enable_checkpointing=False)
+        trainer.fit(stage, DataLoader(PatchSet(images), batch_size=loader_batch))
+        assert trainer.global_step == 2 * 6
+        fitted.append(stage.spn.state_dict())
+    for key, value in fitted[1].items():
+        torch.testing.assert_close(fitted[0][key], value, rtol=0, atol=0, msg=key)
+
+    stage = RatSpnStage(str(ae_path), num_repetitions=3, num_input_distributions=4, init_batches=1, em_batch_size=8)
+    trainer = _trainer(tmp_path / "max", 5, max_steps=7, enable_checkpointing=False)
+    trainer.fit(stage, DataLoader(PatchSet(images), batch_size=32))
+    assert trainer.global_step == 7
+    with pytest.raises(ValueError, match="em_batch_size"):
+        RatSpnStage(str(ae_path), em_batch_size=0)
+
+
 def test_vq_stage_uses_categorical_leaves_over_the_codebook(tmp_path):
     ae_path = _save_autoencoder(TinyVQ(num_embeddings=6), tmp_path, "vq")
     stage = RatSpnStage(str(ae_path), num_repetitions=3, num_input_distributions=4, step_size=0.05, init_batches=2)
