@@ -236,5 +236,8 @@ def test_every_stage_parses_with_the_real_configs(
             assert stage.kind == "test" or config["trainer"]["max_epochs"] >= 20  # the paper's epochs
         if stage.name == "fanogan_gan":
             assert config["model"]["init_args"]["stage"] == "gan"
+        if stage.kind == "fit" and stage.name.endswith("_spn"):  # EM steps of 64 in either profile
+            assert config["model"]["init_args"]["em_batch_size"] == 64
+            assert config["data"]["init_args"]["batch_size"] == (64 if profile == "quick" else 1024)
         if stage.model == "Intensity":
             assert config["model"]["class_path"] == "experiments.table1.IntensityBaseline"
