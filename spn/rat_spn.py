@@ -334,8 +334,8 @@ class RatSpn(nn.Module):
         S = weight.shape[2]
         ml = left.detach().amax(2, keepdim=True)
         mr = right.detach().amax(2, keepdim=True)
-        ml = torch.where(torch.isfinite(ml), ml, torch.zeros_like(ml))
-        mr = torch.where(torch.isfinite(mr), mr, torch.zeros_like(mr))
+        ml.nan_to_num_(0.0, 0.0, 0.0)  # an all -inf (or NaN) column shifts by 0
+        mr.nan_to_num_(0.0, 0.0, 0.0)
         el = torch.exp(left - ml)
         er = torch.exp(right - mr)
         # T[r, j, s, a, n] = sum_b W[r, j, s, a, b] er[r, j, b, n]
@@ -356,7 +356,7 @@ class RatSpn(nn.Module):
         inputs.reverse()  # inputs[level] = the values feeding sum layer `level`
         top = values[:, 0]  # R x C x N
         m = top.detach().amax(0)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        m.nan_to_num_(0.0, 0.0, 0.0)  # an all -inf (or NaN) column shifts by 0
         root = (torch.log(torch.einsum("rcn,cr->cn", torch.exp(top - m), mix)) + m).T
         if keep:
             inputs.append(top)
@@ -578,14 +578,14 @@ class RatSpn(nn.Module):
         w = self._normalised_weights()[0].view(R, C * I, I)
         mix = torch.softmax(self.log_mix, -1)  # C x R
         shift = regions.amax(2, keepdim=True)  # R x 2 x 1 x N
-        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        shift.nan_to_num_(0.0, 0.0, 0.0)  # an all -inf (or NaN) column shifts by 0
         e = regions.sub_(shift).exp_()  # in place: the regions are not needed again
         a, b = e[:, 0], e[:, 1]  # R x I x N
         at = torch.bmm(w, b).view(R, C, I, N).mul_(a[:, None])  # a ⊙ (W b)
         p = at.sum(2)  # R x C x N
         top = torch.log(p) + shift.sum(1)  # R x C x N
         m = top.amax(0)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        m.nan_to_num_(0.0, 0.0, 0.0)  # an all -inf (or NaN) column shifts by 0
         joint = torch.exp(top - m) * mix.T[:, :, None]  # R x C x N
         evidence = joint.sum(0)  # C x N
         root_ll = torch.log(evidence) + m  # C x N
