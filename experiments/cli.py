@@ -23,6 +23,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelChe
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from experiments.loggers import build_loggers, finish_wandb, wandb_mode
+from experiments.memory import keep_freed_memory
 from lightning_modules.base import AnomalyDetector
 
 #: monitored by the default checkpoint callback; every model logs it in validation
@@ -271,6 +272,7 @@ def main(args: list[str] | None = None) -> int:
         from datamodules.records import DataError
     except ImportError:  # pragma: no cover - the records module is part of the skeleton
         DataError = RuntimeError  # noqa: N806
+    keep_freed_memory()
     try:
         run_cli(args)
     except (FileNotFoundError, DataError) as err:

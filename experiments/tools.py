@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from experiments.memory import keep_freed_memory
+
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("datamodules.synthetic", "write a synthetic mammogram set in the real DDSM / CBIS-DDSM formats"),
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if args._module is None:
         print(f"mammospn {args.command}: not available ({args._missing} is not installed)", file=sys.stderr)
         return 2
+    keep_freed_memory()
     return int(args._module.run(args) or 0)
 
 
