@@ -237,8 +237,8 @@ class RatSpn(nn.Module):
 
     def _quadratic_forms(self) -> tuple[Tensor, Tensor, Tensor]:
         R, G, I, smax = self.num_repetitions, 2**self.depth, self.num_input_distributions, self.max_region_size  # noqa: E741 (I = input distributions, as in the paper)
-        log_var = self.leaf_log_var.clamp(math.log(self.min_var), math.log(self.max_var))
-        inv = torch.exp(-log_var)
+        neg_log_var = self.leaf_log_var.clamp(math.log(self.min_var), math.log(self.max_var)).neg_()
+        inv = torch.exp(neg_log_var)
         mean = self.leaf_mean
         if torch.is_grad_enabled():  # differentiable (gradient training, autograd EM statistics)
             quad_lin = torch.stack([inv * -0.5, mean * inv], dim=3)
@@ -246,7 +246,9 @@ class RatSpn(nn.Module):
             quad_lin = inv.new_empty(R, G, I, 2, smax)
             torch.mul(inv, -0.5, out=quad_lin[:, :, :, 0])
             torch.mul(mean, inv, out=quad_lin[:, :, :, 1])
-        const = torch.addcmul(log_var + math.log(2 * math.pi), mean * mean, inv).mul(-0.5).view(R * G, I, smax)
+        # -(log var + log 2 pi + mean * (mean / var)) / 2, in place on a fresh tensor
+        const = torch.addcmul(neg_log_var, mean, quad_lin[:, :, :, 1], value=-1.0).mul_(0.5).sub_(0.5 * math.log(2 * math.pi))
+        const = const.view(R * G, I, smax)
         return quad_lin.view(R * G, I, 2 * smax), const, self._region_bias(const)
 
     def _region_bias(self, const: Tensor) -> Tensor:
