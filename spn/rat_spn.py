@@ -202,7 +202,8 @@ class RatSpn(nn.Module):
 
         The key is each parameter's storage and in-place version counter, which every in-place write
         (EM, optimiser steps, ``load_state_dict``, ``.to()``) changes, so a reused value is always the
-        one ``compute()`` would give. An EM step thus normalises its weights once for the statistics
+        one ``compute()`` would give. (Writes through ``param.data`` bypass the version counter: write
+        parameters in place under ``torch.no_grad()`` instead, as ``load_state_dict`` does.) An EM step thus normalises its weights once for the statistics
         and the M-step, and a scoring pass in row blocks builds the leaves' quadratic forms once.
         """
         if torch.is_grad_enabled():
