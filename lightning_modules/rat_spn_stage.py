@@ -244,8 +244,12 @@ class RatSpnStage(AnomalyDetector):
             self.latent_std = std.float().clamp_min(1e-6)
         spn.init_from_data(self._standardise(z), seed=self.hparams.seed + 1)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for tensor in [*spn.parameters(), *spn.buffers()]:
+            for tensor in spn.buffers():
                 dist.broadcast(tensor.data, src=0)
+            for param in spn.parameters():  # received into a copy, then written in place: the write bumps the
+                received = param.detach().clone()  # version counter, which RatSpn's derived-tensor cache keys on
+                dist.broadcast(received, src=0)
+                param.copy_(received)
         self.initialized.fill_(True)
 
     # ------------------------------------------------------------------ training

@@ -1,5 +1,6 @@
 """`strategy: ddp` for every model: one epoch on 2 CPU processes (gloo); both ranks must end with the same
-weights (gradients all-reduced, VQ codebook revivals broadcast, f-AnoGAN's two optimisers in sync).
+weights (gradients all-reduced, VQ codebook revivals broadcast, f-AnoGAN's two optimisers in sync, the
+RAT-SPN stage's data-driven initialisation broadcast and its EM statistics summed over ranks).
 
 Run as a script, this file is the training job itself: Lightning's DDP launcher starts rank 1 by running
 the same command line again."""
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-MODELS = ("cae", "bvae", "vqvae", "fanogan")
+MODELS = ("cae", "bvae", "vqvae", "fanogan", "spn")
 
 
 def _job(out: Path, names: list[str]) -> None:
@@ -30,6 +31,9 @@ def _job(out: Path, names: list[str]) -> None:
         "bvae": lambda: lm.BetaVAE(lr=1e-3),
         "vqvae": lambda: lm.VQVAE(lr=1e-3, num_embeddings=32, revive_every=2, usage_decay=0.3),
         "fanogan": lambda: lm.FAnoGAN(width=4, latent_dim=16, n_critic=2),
+        # EM steps of 4 on loader batches of 8; the frozen CAE checkpoint is written by the test
+        "spn": lambda: lm.RatSpnStage(str(out / "cae.ckpt"), num_repetitions=4, num_input_distributions=5,
+                                      step_size=0.05, init_batches=2, em_batch_size=4),
     }
     x = healthy_patches(64, seed=0)
     for name in names:
@@ -55,6 +59,15 @@ def _job(out: Path, names: list[str]) -> None:
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_keep_ranks_identical(tmp_path) -> None:
+    import pytorch_lightning as pl
+
+    from lightning_modules import CAE
+
+    torch.manual_seed(0)
+    cae = CAE()
+    torch.save({"state_dict": cae.state_dict(), "hyper_parameters": dict(cae.hparams),
+                "anomaly_model_class": "lightning_modules.CAE", "pytorch-lightning_version": pl.__version__},
+               tmp_path / "cae.ckpt")
     cmd = [sys.executable, str(Path(__file__).resolve()), str(tmp_path), ",".join(MODELS)]
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=400)
@@ -67,6 +80,8 @@ def test_ddp_two_cpu_processes_keep_ranks_identical(tmp_path) -> None:
         different = [k for k in a if not torch.equal(a[k], b[k])]
         assert not different, f"{name}: ranks differ in {different[:5]}"
         assert ranks[0]["metrics"]["val/loss"] == pytest.approx(ranks[1]["metrics"]["val/loss"])  # sync_dist
+    spn = torch.load(tmp_path / "spn_rank0.pt", weights_only=False)
+    assert spn["metrics"]["em/weight_distance_from_init"] > 0  # EM moved the (identical) RAT-SPNs
     vq = torch.load(tmp_path / "vqvae_rank0.pt", weights_only=False)
     assert vq["metrics"]["train/revived_codes"] > 0 and "train/perplexity" in vq["metrics"]  # revived, then broadcast
 
