@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -442,6 +443,7 @@ def generate(out: Path, seed: int, scale: str, log: Callable[[str], None] | None
     summary = {
         "generator": GENERATOR,
         "format_version": FORMAT_VERSION,
+        "generator_fingerprint": generator_fingerprint(),
         "seed": int(seed),
         "scale": scale,
         "native_spacing_mm": NATIVE_SPACING_MM,
@@ -473,9 +475,25 @@ def read_summary(root: str | Path) -> dict[str, Any] | None:
     return summary if isinstance(summary, dict) and summary.get("generator") == GENERATOR else None
 
 
+def generator_fingerprint() -> str:
+    """sha256 (16 hex digits) of the generator's source, this module and `synthetic_anatomy`.
+
+    Stored in DONE.json: a set written by other generator code (an older checkout, say) is regenerated
+    instead of silently reused, since any edit there may change pixels, lesions or which images pass
+    the area rule. FORMAT_VERSION alone relied on remembering to bump it, and was not bumped.
+    """
+    from datamodules import synthetic_anatomy
+
+    digest = hashlib.sha256()
+    for module_file in (__file__, synthetic_anatomy.__file__):
+        digest.update(Path(module_file).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _matches(summary: dict[str, Any] | None, seed: int, scale: str) -> bool:
     return (summary is not None and summary.get("seed") == seed and summary.get("scale") == scale
-            and summary.get("format_version") == FORMAT_VERSION)
+            and summary.get("format_version") == FORMAT_VERSION
+            and summary.get("generator_fingerprint") == generator_fingerprint())
 
 
 #: A temporary build folder untouched for this long belongs to a killed process and is removed.

@@ -245,7 +245,7 @@ def _fake_generate(out: Path, seed: int, scale: str, log: object = None) -> dict
     out.mkdir(parents=True, exist_ok=True)
     (out / "payload.txt").write_text(f"{seed} {scale}")
     summary = {"generator": synthetic.GENERATOR, "format_version": synthetic.FORMAT_VERSION, "seed": seed,
-               "scale": scale}
+               "scale": scale, "generator_fingerprint": synthetic.generator_fingerprint()}
     (out / "DONE.json").write_text(json.dumps(summary))
     return summary
 
@@ -269,6 +269,17 @@ def test_ensure_is_atomic_and_replaces_other_parameters(tmp_path: Path, monkeypa
     synthetic.ensure_synthetic(root, seed=2, scale="tiny")  # other parameters: rebuilt and swapped in
     assert (root / "payload.txt").read_text() == "2 tiny"
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["synthetic"]
+
+
+def test_ensure_regenerates_a_set_written_by_other_generator_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "synthetic"
+    monkeypatch.setattr(synthetic, "generate", _fake_generate)
+    synthetic.ensure_synthetic(root, seed=3, scale="tiny")
+    assert json.loads((root / "DONE.json").read_text())["generator_fingerprint"] == synthetic.generator_fingerprint()
+    (root / "payload.txt").write_text("from an older checkout")
+    monkeypatch.setattr(synthetic, "generator_fingerprint", lambda: "another-version")  # the code changed since
+    synthetic.ensure_synthetic(root, seed=3, scale="tiny")
+    assert (root / "payload.txt").read_text() == "3 tiny"  # rebuilt, not reused
 
 
 def test_ensure_removes_only_stale_leftovers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
