@@ -209,11 +209,12 @@ class RatSpn(nn.Module):
         if torch.is_grad_enabled():
             return compute()
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        hit = self._derived_cache.get(name)
+        cache = self.__dict__.setdefault("_derived_cache", {})  # also a module unpickled from an older version
+        hit = cache.get(name)
         if hit is not None and hit[0] == key:
             return hit[1]
         value = compute()
-        self._derived_cache[name] = (key, value)
+        cache[name] = (key, value)
         return value
 
     def _normalised_weights(self) -> list[Tensor]:
