@@ -21,7 +21,7 @@ def _job(out: Path, names: list[str]) -> None:
     import pytorch_lightning as pl
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from test_models_helpers import healthy_patches, loader
+    from test_models_helpers import healthy_patches, loader, trainer
 
     import lightning_modules as lm
 
@@ -39,18 +39,7 @@ def _job(out: Path, names: list[str]) -> None:
     for name in names:
         pl.seed_everything(0, verbose=False)
         model = makers[name]()
-        tr = pl.Trainer(
-            accelerator="cpu",
-            devices=2,
-            strategy="ddp",
-            max_epochs=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=1,
-        )
+        tr = trainer(-1, devices=2, strategy="ddp", max_epochs=1, limit_val_batches=1)
         tr.fit(model, loader(x, batch_size=8), loader(x[:16], batch_size=8, shuffle=False))
         metrics = {k: float(v) for k, v in tr.callback_metrics.items()}
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
