@@ -70,7 +70,6 @@ class RatSpn(nn.Module):
         pseudo_count: float = 0.1,
     ) -> None:
         super().__init__()
-        self._derived_cache: dict[str, tuple[tuple, object]] = {}  # see _derived
         if leaf not in ("gaussian", "categorical"):
             raise ValueError(f"leaf must be 'gaussian' or 'categorical', got {leaf!r}")
         if leaf == "categorical" and (num_categories is None or num_categories < 2):
@@ -202,14 +201,16 @@ class RatSpn(nn.Module):
 
         The key is each parameter's storage and in-place version counter, which every in-place write
         (EM, optimiser steps, ``load_state_dict``, ``.to()``) changes, so a reused value is always the
-        one ``compute()`` would give. (Writes through ``param.data`` bypass the version counter: write
-        parameters in place under ``torch.no_grad()`` instead, as ``load_state_dict`` does.) An EM step thus normalises its weights once for the statistics
-        and the M-step, and a scoring pass in row blocks builds the leaves' quadratic forms once.
+        one ``compute()`` would give. Writes through ``param.data`` bypass the version counter: write
+        parameters in place under ``torch.no_grad()`` instead, as ``load_state_dict`` does. An EM step
+        thus normalises its weights once for the statistics and the M-step, and a scoring pass in row
+        blocks builds the leaves' quadratic forms once. The cache lives in ``_derived_cache`` (created
+        here, so a module unpickled from before the cache existed works too).
         """
         if torch.is_grad_enabled():
             return compute()
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        cache = self.__dict__.setdefault("_derived_cache", {})  # also a module unpickled from an older version
+        cache = self.__dict__.setdefault("_derived_cache", {})
         hit = cache.get(name)
         if hit is not None and hit[0] == key:
             return hit[1]
