@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -475,6 +476,7 @@ def read_summary(root: str | Path) -> dict[str, Any] | None:
     return summary if isinstance(summary, dict) and summary.get("generator") == GENERATOR else None
 
 
+@functools.cache
 def generator_fingerprint() -> str:
     """sha256 (16 hex digits) of the generator's source, this module and `synthetic_anatomy`.
 
