@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_modules.base import AnomalyDetector, class_tag
-from spn import RatSpn
+from spn import RatSpn, broadcast_module, is_distributed
 
 _TRAINING_COMMANDS = {
     "CAE": "lightning fit --config configs/cae.yaml",
@@ -224,7 +224,7 @@ class RatSpnStage(AnomalyDetector):
         return z.long() if self._require().leaf == "categorical" else z
 
     def _all_reduce(self, t: Tensor) -> Tensor:
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if is_distributed():
             t = t.clone()
             dist.all_reduce(t)
         return t
@@ -243,13 +243,8 @@ class RatSpnStage(AnomalyDetector):
             self.latent_mean = mean.float()
             self.latent_std = std.float().clamp_min(1e-6)
         spn.init_from_data(self._standardise(z), seed=self.hparams.seed + 1)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for tensor in spn.buffers():
-                dist.broadcast(tensor.data, src=0)
-            for param in spn.parameters():  # received into a copy, then written in place: the write bumps the
-                received = param.detach().clone()  # version counter, which RatSpn's derived-tensor cache keys on
-                dist.broadcast(received, src=0)
-                param.copy_(received)
+        if is_distributed():
+            broadcast_module(spn, src=0)
         self.initialized.fill_(True)
 
     # ------------------------------------------------------------------ training

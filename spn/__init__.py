@@ -1,6 +1,6 @@
 """RAT-SPN density estimation in plain torch: exact (marginal) likelihoods, stochastic EM, sampling, MPE."""
 
-from spn.distributed import all_reduce_stats, default_stats_reducer
+from spn.distributed import all_reduce_stats, broadcast_module, default_stats_reducer, is_distributed
 from spn.rat_spn import RatSpn
 from spn.region_graph import RegionGraph, balanced_region_sizes, random_region_graph
 
@@ -9,6 +9,8 @@ __all__ = [
     "RegionGraph",
     "all_reduce_stats",
     "balanced_region_sizes",
+    "broadcast_module",
     "default_stats_reducer",
+    "is_distributed",
     "random_region_graph",
 ]

@@ -1,4 +1,5 @@
-"""Summing EM statistics over data-parallel processes, so every replica takes the same EM step."""
+"""Data-parallel RAT-SPNs: EM statistics summed over processes (every replica takes the same EM step), and
+one model broadcast from a rank (the same initialisation everywhere)."""
 
 from __future__ import annotations
 
@@ -45,8 +46,27 @@ def all_reduce_stats(stats: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def is_distributed() -> bool:
+    """Whether torch.distributed runs with more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def default_stats_reducer() -> Callable[[dict[str, Tensor]], dict[str, Tensor]] | None:
     """`all_reduce_stats` when torch.distributed runs with more than one process, else None."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return all_reduce_stats
-    return None
+    return all_reduce_stats if is_distributed() else None
+
+
+@torch.no_grad()
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Every rank takes ``src``'s parameters and buffers (e.g. after a data-driven initialisation).
+
+    Parameters are received into a copy and written in place: the write bumps their version counter,
+    which `RatSpn`'s cache of derived tensors keys on (a collective writing into ``param.data`` would
+    leave a stale cache behind). Nothing is derived from buffers, so they are received in place.
+    """
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=src)
+    for param in module.parameters():
+        received = param.detach().clone()
+        dist.broadcast(received, src=src)
+        param.copy_(received)
