@@ -218,13 +218,10 @@ def _stage_case(threads: int, loader_batch: int, em_batch: int, loader_batches: 
             self.last = None
 
     with tempfile.TemporaryDirectory() as tmp:
-        ae = CAE()
         ckpt = Path(tmp) / "cae.ckpt"
-        torch.save(
-            {"state_dict": ae.state_dict(), "hyper_parameters": dict(ae.hparams), "anomaly_model_class": "lightning_modules.CAE",
-             "pytorch-lightning_version": pl.__version__},
-            ckpt,
-        )
+        writer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+        writer.strategy.connect(CAE())  # saved untrained by Lightning, with the model's own checkpoint hook
+        writer.save_checkpoint(ckpt)
         stage = RatSpnStage(str(ckpt), step_size=STEP, em_batch_size=em_batch, init_batches=max(1, 3200 // loader_batch))
         loader = DataLoader(_patch_dataset(Path(tmp), loader_batch * loader_batches), batch_size=loader_batch, shuffle=True,
                             collate_fn=collate_patch_batch, generator=torch.Generator().manual_seed(0))

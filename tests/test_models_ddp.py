@@ -48,15 +48,14 @@ def _job(out: Path, names: list[str]) -> None:
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_keep_ranks_identical(tmp_path) -> None:
-    import pytorch_lightning as pl
+    from test_models_helpers import trainer
 
     from lightning_modules import CAE
 
     torch.manual_seed(0)
-    cae = CAE()
-    torch.save({"state_dict": cae.state_dict(), "hyper_parameters": dict(cae.hparams),
-                "anomaly_model_class": "lightning_modules.CAE", "pytorch-lightning_version": pl.__version__},
-               tmp_path / "cae.ckpt")
+    writer = trainer(0)  # an untrained CAE saved by Lightning itself, with the model's own checkpoint hook
+    writer.strategy.connect(CAE())
+    writer.save_checkpoint(tmp_path / "cae.ckpt")
     cmd = [sys.executable, str(Path(__file__).resolve()), str(tmp_path), ",".join(MODELS)]
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=400)
