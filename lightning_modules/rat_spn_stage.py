@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from pytorch_lightning.utilities import move_data_to_device
 from torch import Tensor
 
 from lightning_modules.base import AnomalyDetector, class_tag
@@ -260,21 +261,19 @@ class RatSpnStage(AnomalyDetector):
             for i, batch in enumerate(loader):
                 if i >= self.hparams.init_batches:
                     break
-                batch = self._to_device(batch)
+                batch = move_data_to_device(batch, self.device)
                 batches.append(self.cached_latents(batch))
             if not batches:
                 raise RuntimeError("the training dataloader is empty: nothing to fit the RAT-SPN on")
             self.initialise(batches)
-        self._init_snapshot = {
-            "weights": torch.cat([w.detach().reshape(-1) for w in spn.log_weights] + [spn.log_mix.detach().reshape(-1)]).exp(),
-        }
+        self._init_snapshot = {"weights": self._sum_weights()}
         if spn.leaf == "gaussian":
             self._init_snapshot["mean"] = spn.leaf_mean.detach().clone()
 
-    def _to_device(self, batch: Any) -> Any:
-        if isinstance(batch, dict):
-            return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-        return batch
+    def _sum_weights(self) -> Tensor:
+        """Every sum weight of the RAT-SPN (all levels and the mixing over repetitions) as a flat probability vector."""
+        spn = self._require()
+        return torch.cat([w.detach().reshape(-1) for w in spn.log_weights] + [spn.log_mix.detach().reshape(-1)]).exp()
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         z = self._standardise(self.cached_latents(batch))
@@ -302,8 +301,7 @@ class RatSpnStage(AnomalyDetector):
         spn = self._require()
         if not self._init_snapshot:
             return
-        weights = torch.cat([w.detach().reshape(-1) for w in spn.log_weights] + [spn.log_mix.detach().reshape(-1)]).exp()
-        self.log("em/weight_distance_from_init", (weights - self._init_snapshot["weights"]).abs().mean())
+        self.log("em/weight_distance_from_init", (self._sum_weights() - self._init_snapshot["weights"]).abs().mean())
         if "mean" in self._init_snapshot:
             moved = (spn.leaf_mean.detach() - self._init_snapshot["mean"]).abs().sum()
             self.log("em/leaf_mean_distance_from_init", moved / (spn.slot_valid.sum() * spn.num_input_distributions))
