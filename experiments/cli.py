@@ -79,12 +79,9 @@ class ConfigSaver(SaveConfigCallback):
         self.run_dir = Path(run_dir)
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        target = self.run_dir / self.config_filename
-        tmp = target.with_name(f".{target.name}.tmp")
-        text = self.parser.dump(self.config, skip_none=False)
-        tmp.write_text(text)
-        os.replace(tmp, target)
+        from experiments.evaluation import atomic_write
+
+        atomic_write(self.run_dir / self.config_filename, self.parser.dump(self.config, skip_none=False))
 
 
 class AnomalyMapWriter(BasePredictionWriter):

@@ -468,7 +468,11 @@ class EvaluationAccumulator:
 # Writing results: always to a temporary name in the target folder, then renamed.
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Writes ``data`` (text as UTF-8) to a temporary file beside ``path``, then renames it into place:
+    a reader never sees half a file, and an interrupted write leaves the old one (and no temporary)."""
+    if isinstance(data, str):
+        data = data.encode()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -495,7 +499,7 @@ def _json_safe(value: object) -> object:
 def write_metrics_json(path: str | Path, summary: Mapping) -> Path:
     """Writes the scalars as strict JSON (NaN -> null), atomically."""
     path = Path(path)
-    _atomic_write_bytes(path, (json.dumps(_json_safe(summary), indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(path, (json.dumps(_json_safe(summary), indent=2, sort_keys=True) + "\n").encode())
     return path
 
 
@@ -508,7 +512,7 @@ def write_per_image_csv(path: str | Path, results: list[ImageResult]) -> Path:
     for result in results:
         row = asdict(result)
         writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
-    _atomic_write_bytes(path, buffer.getvalue().encode())
+    atomic_write(path, buffer.getvalue().encode())
     return path
 
 
@@ -517,7 +521,7 @@ def write_npz(path: str | Path, **arrays: object) -> Path:
     path = Path(path)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
-    _atomic_write_bytes(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
     return path
 
 

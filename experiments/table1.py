@@ -25,6 +25,7 @@ from typing import Any
 
 from torch import Tensor
 
+from experiments.evaluation import atomic_write
 from lightning_modules.base import AnomalyDetector
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -262,13 +263,6 @@ def stage_done(stage: Stage, runs_dir: Path, eval_dir: Path) -> bool:
     return (eval_dir / stage.name / "metrics.json").is_file()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _fmt_duration(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -321,7 +315,7 @@ def run_stages(
         timings[stage.name] = {"kind": stage.kind, "model": stage.model, "test_set": stage.test_set,
                                "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
                                "estimate_s": stage.estimate_s, "reused": False}
-        _atomic_write_text(runs_dir / stage.name / "DONE.json", json.dumps(timings[stage.name], indent=2) + "\n")
+        atomic_write(runs_dir / stage.name / "DONE.json", json.dumps(timings[stage.name], indent=2) + "\n")
         write_timings(timings_path, timings)
         log(f"        {stage.name} done in {_fmt_duration(seconds)}")
     write_timings(timings_path, timings)
@@ -337,7 +331,7 @@ def write_timings(path: Path, timings: Mapping[str, Mapping[str, Any]]) -> None:
     cpu = sum(float(t.get("cpu_seconds", 0.0)) for t in timings.values())
     payload = {"stages": dict(timings), "total_seconds": round(total, 2), "total_cpu_seconds": round(cpu, 2),
                "cpu_count": os.cpu_count()}
-    _atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+    atomic_write(path, json.dumps(payload, indent=2) + "\n")
 
 
 # --- the table ---------------------------------------------------------------------------------
@@ -482,8 +476,8 @@ def format_csv(rows: Sequence[Mapping[str, Any]]) -> str:
 def write_table1(rows: Sequence[Mapping[str, Any]], out_dir: Path, title: str, notes: Sequence[str] = ()) -> Path:
     """Writes ``table1.md`` and ``table1.csv`` atomically; returns the markdown path."""
     md = out_dir / "table1.md"
-    _atomic_write_text(md, format_markdown(rows, title, notes))
-    _atomic_write_text(out_dir / "table1.csv", format_csv(rows))
+    atomic_write(md, format_markdown(rows, title, notes))
+    atomic_write(out_dir / "table1.csv", format_csv(rows))
     return md
 
 
