@@ -147,8 +147,25 @@ def _evaluation_callback(output_dir: Path, every_n_epochs: int = 0) -> Callback 
     return module.EvaluationCallback(output_dir=str(output_dir), every_n_epochs=int(every_n_epochs))
 
 
+class ConfigError(ValueError):
+    """A model or data module refused a configured value; the message names the key (``model.init_args.x``)."""
+
+
 class MammoCLI(LightningCLI):
     """LightningCLI with one run folder per run, W&B + CSV loggers, checkpoints and the evaluation callback."""
+
+    def instantiate_classes(self) -> None:
+        """As LightningCLI's, but a constructor's ValueError that names its ``*.init_args.*`` key (the convention of
+        this project's checks) becomes a `ConfigError` with that message, not jsonargparse's union report."""
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            cause: BaseException = err
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            if isinstance(cause, ValueError) and ".init_args." in str(cause):
+                raise ConfigError(str(cause)) from err
+            raise
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(RunOptions, "run", fail_untyped=False)
@@ -263,7 +280,8 @@ def _checkpoint_model_args(args: list[str]) -> list[str]:
 def main(args: list[str] | None = None) -> int:
     """Entry point of `lightning` (console script): runs the command, returns the exit code.
 
-    User-fixable problems (a missing checkpoint or data file, a data error) end in one line, no traceback.
+    User-fixable problems (a missing checkpoint or data file, a data error, a value a constructor refuses)
+    end in one line, no traceback.
     """
     try:
         from datamodules.records import DataError
@@ -272,7 +290,7 @@ def main(args: list[str] | None = None) -> int:
     keep_freed_memory()
     try:
         run_cli(args)
-    except (FileNotFoundError, DataError) as err:
+    except (FileNotFoundError, DataError, ConfigError) as err:
         print(f"lightning: {err}", file=sys.stderr)
         return 2
     return 0

@@ -285,6 +285,14 @@ def test_missing_checkpoint_is_one_clear_line(workdir: Path, capsys: pytest.Capt
     assert "lightning:" in err and "nope.ckpt" in err and "Traceback" not in err
 
 
+def test_a_value_a_constructor_refuses_is_one_clear_line(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "bvae_spn.yaml")
+    code = cli.main(["fit", "--config", config, "--model.init_args.em_batch_size", "0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "lightning: model.init_args.em_batch_size must be >= 1" in err and "Traceback" not in err
+
+
 def test_run_names_keep_second_stages_apart() -> None:
     from jsonargparse import Namespace
 
