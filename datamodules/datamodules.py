@@ -27,6 +27,7 @@ from datamodules.grids import (
     SelectionDecision,
     extract_patches,
     grid_centers,
+    patch_context,
     select_test_image,
     write_selection_report,
 )
@@ -89,7 +90,8 @@ class EvaluationDataset(Dataset):
 
     Item (contract): ``image_id``, ``patient_id``, ``image`` float32 H x W in [0, 1], ``breast_mask`` and
     ``lesion_mask`` bool H x W, ``centers`` int64 M x 2 (every ``stride`` px inside the breast), ``patches``
-    float32 M x 1 x s x s (reflect-padded), ``spacing_mm``, ``stride``, ``meta``. Images are quantised to
+    float32 M x 1 x s x s (reflect-padded), ``context`` float32 M x 2 (`grids.patch_context` of each centre),
+    ``spacing_mm``, ``stride``, ``meta``. Images are quantised to
     uint8 like the training patches, so a model sees the same grey levels in training and evaluation.
     """
 
@@ -142,6 +144,7 @@ class EvaluationDataset(Dataset):
         breast = raw["breast_mask"].astype(bool)
         centers = grid_centers(breast, self.stride)
         patches = extract_patches(image, centers, self.patch_size)
+        context = patch_context(breast, centers)
         return {
             "image_id": raw["image_id"],
             "patient_id": raw["patient_id"],
@@ -149,6 +152,7 @@ class EvaluationDataset(Dataset):
             "breast_mask": torch.from_numpy(breast),
             "lesion_mask": torch.from_numpy(raw["lesion_mask"].astype(bool)),
             "centers": torch.from_numpy(centers),
+            "context": torch.from_numpy(context),
             "patches": torch.from_numpy(patches).unsqueeze(1),
             "spacing_mm": raw["spacing_mm"],
             "stride": self.stride,
@@ -688,6 +692,31 @@ class MammographyDataModule(pl.LightningDataModule):
     def lesion_validation_dataloader(self) -> DataLoader:
         """Evaluation items of the lesion validation set (for AUC curves during fit)."""
         return self._listed_evaluation().lesion_validation_dataloader()
+
+    def calibration_records(self, part: str = "fit") -> list[ImageRecord]:
+        """Healthy *validation* images (never training, test or lesion images) for score calibration.
+
+        The validation patients (the patch cache's patient split) are sorted and halved: ``part="fit"``
+        (even positions) fits a calibration, ``part="check"`` (odd positions) is held out to check it.
+        """
+        if part not in ("fit", "check"):
+            raise DataError(f"calibration part must be 'fit' or 'check', got {part!r}")
+        healthy = self.healthy
+        healthy.setup("validate")
+        _, val_patients = split_patients(healthy.cache.patients, self.val_fraction, self.seed)
+        ordered = sorted(val_patients)
+        chosen = set(ordered[0::2] if part == "fit" else ordered[1::2])
+        records = [r for r in self.records.healthy if r.patient_id in chosen]
+        if not records:
+            raise DataError(f"no healthy validation images for calibration part {part!r} ({len(ordered)} validation "
+                            "patient(s)); raise data.val_fraction or add healthy images")
+        return records
+
+    def calibration_dataloader(self, part: str = "fit") -> DataLoader:
+        """Evaluation items (whole grids, with ``context``) of `calibration_records` ``part``."""
+        ds = EvaluationDataset(self.calibration_records(part), stride=self.stride, patch_size=self.patch_size,
+                               spacing_mm=self.pixel_spacing_mm, kind=None, remove_pectoral=self.remove_pectoral)
+        return DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.eval_num_workers)
 
     def selection_summary(self) -> dict[str, Any]:
         """Test / lesion-validation selection summaries built so far (counts by exclusion reason)."""

@@ -14,9 +14,38 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+CONTEXT_FEATURES = ("skin_distance_px", "edge_distance_px")
+
+
+def patch_context(breast_mask: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Where each patch sits in the breast: float32 M x 2 (`CONTEXT_FEATURES`), px at evaluation spacing.
+
+    Column 0: Euclidean distance of the centre to the nearest background pixel inside the image (the skin
+    line; the image edge does not count). Column 1: distance to the nearest breast pixel on the image edge
+    (the chest-wall side, where the film was cut); the image diagonal when the breast touches no edge.
+    The same function serves the training patches and the evaluation grid, so both see one definition.
+    """
+    mask = np.asarray(breast_mask, dtype=bool)
+    centers = np.asarray(centers, dtype=np.int64).reshape(-1, 2)
+    h, w = mask.shape
+    # edge-replicated padding: a breast pixel on the image edge has breast beyond it, not background
+    padded = np.pad(mask.astype(np.uint8), 1, mode="edge")
+    skin = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+    if not (padded == 0).any():  # no background at all: no skin line
+        skin = np.full(mask.shape, float(np.hypot(h, w)), np.float32)
+    on_edge = np.zeros_like(mask)
+    on_edge[0, :], on_edge[-1, :], on_edge[:, 0], on_edge[:, -1] = mask[0, :], mask[-1, :], mask[:, 0], mask[:, -1]
+    if on_edge.any():
+        edge = cv2.distanceTransform((~on_edge).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    else:
+        edge = np.full(mask.shape, float(np.hypot(h, w)), np.float32)
+    r, c = centers[:, 0], centers[:, 1]
+    return np.stack([skin[r, c], edge[r, c]], axis=1).astype(np.float32)
 
 
 def grid_centers(breast_mask: np.ndarray, stride: int = 16, offset: int = 0) -> np.ndarray:
