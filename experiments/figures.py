@@ -204,3 +204,29 @@ def figure3(hist_files: Mapping[str, Path], out_path: str | Path, title: str = "
         ax.set_ylabel("density")
         ax.legend(fontsize=8)
     return _save_figure(fig, Path(out_path))
+
+
+def calibration_figure(report: Mapping[str, Any], out_path: str | Path) -> Path:
+    """Calibration plot: observed share of held-out healthy pixels (and patches) with p < alpha vs alpha.
+
+    ``report``: `experiments.calibration.ConformalCalibration`'s ``calibration.json`` content. Log-log axes;
+    the diagonal is perfect calibration.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alphas = np.asarray(report["alphas"], dtype=float)
+    fig, ax = plt.subplots(figsize=(4.2, 4.0), dpi=150)
+    ax.plot(alphas, alphas, color="0.6", lw=1, ls="--", label="ideal")
+    ax.plot(alphas, report["pixel_rate"], "o-", label=f"pixels ({report.get('check_images', '?')} images)")
+    ax.plot(alphas, report["patch_rate"], "s:", ms=4, label="grid patches")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("nominal alpha")
+    ax.set_ylabel("held-out healthy share with p < alpha")
+    ax.set_title("conformal calibration, healthy validation")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save_figure(fig, Path(out_path))
