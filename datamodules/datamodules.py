@@ -280,9 +280,11 @@ class HealthyPatchDataModule(pl.LightningDataModule):
         remove_pectoral: bool = False,
         cache_key_extra: dict[str, Any] | None = None,
         progress: bool = True,
+        contour_edge: bool = False,
     ) -> None:
         super().__init__()
         self.records = list(records)
+        self.contour_edge = contour_edge
         self.cache_dir = Path(cache_dir)
         self.pixel_spacing_mm = pixel_spacing_mm
         self.patch_size = patch_size
@@ -306,7 +308,8 @@ class HealthyPatchDataModule(pl.LightningDataModule):
         self.cache = build_patch_cache(
             self.records, self.cache_dir, spacing_mm=self.pixel_spacing_mm, patch_size=self.patch_size,
             n_inside=self.patches_inside, n_contour=self.patches_contour, seed=self.seed,
-            remove_pectoral=self.remove_pectoral, extra_key=self.cache_key_extra, progress=self.progress,
+            remove_pectoral=self.remove_pectoral, contour_edge=self.contour_edge, extra_key=self.cache_key_extra,
+            progress=self.progress,
         )
         _, val_patients = split_patients(self.cache.patients, self.val_fraction, self.seed)
         val_numbers = [i for i, p in enumerate(self.cache.patients) if p in val_patients]
@@ -532,6 +535,8 @@ class MammographyDataModule(pl.LightningDataModule):
         lesion_validation_fraction: for sources without a lesion validation split of their own, the fraction
             of lesion patients held out from the test set for validation curves.
         max_healthy_images: use only the first N healthy images (quick runs; None = all).
+        contour_edge: the contour patches are drawn from the skin line *and* the breast's border on the
+            image edge (chest-wall side), not from the skin line alone (the paper's rule, the default).
         max_lesion_validation_images: score only a seeded (``data_seed``) sample of N lesion validation
             images during fit (CBIS-DDSM's train split has ~1,200 per lesion type; None = all).
         num_workers: training / validation DataLoader workers. 0 is fastest here: the memmapped cache
@@ -570,6 +575,7 @@ class MammographyDataModule(pl.LightningDataModule):
         max_healthy_images: int | None = None,
         max_lesion_validation_images: int | None = None,
         progress: bool = True,
+        contour_edge: bool = False,
     ) -> None:
         super().__init__()
         if source not in SOURCES:
@@ -604,6 +610,7 @@ class MammographyDataModule(pl.LightningDataModule):
         self.max_healthy_images = max_healthy_images
         self.max_lesion_validation_images = max_lesion_validation_images
         self.progress = progress
+        self.contour_edge = contour_edge
         self._records: SourceRecords | None = None
         self._healthy: HealthyPatchDataModule | None = None
         self._evaluation: EvaluationDataModule | None = None
@@ -639,6 +646,7 @@ class MammographyDataModule(pl.LightningDataModule):
                 self.records.healthy, self.cache_dir, self.pixel_spacing_mm, self.patch_size,
                 self.patches_inside, self.patches_contour, self.val_fraction, self.batch_size,
                 self.num_workers, self.seed, self.remove_pectoral, self._key_extra(), self.progress,
+                self.contour_edge,
             )
         return self._healthy
 

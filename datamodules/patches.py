@@ -27,13 +27,13 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import Dataset
 
-from datamodules.grids import extract_patches, patch_context
+from datamodules.grids import chest_wall, extract_patches, patch_context
 from datamodules.preprocessing import PreprocessedImage, preprocess_record
 from datamodules.records import DataError, ImageRecord
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # bump when the cache layout or the sampling code changes meaning
+CACHE_FORMAT = 3  # bump when the cache layout or the sampling code changes meaning
 
 
 def contour_mask(breast: np.ndarray) -> np.ndarray:
@@ -49,9 +49,12 @@ def sample_centers(
     n_contour: int = 60,
     rng: np.random.Generator | None = None,
     inner_margin_px: int = 8,
+    contour_edge: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded patch centres: ``n_inside`` in the breast (at least ``inner_margin_px`` from the skin line
     where possible) and ``n_contour`` on the skin line. Returns (centres int64 K x 2, on_contour bool K).
+    ``contour_edge``: the straight chest-wall line (`grids.chest_wall`, where the film was cut, next to the
+    image edge or black padding) counts as contour too, so patches there are as common in training as at test.
     Draws without replacement unless a region has fewer pixels than asked for.
     """
     rng = rng if rng is not None else np.random.default_rng(0)
@@ -65,6 +68,8 @@ def sample_centers(
         if eroded.any():
             inner = eroded.astype(bool)
     contour = contour_mask(breast)
+    if contour_edge:
+        contour = contour | chest_wall(breast)[2]
     if not contour.any():  # the breast fills the image: no skin line, use its border instead
         contour = breast
     parts = []
@@ -89,11 +94,13 @@ def image_rng(seed: int, image_id: str) -> np.random.Generator:
 
 
 def image_patches(
-    pre: PreprocessedImage, n_inside: int = 60, n_contour: int = 60, size: int = 64, seed: int = 0
+    pre: PreprocessedImage, n_inside: int = 60, n_contour: int = 60, size: int = 64, seed: int = 0,
+    contour_edge: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The healthy patches of one preprocessed image: (uint8 K x size x size, centres K x 2, on_contour K,
     context float32 K x 2 from `grids.patch_context`)."""
-    centers, on_contour = sample_centers(pre.breast_mask, n_inside, n_contour, image_rng(seed, pre.image_id))
+    centers, on_contour = sample_centers(pre.breast_mask, n_inside, n_contour, image_rng(seed, pre.image_id),
+                                         contour_edge=contour_edge)
     context = patch_context(pre.breast_mask, centers)
     return to_uint8(extract_patches(pre.image, centers, size)), centers, on_contour, context
 
@@ -206,6 +213,7 @@ def build_patch_cache(
     n_contour: int = 60,
     seed: int = 0,
     remove_pectoral: bool = False,
+    contour_edge: bool = False,
     extra_key: dict[str, Any] | None = None,
     progress: bool = True,
     preprocess: Callable[[ImageRecord], PreprocessedImage] | None = None,
@@ -225,6 +233,7 @@ def build_patch_cache(
         "n_contour": int(n_contour),
         "seed": int(seed),
         "remove_pectoral": bool(remove_pectoral),
+        "contour_edge": bool(contour_edge),
         "normalisation": "background-median/breast-p99.5, uint8",
         "listing": listing_fingerprint(records),
         **(extra_key or {}),
@@ -255,7 +264,8 @@ def build_patch_cache(
             for record in _progress(records, len(records), "healthy patches", progress):
                 try:
                     pre = preprocess(record)
-                    patches, centers, on_contour, context = image_patches(pre, n_inside, n_contour, patch_size, seed)
+                    patches, centers, on_contour, context = image_patches(pre, n_inside, n_contour, patch_size, seed,
+                                                                      contour_edge)
                 except Exception as err:  # noqa: BLE001 - a bad file is reported and skipped, never fatal
                     log.warning("skipped unreadable image %s: %s", record.path, err)
                     skipped.append({"path": str(record.path), "error": str(err)})
@@ -327,7 +337,7 @@ class PatchDataset(Dataset):
 
     Batch dict (contract): ``image`` float32 N x 1 x s x s in [0, 1], ``index`` int64 N (global cache
     index), ``center`` int64 N x 2, ``context`` float32 N x 2 (`grids.patch_context`: distances to the skin
-    line and the image edge, px), ``patient_id`` list[str], ``label`` int64 N. Use with
+    line and the chest wall, px), ``patient_id`` list[str], ``label`` int64 N. Use with
     ``collate_fn=collate_patch_batch``.
     """
 

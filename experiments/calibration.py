@@ -8,8 +8,8 @@ After validation the callback scores every grid patch of the healthy validation 
 by border stratum, then checks it on the held-out "check" half: the share of breast pixels whose p-value
 falls below alpha, for alpha from 0.001 to 0.2 (ideal: equal to alpha). It writes
 ``calibrated.ckpt`` (the checkpoint plus the calibrator buffers and ``calibration_alpha``, the
-false-positive rate of the calibrated threshold) and ``calibration.json`` + ``calibration.png`` beside
-the checkpoint. Test and predict with ``--ckpt_path .../calibrated.ckpt`` then score -log p. Nothing here
+false-positive rate of the calibrated threshold) and ``calibrated.calibration.json`` + ``.png`` beside
+the checkpoint (named after the output checkpoint). Test and predict with ``--ckpt_path .../calibrated.ckpt`` then score -log p. Nothing here
 ever sees a test or lesion image.
 """
 
@@ -53,7 +53,7 @@ class ConformalCalibration(pl.Callback):
     Args:
         alpha: false-positive rate of the stored calibrated threshold (-log alpha on the calibrated scale).
         bins_px: border-distance strata (px); ``[]`` = one stratum (plain split-conformal calibration).
-        min_count: calibration patches a stratum needs; fewer -> pooled.
+        min_count: calibration patches a stratum needs; fewer -> its side's scores, else all of them.
         output: where to write the calibrated checkpoint; default ``calibrated.ckpt`` beside ``--ckpt_path``.
     """
 
@@ -99,10 +99,10 @@ class ConformalCalibration(pl.Callback):
         out = self._output(trainer)
         out.parent.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(out)
-        evaluation.write_metrics_json(out.with_name("calibration.json"), report)
+        evaluation.write_metrics_json(out.with_name(f"{out.stem}.calibration.json"), report)
         from experiments.figures import calibration_figure
 
-        calibration_figure(report, out.with_name("calibration.png"))
+        calibration_figure(report, out.with_name(f"{out.stem}.calibration.png"))
         at = dict(zip(CHECK_ALPHAS, report["pixel_rate"]))
         log.warning("calibrated checkpoint: %s (%d fit patches from %d images; held-out healthy pixels with "
                     "p < 0.05: %.3f, p < 0.01: %.3f)", out, fit_info["n"], n_fit_images, at[0.05], at[0.01])

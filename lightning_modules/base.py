@@ -31,7 +31,7 @@ class AnomalyDetector(pl.LightningModule):
 
     score_batch_size: int = 512
     #: whether `score_patches` takes the patch context (``score_patches(x, context)``, N x 2 px distances to
-    #: the skin line and the image edge, `datamodules.grids.patch_context`); True for a conditional RAT-SPN
+    #: the skin line and the chest wall, `datamodules.grids.patch_context`); True for a conditional RAT-SPN
     uses_context: bool = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -81,7 +81,7 @@ class AnomalyDetector(pl.LightningModule):
         """Scores of an evaluation item's grid patches: calibrated (-log p) when the calibrator is fitted.
 
         ``border_suppression_px`` (a model option, default 0) gives every patch whose centre lies closer
-        than that to the skin line or the image edge the image's lowest score: the naive border fix,
+        than that to the skin line or the chest wall the image's lowest score: the naive border fix,
         kept as a comparison row (it hides lesions by the border too).
         """
         context = batch.get("context")
@@ -102,10 +102,12 @@ class AnomalyDetector(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Sizes the calibrator like the saved one; a checkpoint from before calibration loads uncalibrated."""
         state = checkpoint.get("state_dict", {})
-        own = {k: v for k, v in self.state_dict().items() if k.startswith("calibrator.") or k == "calibration_alpha"}
-        for key, value in own.items():
-            state.setdefault(key, value)
-        self.calibrator.resize_for(state, "calibrator.")
+        for key, value in self.state_dict().items():  # also a nested model's (the RAT-SPN stage's autoencoder)
+            if "calibrator." in key or key.rpartition(".")[2] == "calibration_alpha":
+                state.setdefault(key, value)
+        for prefix, module in self.named_modules():
+            if isinstance(module, MondrianConformal):
+                module.resize_for(state, f"{prefix}.")
 
     def test_step(self, batch: dict, batch_idx: int) -> dict:
         return {"scores": self.score_item(batch)}

@@ -1,7 +1,7 @@
 """Mondrian (stratified) conformal calibration of anomaly scores, kept in checkpoint buffers.
 
 A patch's raw score is ranked against the raw scores of healthy calibration patches of the same
-*border stratum* (how far its centre lies from the skin line or the image edge), and turned into a
+*border stratum* (how far its centre lies from the skin line or the chest wall), and turned into a
 conformal p-value: p = (1 + #{healthy scores >= s}) / (n + 1) within the stratum. The calibrated
 score is -log p, comparable across strata: a patch by the skin line is compared with healthy patches
 by the skin line, not with the breast interior, so the border no longer outshines a lesion merely by
@@ -10,7 +10,8 @@ being the most varied healthy tissue (PROTOCOL "Known traps").
 Between calibration scores p is interpolated linearly in the rank (no ties among test patches); past
 the highest calibration score it falls off exponentially with the mean excess of the stratum's top
 decile, so patches more extreme than every healthy one still keep their order. Strata with fewer than
-``min_count`` calibration patches use the pooled scores of all strata. With no bins (``bins_px=()``)
+``min_count`` calibration patches use the scores of their side (skin line or chest wall) as a whole,
+or, if that is short too, the pooled scores of all strata. With no bins (``bins_px=()``)
 this is plain split-conformal calibration, and ``threshold(alpha)`` = -log(alpha) is a threshold with
 false-positive rate ~alpha on healthy tissue.
 
@@ -27,13 +28,13 @@ from torch import Tensor, nn
 
 
 class MondrianConformal(nn.Module):
-    """Per-stratum conformal p-values of scores; strata from the patch context (skin, edge distances in px).
+    """Per-stratum conformal p-values of scores; strata from the patch context (skin, chest-wall distances in px).
 
     Args:
         bins_px: upper edges of the border-distance bins (px at evaluation spacing); distance = the nearer
-            of the skin line and the image edge. Patches nearer the edge than the skin line and closer than
-            the last edge form their own strata (the chest-wall side), so there are ``2 * len(bins) + 1``.
-        min_count: calibration patches a stratum needs to stand alone; fewer -> the pooled scores.
+            of the skin line and the chest wall. Patches nearer the chest wall than the skin line and closer
+            than the last bin edge form their own strata, so there are ``2 * len(bins) + 1``.
+        min_count: calibration patches a stratum needs to stand alone; fewer -> its side's, else all scores.
     """
 
     def __init__(self, bins_px: tuple[float, ...] | list[float] = (16.0, 32.0, 64.0), min_count: int = 50) -> None:
@@ -54,14 +55,14 @@ class MondrianConformal(nn.Module):
         return int(self.offsets.numel()) == self.num_strata + 1 and int(self.sorted_scores.numel()) > 0
 
     def strata(self, context: Tensor) -> Tensor:
-        """Stratum index (long N) of each patch from its context (N x 2: skin distance, edge distance, px)."""
+        """Stratum index (long N) of each patch from its context (N x 2: skin and chest-wall distance, px)."""
         context = context.reshape(-1, 2).float()
-        skin, edge = context[:, 0], context[:, 1]
-        nearest = torch.minimum(skin, edge)
+        skin, chest = context[:, 0], context[:, 1]
+        nearest = torch.minimum(skin, chest)
         b = torch.bucketize(nearest, self.bins.to(nearest.device), right=True)  # 0 .. B
         nb = int(self.bins.numel())
-        edge_side = (edge < skin) & (b < nb)
-        return torch.where(edge_side, b + nb + 1, b)
+        chest_side = (chest < skin) & (b < nb)
+        return torch.where(chest_side, b + nb + 1, b)
 
     @torch.no_grad()
     def fit(self, scores: Tensor, context: Tensor) -> dict[str, Any]:
@@ -74,11 +75,16 @@ class MondrianConformal(nn.Module):
         strata = self.strata(context.cpu())
         pool = torch.sort(scores).values
         parts, offsets, tails, pooled, counts = [], [0], [], [], []
+        nb = int(self.bins.numel())
+        chest = strata > nb
         for s in range(self.num_strata):
             own = torch.sort(scores[strata == s]).values
             counts.append(int(own.numel()))
             use_pool = own.numel() < self.min_count
-            chosen = pool if use_pool else own
+            chosen = own
+            if use_pool:  # the stratum's side (skin line or chest wall) as a whole, else every stratum
+                side = torch.sort(scores[chest == (s > nb)]).values
+                chosen = side if side.numel() >= self.min_count else pool
             parts.append(chosen)
             offsets.append(offsets[-1] + int(chosen.numel()))
             tails.append(self._tail_scale(chosen))

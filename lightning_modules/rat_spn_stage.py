@@ -21,7 +21,7 @@ from torch import Tensor
 from lightning_modules.base import AnomalyDetector, class_tag
 from spn import RatSpn, broadcast_module, is_distributed
 
-#: extra RAT-SPN variables of the conditional model (``context=True``): skin and edge distance features
+#: extra RAT-SPN variables of the conditional model (``context=True``): skin-line and chest-wall distance features
 CONTEXT_VARS = 2
 
 _TRAINING_COMMANDS = {
@@ -61,13 +61,13 @@ class RatSpnStage(AnomalyDetector):
             per loader batch instead of once per EM step: the paper configs load 1024 patches and take
             EM steps of 64. None = one EM step per loader batch.
         context: model the patch's position jointly with its latents: two extra Gaussian leaf variables,
-            log(1 + d / ``context_scale_px``) of the centre's distance d to the skin line and to the image
-            edge (`datamodules.grids.patch_context`), standardised like the latents. The score is then the
+            log(1 + d / ``context_scale_px``) of the centre's distance d to the skin line and to the
+            chest wall (`datamodules.grids.patch_context`), standardised like the latents. The score is then the
             conditional -log p(z | context) = -(log p(z, context) - log p(context)), both terms exact (the
             context marginal integrates the latents out): a patch is compared with healthy patches at the
             same place in the breast, not with the interior (issue: the border trap). Gaussian leaves only.
         border_suppression_px: the naive border fix, kept as a comparison row: patches whose centre lies
-            closer than this to the skin line or the image edge get the image's lowest score. 0 = off.
+            closer than this to the skin line or the chest wall get the image's lowest score. 0 = off.
     """
 
     def __init__(
@@ -179,10 +179,10 @@ class RatSpnStage(AnomalyDetector):
         return bool(self.hparams.context)
 
     def _context_features(self, context: Tensor | None) -> Tensor:
-        """log(1 + d / scale) of the (skin, edge) distances, float N x 2; an error when the batch has none."""
+        """log(1 + d / scale) of the (skin, chest-wall) distances, float N x 2; an error when the batch has none."""
         if context is None:
             raise ValueError("model.init_args.context is set but the batch has no 'context' (patch distances to "
-                             "the skin line and image edge): rebuild the patch cache with this version")
+                             "the skin line and chest wall): rebuild the patch cache with this version")
         return torch.log1p(context.float().clamp_min(0) / float(self.hparams.context_scale_px))
 
     def _inputs(self, z: Tensor, context: Tensor | None) -> Tensor:

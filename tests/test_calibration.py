@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.grids import patch_context
+from datamodules.grids import chest_wall, patch_context
 from experiments.calibration import observed_rates
 from lightning_modules.calibration import MondrianConformal
 from lightning_modules.rat_spn_stage import RatSpnStage
@@ -18,30 +18,46 @@ from tests.test_rat_spn_stage import TinyAE, _images, _save_autoencoder, _traine
 
 
 def _brute_context(mask: np.ndarray, r: int, c: int) -> tuple[float, float]:
+    """The definition, spelled out: the chest-wall column is the bounding-box side most rows end on; the
+    skin line is every background pixel except those across the chest wall on rows that reach it."""
     h, w = mask.shape
-    background = [(i, j) for i in range(h) for j in range(w) if not mask[i, j]]
-    edge = [(i, j) for i in range(h) for j in range(w) if mask[i, j] and (i in (0, h - 1) or j in (0, w - 1))]
+    rows = [i for i in range(h) if mask[i].any()]
+    lo = min(int(np.flatnonzero(mask[i])[0]) for i in rows)
+    hi = max(int(np.flatnonzero(mask[i])[-1]) for i in rows)
+    left = [i for i in rows if np.flatnonzero(mask[i])[0] <= lo + 4]
+    right = [i for i in rows if np.flatnonzero(mask[i])[-1] >= hi - 4]
+    col, beyond = (lo, lambda i, j: i in left and j < lo) if len(left) >= len(right) else (hi, lambda i, j: i in right and j > hi)
+    background = [(i, j) for i in range(h) for j in range(w) if not mask[i, j] and not beyond(i, j)]
     skin = min(math.hypot(i - r, j - c) for i, j in background) if background else math.hypot(h, w)
-    e = min(math.hypot(i - r, j - c) for i, j in edge) if edge else math.hypot(h, w)
-    return skin, e
+    return skin, abs(c - col)
 
 
-def test_patch_context_matches_brute_force_distances():
+@pytest.mark.parametrize("chest_col", [0, 6])  # breast touching the image edge; cut next to black padding
+def test_patch_context_matches_brute_force_distances(chest_col):
     rng = np.random.default_rng(0)
-    mask = np.zeros((23, 31), bool)
-    yy, xx = np.mgrid[:23, :31]
-    mask[(yy - 11) ** 2 / 120 + xx**2 / 500 < 1] = True  # a half-ellipse against the left edge (chest wall)
+    mask = np.zeros((23, 37), bool)
+    yy, xx = np.mgrid[:23, :37]
+    mask[((yy - 11) ** 2 / 110 + (xx - chest_col) ** 2 / 500 < 1) & (xx >= chest_col)] = True
     centers = np.argwhere(mask)[rng.choice(int(mask.sum()), 25, replace=False)]
     got = patch_context(mask, centers)
     assert got.shape == (25, 2) and got.dtype == np.float32
-    for (r, c), (skin, edge) in zip(centers, got):
-        want_skin, want_edge = _brute_context(mask, int(r), int(c))
+    for (r, c), (skin, chest) in zip(centers, got):
+        want_skin, want_chest = _brute_context(mask, int(r), int(c))
         assert skin == pytest.approx(want_skin, abs=1e-3)
-        assert edge == pytest.approx(want_edge, abs=1e-3)
-    # a breast touching no image edge: edge distance is the image diagonal
-    island = np.zeros((10, 10), bool)
-    island[3:7, 3:7] = True
-    assert patch_context(island, np.array([[4, 4]]))[0, 1] == pytest.approx(math.hypot(10, 10))
+        assert chest == pytest.approx(want_chest, abs=1e-3)
+    # the straight cut is the chest wall, not skin: a centre next to it is far from the skin line
+    r, c = 11, chest_col + 1
+    skin, chest = patch_context(mask, np.array([[r, c]]))[0]
+    assert chest == pytest.approx(1.0) and skin > 8
+
+
+def test_chest_wall_finds_the_straight_side():
+    mask = np.zeros((30, 40), bool)
+    yy, xx = np.mgrid[:30, :40]
+    mask[((yy - 15) ** 2 / 150 + (39 - xx) ** 2 / 600 < 1)] = True  # chest wall on the right image edge
+    col, side, line = chest_wall(mask)
+    assert (col, side) == (39, 1) and line[:, 39].sum() == mask[:, 39].sum() and not line[:, :35].any()
+    assert chest_wall(np.zeros((5, 5), bool))[1] == 0
 
 
 def _context(n: int, skin: float, edge: float = 500.0) -> torch.Tensor:
@@ -79,6 +95,13 @@ def test_sparse_strata_fall_back_to_the_pool_and_a_fitted_state_round_trips():
     edge_stratum = int(cal.strata(_context(1, 2.0, edge=1.0))[0])
     assert edge_stratum == 3 and info["counts"][edge_stratum] == 10 and info["pooled"][edge_stratum]
     torch.testing.assert_close(cal.p_value(torch.tensor([49.5]), _context(1, 2.0, edge=1.0)), torch.tensor([50.5 / 101]))
+    # two sparse chest-wall strata (30 each) share their side's 60 scores before falling back to the pool
+    side = MondrianConformal(bins_px=(16.0, 32.0), min_count=50)
+    chest_scores = 1000 + torch.arange(60, dtype=torch.float32)
+    chest_ctx = torch.cat([_context(30, 50.0, edge=5.0), _context(30, 50.0, edge=20.0)])
+    side.fit(torch.cat([scores, chest_scores]), torch.cat([_context(100, 50.0), chest_ctx]))
+    torch.testing.assert_close(side.p_value(torch.tensor([1029.5, 1029.5]), chest_ctx[[0, -1]]),
+                               torch.tensor([30.5 / 61, 30.5 / 61]))
     fresh = MondrianConformal(bins_px=(16.0, 32.0))
     assert not fresh.fitted
     state = cal.state_dict()
