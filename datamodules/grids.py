@@ -19,7 +19,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-CONTEXT_FEATURES = ("skin_distance_px", "chest_wall_distance_px")
+CONTEXT_FEATURES = ("skin_distance_px", "film_cut_distance_px")
 
 
 def chest_wall(breast_mask: np.ndarray, tolerance_px: int = 4) -> tuple[int, int, np.ndarray]:
@@ -48,13 +48,24 @@ def chest_wall(breast_mask: np.ndarray, tolerance_px: int = 4) -> tuple[int, int
     return col, side, line
 
 
+def film_cut(breast_mask: np.ndarray) -> np.ndarray:
+    """Where the breast was cut off by the film rather than ending in skin: the chest-wall line
+    (`chest_wall`) and the breast pixels on the image's outermost rows and columns (bool H x W)."""
+    mask = np.asarray(breast_mask, dtype=bool)
+    cut = chest_wall(mask)[2]
+    cut[[0, -1], :] |= mask[[0, -1], :]
+    cut[:, [0, -1]] |= mask[:, [0, -1]]
+    return cut
+
+
 def patch_context(breast_mask: np.ndarray, centers: np.ndarray) -> np.ndarray:
     """Where each patch sits in the breast: float32 M x 2 (`CONTEXT_FEATURES`), px at evaluation spacing.
 
     Column 0: Euclidean distance of the centre to the skin line, the nearest background pixel that is not
-    across the chest wall (image edges do not count either). Column 1: horizontal distance to the
-    chest-wall line (`chest_wall`). The same function serves the training patches and the evaluation grid,
-    so both see one definition.
+    across the chest wall (image edges do not count either). Column 1: Euclidean distance to the film cut
+    (`film_cut`: the chest-wall line and the breast's pixels on the image edge); the image diagonal when
+    there is none. The same function serves the training patches and the evaluation grid, so both see one
+    definition.
     """
     mask = np.asarray(breast_mask, dtype=bool)
     centers = np.asarray(centers, dtype=np.int64).reshape(-1, 2)
@@ -66,15 +77,20 @@ def patch_context(breast_mask: np.ndarray, centers: np.ndarray) -> np.ndarray:
         filled[touching, :col] = True
     elif side > 0:
         filled[touching, col + 1:] = True
+    far = float(np.hypot(h, w))
     # edge-replicated padding: a breast pixel on the image edge has breast beyond it, not background
     padded = np.pad(filled.astype(np.uint8), 1, mode="edge")
     if (padded == 0).any():
         skin = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
     else:  # no background at all: no skin line
-        skin = np.full(mask.shape, float(np.hypot(h, w)), np.float32)
+        skin = np.full(mask.shape, far, np.float32)
+    cut = film_cut(mask)
+    if cut.any():
+        to_cut = cv2.distanceTransform((~cut).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    else:
+        to_cut = np.full(mask.shape, far, np.float32)
     r, c = centers[:, 0], centers[:, 1]
-    chest = np.abs(c - col).astype(np.float32) if side else np.full(len(c), float(np.hypot(h, w)), np.float32)
-    return np.stack([skin[r, c], chest], axis=1).astype(np.float32)
+    return np.stack([skin[r, c], to_cut[r, c]], axis=1).astype(np.float32)
 
 
 def grid_centers(breast_mask: np.ndarray, stride: int = 16, offset: int = 0) -> np.ndarray:

@@ -27,13 +27,13 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import Dataset
 
-from datamodules.grids import chest_wall, extract_patches, patch_context
+from datamodules.grids import extract_patches, film_cut, patch_context
 from datamodules.preprocessing import PreprocessedImage, preprocess_record
 from datamodules.records import DataError, ImageRecord
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 3  # bump when the cache layout or the sampling code changes meaning
+CACHE_FORMAT = 4  # bump when the cache layout or the sampling code changes meaning
 
 
 def contour_mask(breast: np.ndarray) -> np.ndarray:
@@ -53,8 +53,9 @@ def sample_centers(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded patch centres: ``n_inside`` in the breast (at least ``inner_margin_px`` from the skin line
     where possible) and ``n_contour`` on the skin line. Returns (centres int64 K x 2, on_contour bool K).
-    ``contour_edge``: the straight chest-wall line (`grids.chest_wall`, where the film was cut, next to the
-    image edge or black padding) counts as contour too, so patches there are as common in training as at test.
+    ``contour_edge``: the film cut (`grids.film_cut`: the straight chest-wall line, next to the image edge or
+    black padding, and the breast on the image edge) counts as contour too, so patches there are as common
+    in training as at test.
     Draws without replacement unless a region has fewer pixels than asked for.
     """
     rng = rng if rng is not None else np.random.default_rng(0)
@@ -69,7 +70,7 @@ def sample_centers(
             inner = eroded.astype(bool)
     contour = contour_mask(breast)
     if contour_edge:
-        contour = contour | chest_wall(breast)[2]
+        contour = contour | film_cut(breast)
     if not contour.any():  # the breast fills the image: no skin line, use its border instead
         contour = breast
     parts = []

@@ -55,10 +55,12 @@ class ConformalCalibration(pl.Callback):
         bins_px: border-distance strata (px); ``[]`` = one stratum (plain split-conformal calibration).
         min_count: calibration patches a stratum needs; fewer -> its side's scores, else all of them.
         output: where to write the calibrated checkpoint; default ``calibrated.ckpt`` beside ``--ckpt_path``.
+        normalise: normalised conformal (each stratum's median and robust scale, then one pooled rank) instead
+            of a rank within each stratum: the tails then come from every healthy patch.
     """
 
     def __init__(self, alpha: float = 0.01, bins_px: list[float] | None = None, min_count: int = 50,
-                 output: str | None = None) -> None:
+                 output: str | None = None, normalise: bool = False) -> None:
         super().__init__()
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"trainer.callbacks.alpha must lie in (0, 1), got {alpha}")
@@ -66,6 +68,7 @@ class ConformalCalibration(pl.Callback):
         self.bins_px = [16.0, 32.0, 64.0] if bins_px is None else [float(b) for b in bins_px]
         self.min_count = int(min_count)
         self.output = output
+        self.normalise = bool(normalise)
 
     def _output(self, trainer: pl.Trainer) -> Path:
         if self.output:
@@ -82,7 +85,7 @@ class ConformalCalibration(pl.Callback):
             raise RuntimeError("ConformalCalibration needs a datamodule with calibration_dataloader(part)")
         from lightning_modules.calibration import MondrianConformal
 
-        calibrator = MondrianConformal(self.bins_px, self.min_count).to(pl_module.device)
+        calibrator = MondrianConformal(self.bins_px, self.min_count, self.normalise).to(pl_module.device)
         raws, contexts, n_fit_images = [], [], 0
         for item in dm.calibration_dataloader("fit"):
             raw, context = _item_scores(pl_module, item)
@@ -93,8 +96,9 @@ class ConformalCalibration(pl.Callback):
         pl_module.calibrator = calibrator
         pl_module.calibration_alpha.fill_(self.alpha)
         report = self._check(dm, pl_module, calibrator)
-        report.update(alpha=self.alpha, bins_px=self.bins_px, min_count=self.min_count, fit_images=n_fit_images,
+        report.update(alpha=self.alpha, bins_px=self.bins_px, normalise=self.normalise, min_count=self.min_count, fit_images=n_fit_images,
                       fit_patches=fit_info["n"], stratum_counts=fit_info["counts"], stratum_pooled=fit_info["pooled"],
+                      stratum_median_raw_score=fit_info["median_raw_score"],
                       threshold=calibrator.threshold(self.alpha), checkpoint=str(trainer.ckpt_path))
         out = self._output(trainer)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -37,14 +37,19 @@ class MondrianConformal(nn.Module):
         min_count: calibration patches a stratum needs to stand alone; fewer -> its side's, else all scores.
     """
 
-    def __init__(self, bins_px: tuple[float, ...] | list[float] = (16.0, 32.0, 64.0), min_count: int = 50) -> None:
+    def __init__(self, bins_px: tuple[float, ...] | list[float] = (16.0, 32.0, 64.0), min_count: int = 50,
+                 normalise: bool = False) -> None:
         super().__init__()
         self.min_count = int(min_count)
+        self.normalise = bool(normalise)
         self.register_buffer("bins", torch.tensor([float(b) for b in bins_px]))
         self.register_buffer("sorted_scores", torch.zeros(0))  # per stratum, ascending, concatenated
         self.register_buffer("offsets", torch.zeros(1, dtype=torch.long))  # stratum s: offsets[s]:offsets[s+1]
         self.register_buffer("tail_scale", torch.zeros(0))
         self.register_buffer("pooled", torch.zeros(0, dtype=torch.bool))  # stratum fell back to the pool
+        # normalised mode: per-stratum median and robust scale; the ranks then come from all strata together
+        self.register_buffer("loc", torch.zeros(0))
+        self.register_buffer("scale", torch.zeros(0))
 
     @property
     def num_strata(self) -> int:
@@ -66,7 +71,8 @@ class MondrianConformal(nn.Module):
 
     @torch.no_grad()
     def fit(self, scores: Tensor, context: Tensor) -> dict[str, Any]:
-        """Stores the calibration scores by stratum; returns the count per stratum and which were pooled."""
+        """Stores the calibration scores by stratum; returns per stratum the count, the median raw score (how
+        much the border outshines the interior on healthy tissue) and whether it fell back to a pool."""
         scores = scores.reshape(-1).double().cpu()
         if scores.numel() == 0:
             raise ValueError("conformal calibration needs at least one healthy calibration patch")
@@ -74,26 +80,50 @@ class MondrianConformal(nn.Module):
             raise ValueError("conformal calibration scores contain NaN or infinity")
         strata = self.strata(context.cpu())
         pool = torch.sort(scores).values
-        parts, offsets, tails, pooled, counts = [], [0], [], [], []
+        parts, offsets, tails, pooled, counts, medians = [], [0], [], [], [], []
         nb = int(self.bins.numel())
         chest = strata > nb
         for s in range(self.num_strata):
             own = torch.sort(scores[strata == s]).values
             counts.append(int(own.numel()))
+            medians.append(float(own[own.numel() // 2]) if own.numel() else float("nan"))
             use_pool = own.numel() < self.min_count
             chosen = own
             if use_pool:  # the stratum's side (skin line or chest wall) as a whole, else every stratum
                 side = torch.sort(scores[chest == (s > nb)]).values
                 chosen = side if side.numel() >= self.min_count else pool
             parts.append(chosen)
-            offsets.append(offsets[-1] + int(chosen.numel()))
             tails.append(self._tail_scale(chosen))
             pooled.append(use_pool)
+        if self.normalise:
+            parts = self._normalised_parts(scores, strata, parts)
+            tails = [self._tail_scale(parts[0])] * self.num_strata
+        else:
+            self.loc = torch.zeros(self.num_strata)
+            self.scale = torch.ones(self.num_strata)
+        offsets = [0]
+        for part in parts:
+            offsets.append(offsets[-1] + int(part.numel()))
         self.sorted_scores = torch.cat(parts).float()
         self.offsets = torch.tensor(offsets, dtype=torch.long)
         self.tail_scale = torch.tensor(tails, dtype=torch.float32)
         self.pooled = torch.tensor(pooled, dtype=torch.bool)
-        return {"counts": counts, "pooled": pooled, "n": int(scores.numel())}
+        return {"counts": counts, "pooled": pooled, "median_raw_score": medians, "n": int(scores.numel())}
+
+    def _normalised_parts(self, scores: Tensor, strata: Tensor, parts: list[Tensor]) -> list[Tensor]:
+        """Normalised conformal: each stratum's own (or fallback) scores give a median and a robust scale
+        (interquartile range / 1.349); every score is standardised by its stratum's, and all of them together
+        form one calibration set, so the tails come from every healthy patch, not from a small stratum's."""
+        locs, scales = [], []
+        for chosen in parts:
+            n = chosen.numel()
+            q1, med, q3 = chosen[n // 4], chosen[n // 2], chosen[(3 * n) // 4]
+            locs.append(float(med))
+            scales.append(max(float(q3 - q1) / 1.349, 1e-6))
+        self.loc = torch.tensor(locs, dtype=torch.float32)
+        self.scale = torch.tensor(scales, dtype=torch.float32)
+        z = torch.sort((scores - self.loc.double()[strata]) / self.scale.double()[strata]).values
+        return [z] * self.num_strata
 
     @staticmethod
     def _tail_scale(sorted_scores: Tensor) -> float:
@@ -112,6 +142,8 @@ class MondrianConformal(nn.Module):
         scores = scores.reshape(-1).float()
         strata = self.strata(context).to(scores.device)
         out = torch.ones_like(scores)
+        if self.loc.numel() == self.num_strata:  # identity (0, 1) unless fitted in normalised mode
+            scores = (scores - self.loc.to(scores.device)[strata]) / self.scale.to(scores.device)[strata]
         cal_all = self.sorted_scores.to(scores.device)
         for s in torch.unique(strata).tolist():
             sel = strata == s
@@ -150,7 +182,7 @@ class MondrianConformal(nn.Module):
 
     def resize_for(self, state: dict[str, Tensor], prefix: str) -> None:
         """Gives the buffers the shapes of a saved state, so `load_state_dict` accepts a fitted calibrator."""
-        for name in ("bins", "sorted_scores", "offsets", "tail_scale", "pooled"):
+        for name in ("bins", "sorted_scores", "offsets", "tail_scale", "pooled", "loc", "scale"):
             key = prefix + name
             if key in state:
                 setattr(self, name, torch.empty_like(state[key]))

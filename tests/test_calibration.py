@@ -19,17 +19,22 @@ from tests.test_rat_spn_stage import TinyAE, _images, _save_autoencoder, _traine
 
 def _brute_context(mask: np.ndarray, r: int, c: int) -> tuple[float, float]:
     """The definition, spelled out: the chest-wall column is the bounding-box side most rows end on; the
-    skin line is every background pixel except those across the chest wall on rows that reach it."""
+    skin line is every background pixel except those across the chest wall on rows that reach it; the film
+    cut is the chest-wall band (4 px) on those rows plus the breast's pixels on the image edge."""
     h, w = mask.shape
     rows = [i for i in range(h) if mask[i].any()]
     lo = min(int(np.flatnonzero(mask[i])[0]) for i in rows)
     hi = max(int(np.flatnonzero(mask[i])[-1]) for i in rows)
     left = [i for i in rows if np.flatnonzero(mask[i])[0] <= lo + 4]
     right = [i for i in rows if np.flatnonzero(mask[i])[-1] >= hi - 4]
-    col, beyond = (lo, lambda i, j: i in left and j < lo) if len(left) >= len(right) else (hi, lambda i, j: i in right and j > hi)
+    if len(left) >= len(right):
+        chest, beyond = [(i, j) for i in left for j in range(lo, lo + 5) if mask[i, j]], lambda i, j: i in left and j < lo
+    else:
+        chest, beyond = [(i, j) for i in right for j in range(hi - 4, hi + 1) if mask[i, j]], lambda i, j: i in right and j > hi
+    on_edge = [(i, j) for i in range(h) for j in range(w) if mask[i, j] and (i in (0, h - 1) or j in (0, w - 1))]
     background = [(i, j) for i in range(h) for j in range(w) if not mask[i, j] and not beyond(i, j)]
     skin = min(math.hypot(i - r, j - c) for i, j in background) if background else math.hypot(h, w)
-    return skin, abs(c - col)
+    return skin, min(math.hypot(i - r, j - c) for i, j in chest + on_edge)
 
 
 @pytest.mark.parametrize("chest_col", [0, 6])  # breast touching the image edge; cut next to black padding
@@ -46,9 +51,10 @@ def test_patch_context_matches_brute_force_distances(chest_col):
         assert skin == pytest.approx(want_skin, abs=1e-3)
         assert chest == pytest.approx(want_chest, abs=1e-3)
     # the straight cut is the chest wall, not skin: a centre next to it is far from the skin line
+    # (the 4 px tolerance band counts as the cut, so the centre 1 px from the line is inside it)
     r, c = 11, chest_col + 1
     skin, chest = patch_context(mask, np.array([[r, c]]))[0]
-    assert chest == pytest.approx(1.0) and skin > 8
+    assert chest == pytest.approx(0.0) and skin > 8
 
 
 def test_chest_wall_finds_the_straight_side():
@@ -79,6 +85,13 @@ def test_conformal_p_values_follow_the_formula_and_are_uniform_per_stratum():
     fresh_border, fresh_interior = 10 + torch.randn(4000, generator=gen), torch.randn(4000, generator=gen)
     pb = cal.p_value(fresh_border, _context(4000, 3.0)).numpy()
     pi = cal.p_value(fresh_interior, _context(4000, 40.0)).numpy()
+    for alpha, rb, ri in zip((0.01, 0.05, 0.2), observed_rates(pb, (0.01, 0.05, 0.2)), observed_rates(pi, (0.01, 0.05, 0.2))):
+        assert abs(rb - alpha) < 0.35 * alpha + 0.004 and abs(ri - alpha) < 0.35 * alpha + 0.004
+    # normalised mode: the border's shift and spread are taken out, then one pooled rank for every stratum
+    norm = MondrianConformal(bins_px=(16.0,), min_count=20, normalise=True)
+    norm.fit(torch.cat([border * 3 - 20, interior]), torch.cat([_context(400, 3.0), _context(400, 40.0)]))
+    pb = norm.p_value(fresh_border * 3 - 20, _context(4000, 3.0)).numpy()
+    pi = norm.p_value(fresh_interior, _context(4000, 40.0)).numpy()
     for alpha, rb, ri in zip((0.01, 0.05, 0.2), observed_rates(pb, (0.01, 0.05, 0.2)), observed_rates(pi, (0.01, 0.05, 0.2))):
         assert abs(rb - alpha) < 0.35 * alpha + 0.004 and abs(ri - alpha) < 0.35 * alpha + 0.004
     # monotone, also past the highest calibration score (exponential tail keeps the order)
