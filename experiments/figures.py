@@ -204,3 +204,43 @@ def figure3(hist_files: Mapping[str, Path], out_path: str | Path, title: str = "
         ax.set_ylabel("density")
         ax.legend(fontsize=8)
     return _save_figure(fig, Path(out_path))
+
+
+def froc_figure(metrics_files: Mapping[str, Path], out_path: str | Path, title: str = "FROC") -> Path | None:
+    """FROC of one test set: lesion sensitivity against false-positive regions per image, one line per model.
+
+    ``metrics_files`` maps model name -> its evaluation ``metrics.json`` (the ``froc`` curve written by
+    `experiments.evaluation.EvaluationAccumulator`); the 0.5 / 1 / 2 FP-per-image operating points of
+    Table 1 are marked by vertical lines. Returns None when no file holds a curve.
+    """
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {}
+    for model, path in metrics_files.items():
+        path = Path(path)
+        froc = json.loads(path.read_text()).get("froc") if path.is_file() else None
+        if froc and froc.get("fp_per_image"):
+            fp = np.array([np.nan if v is None else v for v in froc["fp_per_image"]], dtype=float)
+            sens = np.array([np.nan if v is None else v for v in froc["sensitivity_all"]], dtype=float)
+            order = np.argsort(fp, kind="stable")
+            curves[model] = (fp[order], sens[order])
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(5.0, 3.6))
+    for model, (fp, sens) in curves.items():
+        ax.plot(fp, sens, marker=".", label=model)
+    for rate in (0.5, 1.0, 2.0):
+        ax.axvline(rate, color="grey", lw=0.6, ls=":")
+    ax.set_xscale("symlog", linthresh=0.1)
+    ax.set_xlim(0, max(8.0, max(float(np.nanmax(c[0])) for c in curves.values())))
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("false-positive regions per image")
+    ax.set_ylabel("lesion sensitivity")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save_figure(fig, Path(out_path))

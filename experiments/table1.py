@@ -30,8 +30,9 @@ from lightning_modules.base import AnomalyDetector
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "configs"
-PROFILES = ("quick", "paper", "smoke")
-DATA_CHOICES = ("synthetic", "cbis_ddsm")
+PROFILES = ("quick", "paper", "smoke", "real")
+#: data sources `--data` names (each a configs/data/<name>.yaml); a path to any data YAML works too
+DATA_CHOICES = ("synthetic", "cbis_ddsm", "ddsm", "mini_ddsm", "mias", "manifest")
 TEST_SETS = (("mass", "masses"), ("calc", "calcs"))
 #: Table 1's model order (paper), then the baseline every model is read against
 MODEL_ORDER = ("CAE", "CAE-RATSPN", "bVAE", "bVAE-RATSPN", "VQVAE", "VQVAE-RATSPN", "f-AnoGAN", "Intensity")
@@ -364,6 +365,16 @@ def read_model_result(eval_run_dir: Path, test_set: str, model: str) -> ModelRes
     return ModelResult(test_set, model, summary, aucs)
 
 
+#: localisation columns of every row (metrics.json keys; issue 9 section 2), in table1.csv and the second table
+LOCALISATION_KEYS = (
+    "lesion_hit_rate", "sensitivity_at_0.5_fp", "sensitivity_at_1_fp", "sensitivity_at_2_fp",
+    "top1_near_border_fraction_mean", "border_area_fraction_mean", "interior_pixel_auc",
+    "hausdorff_cells_mean", "hausdorff_cells_std", "lesion_hit_rate_near_border", "lesion_hit_rate_interior",
+    "sensitivity_at_1_fp_near_border", "sensitivity_at_1_fp_interior", "n_lesions", "n_lesions_near_border",
+    "sensitivity_at_threshold", "fp_per_image_at_threshold",
+)
+
+
 def _num(summary: Mapping[str, Any], key: str) -> float:
     value = summary.get(key)
     return float(value) if value is not None else math.nan
@@ -400,6 +411,9 @@ def build_table(results: Iterable[ModelResult], alpha: float = ALPHA) -> list[di
                 "n_images": int(s.get("n_images") or 0), "n_evaluated": int(s.get("n_evaluated") or 0),
                 "threshold_rule": str(s.get("threshold_rule", "")),
                 "pair": "", "wilcoxon_p": math.nan, "wilcoxon_n": 0, "better": False,
+                **{key: _num(s, key) for key in LOCALISATION_KEYS},
+                "density_pixel_auc": {g: _num(v, "pixel_auc") for g, v in (s.get("density_groups") or {}).items()},
+                "density_n_images": {g: int(v.get("n_images") or 0) for g, v in (s.get("density_groups") or {}).items()},
             })
         index = {(r["test_set"], r["model"]): r for r in rows}
         for ae, spn in PAIRS:
@@ -425,51 +439,121 @@ def _p(x: float) -> str:
     return f"{x:.1e}" if x < 1e-3 else f"{x:.3f}"
 
 
+def _threshold_note(rules: Sequence[str]) -> str:
+    """What the rule names of a table mean (every table says which rule it used)."""
+    meaning = {
+        "image_percentile": "pixels above the given percentile of the image's own breast-pixel scores (paper)",
+        "healthy_percentile": "pixels above the given percentile of healthy validation patch scores",
+        "fixed": "pixels above a fixed value given by the user",
+        "calibrated": "pixels above the model's calibrated threshold, fitted on healthy validation images",
+    }
+    parts = []
+    for rule in rules:
+        base = next((k for k in meaning if rule.startswith(k)), "")
+        parts.append(f"`{rule}` ({meaning.get(base, 'see metrics.json')})")
+    return ", ".join(parts) or "n/a"
+
+
+def _pm(mean: float, sd: float, digits: int = 2) -> str:
+    return f"{_f(mean, digits)} ± {_f(sd, digits)}"
+
+
 def format_markdown(rows: Sequence[Mapping[str, Any]], title: str = "Table 1", notes: Sequence[str] = ()) -> str:
-    """The paper's layout; the better of an AE / AE-RATSPN pair is bold when their Wilcoxon p < 0.01."""
+    """The paper's layout, then the localisation table and the pixel AUC per breast-density group.
+
+    The better of an AE / AE-RATSPN pair is bold when their Wilcoxon p < 0.01. Rows aggregated over
+    seeds (`aggregate_seeds`) show mean ± sd over seeds and the seed count.
+    """
     rules = sorted({r["threshold_rule"] for r in rows if r["threshold_rule"]})
+    seeded = any(int(r.get("n_seeds") or 1) > 1 for r in rows)
     lines = [f"# {title}", ""]
     lines.append(
-        f"Threshold rule for the segmentation (H): {', '.join(rules) or 'n/a'} "
-        "(pixels above the 99th percentile of the image's own breast-pixel scores). "
-        "H = Hausdorff distance in px at evaluation spacing (mm in table1.csv). "
+        f"Threshold rule for the segmentation (H) and the FROC operating point: {_threshold_note(rules)}. "
+        "H = Hausdorff distance in px at evaluation spacing (mm in table1.csv; in score-grid cells in the "
+        "localisation table). "
         f"**Bold**: the better of an AE and its RAT-SPN extension, paired two-sided Wilcoxon signed-rank "
         f"test on per-image AUCs, p < {ALPHA}; p is shown on both rows of the pair."
     )
-    lines += ["", "| Test data | Model | Pixel AUC | Image AUC | H | Wilcoxon p (vs) | images |",
-              "|---|---|---|---|---|---|---|"]
+    if seeded:
+        lines.append("")
+        lines.append("Every figure is the mean ± sd (ddof 1) over seeds (column `seeds`); image AUC and H are the "
+                     "per-seed means. Bold: better at p < 0.01 in every seed; p is the largest over the seeds.")
+    seeds_col = " seeds |" if seeded else ""
+    lines += ["", f"| Test data | Model | Pixel AUC | Image AUC | H | Wilcoxon p (vs) | images |{seeds_col}",
+              "|---|---|---|---|---|---|---|" + ("---|" if seeded else "")]
     for r in rows:
-        cells = [
-            _f(r["pixel_auc"]),
-            f"{_f(r['image_auc_mean'])} ± {_f(r['image_auc_std'])}",
-            f"{_f(r['hausdorff_px_mean'])} ± {_f(r['hausdorff_px_std'])}",
-        ]
+        if seeded:
+            cells = [_pm(r["pixel_auc"], r.get("pixel_auc_sd", math.nan)),
+                     _pm(r["image_auc_mean"], r.get("image_auc_mean_sd", math.nan)),
+                     _pm(r["hausdorff_px_mean"], r.get("hausdorff_px_mean_sd", math.nan))]
+        else:
+            cells = [_f(r["pixel_auc"]), _pm(r["image_auc_mean"], r["image_auc_std"]),
+                     _pm(r["hausdorff_px_mean"], r["hausdorff_px_std"])]
         model = r["model"]
         if r["better"]:
             cells = [f"**{c}**" for c in cells]
             model = f"**{model}**"
         p = f"{_p(r['wilcoxon_p'])} ({r['pair']})" if r["pair"] else ""
+        extra = f" {int(r.get('n_seeds') or 1)} |" if seeded else ""
         lines.append(
-            f"| {r['test_label']} | {model} | {' | '.join(cells)} | {p} | {r['n_evaluated']}/{r['n_images']} |"
+            f"| {r['test_label']} | {model} | {' | '.join(cells)} | {p} | {r['n_evaluated']}/{r['n_images']} |{extra}"
         )
-    lines += ["", *notes]
+    lines += ["", "## Localisation", "",
+              "Hit = share of images whose highest-scoring breast pixel lies in a lesion. Sens@k = lesion sensitivity "
+              "at k false-positive regions per image (FROC: connected regions above each image's own score "
+              "percentiles, a lesion found when a region's peak lies in it; pooled over the test set). Top-1 % near "
+              "border = share of each image's top 1 % pixels within one patch of the breast border, beside the "
+              "border zone's share of the breast. Interior AUC = pixel AUC over pixels more than one patch from "
+              "the border. H cells = Hausdorff in score-grid cells (px / stride). Near / interior: lesions whose "
+              "centre lies within one patch of the border / the rest (lesions per group in table1.csv).",
+              "",
+              "| Test data | Model | Hit | Sens@0.5 | Sens@1 | Sens@2 | Top-1 % near border (zone) | Interior AUC "
+              "| H cells | Hit near / interior | Sens@1 near / interior |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        g = r.get
+        lines.append(
+            f"| {r['test_label']} | {r['model']} | {_f(g('lesion_hit_rate'))} | {_f(g('sensitivity_at_0.5_fp'))} "
+            f"| {_f(g('sensitivity_at_1_fp'))} | {_f(g('sensitivity_at_2_fp'))} "
+            f"| {_f(g('top1_near_border_fraction_mean'))} ({_f(g('border_area_fraction_mean'))}) "
+            f"| {_f(g('interior_pixel_auc'))} | {_pm(g('hausdorff_cells_mean'), g('hausdorff_cells_std'), 1)} "
+            f"| {_f(g('lesion_hit_rate_near_border'))} / {_f(g('lesion_hit_rate_interior'))} "
+            f"| {_f(g('sensitivity_at_1_fp_near_border'))} / {_f(g('sensitivity_at_1_fp_interior'))} |"
+        )
+    groups = sorted({k for r in rows for k in (r.get("density_pixel_auc") or {})})
+    if groups:
+        lines += ["", "## Pixel AUC per breast-density group", "",
+                  "MIAS background tissue F (fatty) / G (fatty-glandular) / D (dense-glandular); DDSM / CBIS-DDSM "
+                  "BI-RADS density 1-2 vs 3-4 (images per group in brackets).", "",
+                  "| Test data | Model | " + " | ".join(groups) + " |", "|---|---|" + "---|" * len(groups)]
+        for r in rows:
+            aucs, counts = r.get("density_pixel_auc") or {}, r.get("density_n_images") or {}
+            cells = [f"{_f(aucs.get(k, math.nan))} ({counts.get(k, 0)})" for k in groups]
+            lines.append(f"| {r['test_label']} | {r['model']} | " + " | ".join(cells) + " |")
+    h_note = ("H in grid cells: the paper's H of ~30 for every model (std ~12, even at AUC 0.53) is most likely in "
+              "units of its stride-16 score grid, not px: compare H with the paper in cells only.")
+    lines += ["", h_note, *notes]
     return "\n".join(lines).rstrip() + "\n"
 
 
 CSV_COLUMNS = (
     "test_set", "model", "pixel_auc", "image_auc_mean", "image_auc_std", "hausdorff_px_mean", "hausdorff_px_std",
     "hausdorff_mm_mean", "hausdorff_mm_std", "n_images", "n_evaluated", "pair", "wilcoxon_p", "wilcoxon_n",
-    "better", "threshold_rule",
+    "better", "threshold_rule", *LOCALISATION_KEYS, "density_pixel_auc",
 )
 
 
 def format_csv(rows: Sequence[Mapping[str, Any]]) -> str:
     """``table1.csv``: every number of the table at full precision (NaN written as empty)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    seed_columns = sorted({k for r in rows for k in r if k.endswith("_sd")})
+    columns = [*CSV_COLUMNS, *(["n_seeds", "seeds", *seed_columns] if seed_columns else [])]
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()})
+        writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else
+                             json.dumps(v, sort_keys=True) if isinstance(v, dict | list) else v)
+                         for k, v in r.items()})
     return buffer.getvalue()
 
 
@@ -489,7 +573,8 @@ def collect(stages: Sequence[Stage], eval_dir: Path) -> list[ModelResult]:
 
 
 def write_figures(stages: Sequence[Stage], eval_dir: Path, out_dir: Path) -> list[Path]:
-    """``fig2_<set>.png`` (one scan, every model) and ``fig3_<model>.png`` (score distributions)."""
+    """``fig2_<set>.png`` (one scan, every model), ``froc_<set>.png`` (FROC, every model) and
+    ``fig3_<model>.png`` (score distributions)."""
     from experiments import figures
 
     written: list[Path] = []
@@ -498,6 +583,10 @@ def write_figures(stages: Sequence[Stage], eval_dir: Path, out_dir: Path) -> lis
         map_dirs = {s.model: eval_dir / s.name / "maps" for s in tests if s.test_set == test_set}
         map_dirs = {m: d for m, d in map_dirs.items() if d.is_dir()}
         path = figures.figure2(map_dirs, out_dir / f"fig2_{test_set}.png", title=f"Fig. 2 ({label})") if map_dirs else None
+        if path:
+            written.append(path)
+        frocs = {s.model: eval_dir / s.name / "metrics.json" for s in tests if s.test_set == test_set}
+        path = figures.froc_figure(frocs, out_dir / f"froc_{test_set}.png", title=f"FROC ({label})")
         if path:
             written.append(path)
     for model in MODEL_ORDER:

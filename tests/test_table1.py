@@ -21,6 +21,11 @@ def _result(test_set: str, model: str, aucs: dict[str, float], pixel: float = 0.
         "pixel_auc": pixel, "image_auc_mean": float(values.mean()), "image_auc_std": float(values.std()),
         "hausdorff_px_mean": 30.5, "hausdorff_px_std": 4.25, "hausdorff_mm_mean": 6.1, "hausdorff_mm_std": 0.85,
         "n_images": len(aucs) + 1, "n_evaluated": len(aucs), "threshold_rule": "image_percentile_99",
+        "lesion_hit_rate": 0.4, "sensitivity_at_0.5_fp": 0.2, "sensitivity_at_1_fp": 0.5, "sensitivity_at_2_fp": 0.7,
+        "top1_near_border_fraction_mean": 0.95, "border_area_fraction_mean": 0.4, "interior_pixel_auc": 0.61,
+        "hausdorff_cells_mean": 31.2, "hausdorff_cells_std": 5.0, "lesion_hit_rate_near_border": 0.25,
+        "lesion_hit_rate_interior": 0.6, "sensitivity_at_1_fp_near_border": 0.45, "sensitivity_at_1_fp_interior": 0.55,
+        "density_groups": {"1-2": {"pixel_auc": 0.72, "n_images": 15}, "3-4": {"pixel_auc": 0.64, "n_images": 5}},
     }
     return table1.ModelResult(test_set, model, summary, aucs)
 
@@ -71,8 +76,17 @@ def test_markdown_and_csv_layout(fabricated: list[table1.ModelResult], tmp_path:
     rows = table1.build_table(fabricated)
     md_path = table1.write_table1(rows, tmp_path, "Table 1 (test)", ["a note"])
     md = md_path.read_text()
-    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    main, rest = md.split("## Localisation")
+    lines = [line for line in main.splitlines() if line.startswith("| ")]
     assert len(lines) == 1 + 16
+    local, density = rest.split("## Pixel AUC per breast-density group")
+    local_lines = [line for line in local.splitlines() if line.startswith("| ")]
+    assert len(local_lines) == 1 + 16 and "Sens@1" in local_lines[0]
+    assert local_lines[1] == ("| masses | CAE | 0.40 | 0.20 | 0.50 | 0.70 | 0.95 (0.40) | 0.61 | 31.2 ± 5.0 "
+                              "| 0.25 / 0.60 | 0.45 / 0.55 |")
+    density_lines = [line for line in density.splitlines() if line.startswith("| ")]
+    assert density_lines[0] == "| Test data | Model | 1-2 | 3-4 |" and density_lines[1].endswith("| 0.72 (15) | 0.64 (5) |")
+    assert "stride-16 score grid" in md
     assert "image_percentile_99" in md and "p < 0.01" in md and "a note" in md
     cae_spn = next(line for line in lines if "| **CAE-RATSPN** |" in line and "masses" in line)
     cae_p = f"{2 * 0.5**20:.1e}"
@@ -207,7 +221,11 @@ def test_smoke_profile_runs_the_whole_table(tmp_path: Path, monkeypatch: pytest.
         if r["pair"]:
             assert 0.0 < float(r["wilcoxon_p"]) <= 1.0
     md = (out / "table1.md").read_text()
-    assert md.count("\n| ") == 17
+    assert md.split("## Localisation")[0].count("\n| ") == 17
+    for r in rows:
+        assert 0.0 <= float(r["lesion_hit_rate"]) <= 1.0 and 0.0 <= float(r["sensitivity_at_1_fp"]) <= 1.0
+        assert float(r["hausdorff_cells_mean"]) == pytest.approx(float(r["hausdorff_px_mean"]) / 16, rel=1e-6)
+    assert (out / "froc_mass.png").is_file() and (out / "froc_calc.png").is_file()
     assert (out / "fig2_mass.png").is_file() and (out / "fig3_cae.png").is_file()
     timings = json.loads((out / "timings.json").read_text())
     assert len(timings["stages"]) == 24
