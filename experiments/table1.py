@@ -101,66 +101,50 @@ ESTIMATES: dict[str, dict[str, float]] = {
     "smoke": {"ae": 8, "spn": 6, "gan": 8, "gan_encoder": 6, "test": 4},
     "quick": {"ae": 240, "spn": 90, "gan": 300, "gan_encoder": 120, "test": 45},
     "paper": {"ae": 3600, "spn": 900, "gan": 3600, "gan_encoder": 1200, "test": 120},
+    "real": {"ae": 600, "spn": 150, "gan": 480, "gan_encoder": 240, "test": 25},
 }
 
-#: per-profile, per-fit overrides that a single profile file cannot express (it applies to every model):
-#: the paper's learning rates (1e-5 over 100 epochs) barely move a model in the few hundred steps a CPU
-#: profile affords, so the short profiles train the autoencoders faster; f-AnoGAN is made narrower.
-_FAST_AE = {
-    "cae": ["--model.init_args.lr", "1e-3"],
-    "bvae": ["--model.init_args.lr", "1e-3"],
-    "vqvae": ["--model.init_args.lr", "3e-4"],
-}
-#: bf16 autocast trains the conv networks 2-3x faster on a CPU with bf16 support (make bench: CAE
-#: 270 -> 584 patches/s); the RAT-SPN stages and all tests stay in fp32 (exact likelihoods and metrics)
-_BF16 = ["--trainer.precision", "bf16-mixed"]
-#: a step of 1e-4 keeps almost all of the data-driven leaf initialisation after a few hundred EM steps
-_FAST_EM = {
-    name: ["--model.init_args.step_size", "0.01"] for name in ("cae_spn", "bvae_spn", "vqvae_spn")
-}
-_SMOKE_EM = {
-    name: ["--model.init_args.step_size", "0.01", "--model.init_args.init_batches", "3",
-           "--model.init_args.num_repetitions", "5", "--model.init_args.num_input_distributions", "5"]
-    for name in ("cae_spn", "bvae_spn", "vqvae_spn")
-}
-PROFILE_OVERRIDES: dict[str, dict[str, list[str]]] = {
-    "smoke": {
-        **_FAST_AE,
-        **_SMOKE_EM,
-        "fanogan_gan": ["--model.init_args.width", "8", "--model.init_args.latent_dim", "16"],
-        "fanogan": ["--model.init_args.width", "8", "--model.init_args.latent_dim", "16"],
-    },
-    "quick": {
-        **{name: [*args, *_BF16] for name, args in _FAST_AE.items()},
-        **_FAST_EM,
-        "fanogan_gan": ["--model.init_args.width", "32", "--model.init_args.latent_dim", "64", *_BF16],
-        "fanogan": ["--model.init_args.width", "32", "--model.init_args.latent_dim", "64", *_BF16],
-    },
-    # the profile file sets batch 64 for every model; the RAT-SPN stages load 1024 patches per batch and
-    # take EM steps of 64 (em_batch_size in their configs), so Lightning's per-batch cost is paid once per 16
-    "paper": {name: ["--data.init_args.batch_size", "1024"] for name in ("cae_spn", "bvae_spn", "vqvae_spn")},
-}
+def profile_overlays(profile: str, fit: str) -> list[str]:
+    """The per-fit overlay of a profile, ``configs/profiles/<profile>/<fit>.yaml``, when there is one.
+
+    A profile file applies to every model; what differs per model (e.g. the short profiles' faster learning
+    rates, the real profile's early stopping, f-AnoGAN's width) lives in these overlays. They come last, so
+    they override the data config too.
+    """
+    path = CONFIG_DIR / "profiles" / profile / f"{fit}.yaml"
+    return [str(path)] if path.is_file() else []
+
+
+def data_config(data: str) -> tuple[str, Path]:
+    """(name, YAML path) of ``--data``: a source name (configs/data/<name>.yaml) or a path to a data YAML."""
+    path = Path(data)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"--data {data}: no such data config")
+        return path.stem, path
+    if data not in DATA_CHOICES:
+        raise ValueError(f"--data must be one of {DATA_CHOICES} or a path to a data YAML, got {data!r}")
+    return data, CONFIG_DIR / "data" / f"{data}.yaml"
 
 
 def _data_args(
     data: str, data_root: str | None, seed: int, healthy_root: str | None = None
-) -> tuple[list[str], list[str]]:
-    """(config files, overrides) selecting the data source, its root and the seed.
+) -> tuple[list[str], list[str], list[str]]:
+    """(config files before the model's, after the profile, overrides) selecting the data, its root and seed.
 
-    A data config comes after the profile, so a profile's synthetic settings never override a real source.
+    The data config comes first (it names the data class the profile's overlay refines), so a profile's
+    synthetic settings (e.g. the smoke profile's tiny set) apply to the synthetic default; any other data
+    config is merged again after the profile, so a profile's synthetic settings never override a real source.
     """
-    configs: list[str] = []
-    data_yaml = CONFIG_DIR / "data" / f"{data}.yaml"
-    if data != "synthetic":
-        if not data_yaml.is_file():
-            raise FileNotFoundError(f"no data config {data_yaml} for --data {data}")
-        configs.append(str(data_yaml))
+    name, path = data_config(data)
+    synthetic = name == "synthetic" and path.parent == CONFIG_DIR / "data"
+    before, after = [str(path)], ([] if synthetic else [str(path)])
     overrides = ["--seed_everything", str(seed), "--data.init_args.seed", str(seed)]
     if data_root:
         overrides += ["--data.init_args.root", str(data_root)]
     if healthy_root:
         overrides += ["--data.init_args.healthy_root", str(healthy_root)]
-    return configs, overrides
+    return before, after, overrides
 
 
 def build_stages(
@@ -171,17 +155,18 @@ def build_stages(
     if profile not in PROFILES:
         raise ValueError(f"--profile must be one of {PROFILES}, got {profile!r}")
     profile_yaml = str(CONFIG_DIR / "profiles" / f"{profile}.yaml")
-    data_configs, data_overrides = _data_args(data, data_root, seed, healthy_root)
+    data_first, data_last, data_overrides = _data_args(data, data_root, seed, healthy_root)
     estimates = ESTIMATES[profile]
     stages: list[Stage] = []
     for spec in FITS:
-        overrides = list(spec.extra) + list(data_overrides) + PROFILE_OVERRIDES[profile].get(spec.name, [])
+        overrides = list(spec.extra) + list(data_overrides)
         stages.append(
             Stage(
                 name=spec.name,
                 kind="fit",
                 model=spec.model,
-                configs=[str(CONFIG_DIR / spec.config), profile_yaml, *data_configs],
+                configs=[*data_first, str(CONFIG_DIR / spec.config), profile_yaml, *data_last,
+                         *profile_overlays(profile, spec.name)],
                 overrides=overrides,
                 estimate_s=estimates[spec.estimate_key],
                 checkpoint_from=spec.needs,
@@ -193,13 +178,14 @@ def build_stages(
         for model in MODEL_ORDER:
             test_overrides = list(data_overrides) + ["--data.init_args.test_set", test_set]
             if model == "Intensity":
-                configs = [profile_yaml, *data_configs]
+                configs = [*data_first, profile_yaml, *data_last]
                 test_overrides = ["--model", f"{__name__}.IntensityBaseline", *test_overrides]
                 source = None
             else:
                 spec = tested[model]
-                configs = [str(CONFIG_DIR / spec.config), profile_yaml, *data_configs]
-                test_overrides = list(spec.extra) + PROFILE_OVERRIDES[profile].get(spec.name, []) + test_overrides
+                configs = [*data_first, str(CONFIG_DIR / spec.config), profile_yaml, *data_last,
+                           *profile_overlays(profile, spec.name)]
+                test_overrides = list(spec.extra) + test_overrides
                 source = spec.name
             stages.append(
                 Stage(
@@ -603,8 +589,11 @@ def write_figures(stages: Sequence[Stage], eval_dir: Path, out_dir: Path) -> lis
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Flags of `mammospn table1` (the Makefile's `reproduce-table1` passes --profile, --data, --data-root)."""
     parser.add_argument("--profile", choices=PROFILES, default="quick",
-                        help="quick: CPU, synthetic, <= 45 min; paper: the paper's settings, for a GPU; smoke: tests")
-    parser.add_argument("--data", choices=DATA_CHOICES, default="synthetic", help="data source of every stage")
+                        help="quick: CPU, synthetic, <= 45 min; real: CPU, a small real source (mini-MIAS) in <= 60 "
+                             "min, trained to a val/loss plateau; paper: the paper's settings, for a GPU; smoke: tests")
+    parser.add_argument("--data", default="synthetic",
+                        help=f"data source of every stage: one of {', '.join(DATA_CHOICES)} "
+                             "(configs/data/<name>.yaml), or a path to a data YAML")
     parser.add_argument("--data-root", default=None, help="root of the data (synthetic: where it is generated)")
     parser.add_argument("--healthy-root", default=None,
                         help="cbis_ddsm: the DDSM folder holding cases/normals (healthy training images)")

@@ -259,3 +259,31 @@ def test_every_stage_parses_with_the_real_configs(
             assert config["data"]["init_args"]["batch_size"] == (64 if profile == "quick" else 1024)
         if stage.model == "Intensity":
             assert config["model"]["class_path"] == "experiments.table1.IntensityBaseline"
+
+
+@pytest.mark.parametrize("data", table1.DATA_CHOICES)
+def test_every_source_and_the_real_profile_parse(data: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`mammospn table1 --profile real --data NAME`: the source wins over the profile's synthetic settings,
+    autoencoders stop early on val/loss under a time cap, the WGAN has a fixed budget."""
+    import yaml
+
+    from experiments import cli
+
+    healthy = "/d/ddsm" if data == "cbis_ddsm" else None
+    stages = {s.name: s for s in table1.build_stages("real", data, "/d/root", seed=1, healthy_root=healthy)}
+    for name in ("cae", "cae_spn", "fanogan_gan", "test-calc-vqvae_ratspn", "test-mass-intensity"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.run_cli([*table1.stage_args(stages[name], tmp_path / "runs", tmp_path / "eval", "g"), "--print_config"])
+        assert exit_info.value.code in (0, None), name
+        config = yaml.safe_load(capsys.readouterr().out)
+        assert config["data"]["init_args"]["source"] == data and config["data"]["init_args"]["root"] == "/d/root"
+        callbacks = [c["class_path"] for c in config["trainer"]["callbacks"] or []]
+        if name in ("cae", "cae_spn"):
+            assert callbacks == ["pytorch_lightning.callbacks.EarlyStopping"] and config["trainer"]["max_time"]
+            assert config["trainer"]["callbacks"][0]["init_args"]["monitor"] == "val/loss"
+        if name == "fanogan_gan":
+            assert callbacks == [] and config["trainer"]["max_time"] == "00:00:08:00"
+    path_stages = table1.build_stages("quick", str(table1.CONFIG_DIR / "data" / f"{data}.yaml"), "/d/root")
+    assert str(table1.CONFIG_DIR / "data" / f"{data}.yaml") in path_stages[0].configs
+    with pytest.raises(ValueError, match="--data must be one of"):
+        table1.build_stages("quick", "nosuchsource")
