@@ -599,29 +599,89 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="cbis_ddsm: the DDSM folder holding cases/normals (healthy training images)")
     parser.add_argument("--out", default="results", help="output folder (runs/, eval/, table1.md, figures)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage (data sampling and training)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="several seeds: the stages run once per seed (<out>/seed-<N>/) and the table is the "
+                             "mean ± sd over seeds")
+    parser.add_argument("--seed-models", choices=("all", "pairs"), default="all",
+                        help="with --seeds: rerun every model per seed (all), or only the AE / AE-RATSPN pairs "
+                             "beyond the first seed (pairs: f-AnoGAN and Intensity from the first seed)")
     parser.add_argument("--force", action="store_true", help="rerun stages even when their outputs exist")
     parser.add_argument("--dry-run", action="store_true", help="print the stages' lightning commands and stop")
     parser.add_argument("--report-only", action="store_true",
                         help="only write the table and figures from finished stages")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Runs the reproduction; returns a process exit code (0 = table written)."""
-    out_dir = Path(args.out)
-    try:
-        stages = build_stages(args.profile, args.data, args.data_root, args.seed, args.healthy_root)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"mammospn table1: {err}", file=sys.stderr)
-        return 2
-    group = f"table1-{args.profile}-{args.data}-s{args.seed}"
+#: the rows every seed of ``--seeds`` reruns with ``--seed-models pairs`` (the AE / AE-RATSPN pairs)
+PAIR_MODELS = tuple(m for pair in PAIRS for m in pair)
+#: row figures averaged over seeds (mean, and ``<key>_sd``)
+SEEDED_KEYS = ("pixel_auc", "image_auc_mean", "image_auc_std", "hausdorff_px_mean", "hausdorff_px_std",
+               "hausdorff_mm_mean", "hausdorff_mm_std", *LOCALISATION_KEYS)
+
+
+def pair_stages(stages: Sequence[Stage]) -> list[Stage]:
+    """The stages the AE / AE-RATSPN rows need: their fits and tests (no f-AnoGAN, no Intensity)."""
+    fits = {spec.name for spec in FITS if spec.model in PAIR_MODELS}
+    return [s for s in stages if (s.kind == "fit" and s.name in fits) or (s.kind == "test" and s.model in PAIR_MODELS)]
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample sd (ddof 1) of the finite values; sd NaN with fewer than two."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not finite:
+        return math.nan, math.nan
+    mean = sum(finite) / len(finite)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) if len(finite) > 1 else math.nan
+    return mean, sd
+
+
+def aggregate_seeds(per_seed: Mapping[int, Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """Table rows over seeds: each figure's mean over seeds plus ``<key>_sd`` (ddof 1), ``n_seeds``, ``seeds``.
+
+    A pair's row is bold only when it was the better one at p < 0.01 in every seed; ``wilcoxon_p`` is the
+    largest p over the seeds (the weakest evidence). Rows keep the order of the seed with most rows.
+    """
+    by_key: dict[tuple[str, str], list[tuple[int, Mapping[str, Any]]]] = {}
+    order: list[tuple[str, str]] = []
+    for seed, rows in sorted(per_seed.items(), key=lambda kv: -len(kv[1])):
+        for row in rows:
+            key = (row["test_set"], row["model"])
+            if key not in by_key:
+                order.append(key)
+            by_key.setdefault(key, []).append((seed, row))
+    out = []
+    for key in order:
+        seeded = sorted(by_key[key], key=lambda sr: sr[0])
+        rows = [r for _, r in seeded]
+        first = dict(rows[0])
+        for name in SEEDED_KEYS:
+            first[name], first[f"{name}_sd"] = _mean_sd([r.get(name, math.nan) for r in rows])
+        groups = sorted({g for r in rows for g in (r.get("density_pixel_auc") or {})})
+        first["density_pixel_auc"] = {
+            g: _mean_sd([(r.get("density_pixel_auc") or {}).get(g, math.nan) for r in rows])[0] for g in groups}
+        ps = [r["wilcoxon_p"] for r in rows if math.isfinite(r.get("wilcoxon_p", math.nan))]
+        first["wilcoxon_p"] = max(ps) if ps else math.nan
+        first["better"] = all(bool(r["better"]) for r in rows)
+        first["n_seeds"] = len(rows)
+        first["seeds"] = " ".join(str(seed) for seed, _ in seeded)
+        first["threshold_rule"] = ",".join(sorted({str(r["threshold_rule"]) for r in rows}))
+        out.append(first)
+    return out
+
+
+def _run_seed(args: argparse.Namespace, seed: int, out_dir: Path, pairs_only: bool, log: Any) -> list[dict] | int:
+    """Runs (or reuses) one seed's stages under ``out_dir`` and writes its table; returns its rows or an exit code."""
+    data_name = data_config(args.data)[0]
+    stages = build_stages(args.profile, args.data, args.data_root, seed, args.healthy_root)
+    if pairs_only:
+        stages = pair_stages(stages)
+    group = f"table1-{args.profile}-{data_name}-s{seed}"
     runs_dir, eval_dir = out_dir / "runs", out_dir / "eval"
     if args.dry_run:
         for k, stage in enumerate(stages, 1):
             print(f"[{k:2d}/{len(stages)}] lightning {' '.join(stage_args(stage, runs_dir, eval_dir, group))}")
-        return 0
-    log = _printer()
+        return []
     if not args.report_only:
-        log(f"Table 1: {len(stages)} stages, profile {args.profile}, data {args.data}, W&B group {group}")
+        log(f"Table 1: {len(stages)} stages, profile {args.profile}, data {data_name}, seed {seed}, W&B group {group}")
         try:
             run_stages(stages, out_dir, group, force=args.force, log=log)
         except RuntimeError as err:
@@ -636,15 +696,53 @@ def run(args: argparse.Namespace) -> int:
     timings_path = out_dir / "timings.json"
     total = json.loads(timings_path.read_text()).get("total_seconds") if timings_path.is_file() else None
     notes = [
-        f"Profile `{args.profile}`, data `{args.data}`, seed {args.seed}; W&B group `{group}`.",
+        f"Profile `{args.profile}`, data `{data_name}`, seed {seed}; W&B group `{group}`.",
         "Intensity: score = mean patch intensity, nothing trained (what brightness alone achieves).",
     ]
     if total is not None:
         notes.append(f"Wall time of the stages run: {total / 60:.1f} min (per stage in timings.json).")
-    md = write_table1(rows, out_dir, f"Table 1 ({args.profile} profile, {args.data} data)", notes)
+    md = write_table1(rows, out_dir, f"Table 1 ({args.profile} profile, {data_name} data)", notes)
     figs = write_figures(stages, eval_dir, out_dir)
     log(md.read_text())
     log(f"wrote {md}, {out_dir / 'table1.csv'}, {len(figs)} figures, {timings_path}")
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the reproduction; returns a process exit code (0 = table written).
+
+    With several ``--seeds`` each seed runs in ``<out>/seed-<N>/`` (its own table there) and ``<out>/table1.md``
+    is the mean ± sd over seeds.
+    """
+    out_dir = Path(args.out)
+    seeds = list(dict.fromkeys(args.seeds)) if args.seeds else [args.seed]
+    try:
+        data_config(args.data)
+        if args.profile not in PROFILES:
+            raise ValueError(f"--profile must be one of {PROFILES}, got {args.profile!r}")
+    except (ValueError, FileNotFoundError) as err:
+        print(f"mammospn table1: {err}", file=sys.stderr)
+        return 2
+    log = _printer()
+    if len(seeds) == 1:
+        result = _run_seed(args, seeds[0], out_dir, False, log)
+        return result if isinstance(result, int) else 0
+    per_seed: dict[int, list[dict]] = {}
+    for k, seed in enumerate(seeds):
+        result = _run_seed(args, seed, out_dir / f"seed-{seed}", k > 0 and args.seed_models == "pairs", log)
+        if isinstance(result, int):
+            return result
+        per_seed[seed] = result
+    if args.dry_run:
+        return 0
+    rows = aggregate_seeds(per_seed)
+    data_name = data_config(args.data)[0]
+    notes = [f"Profile `{args.profile}`, data `{data_name}`, seeds {' '.join(map(str, seeds))} "
+             f"(per-seed tables in seed-<N>/; rows other than the AE / AE-RATSPN pairs "
+             f"{'from the first seed only' if args.seed_models == 'pairs' else 'over every seed'})."]
+    md = write_table1(rows, out_dir, f"Table 1 ({args.profile} profile, {data_name} data, {len(seeds)} seeds)", notes)
+    log(md.read_text())
+    log(f"wrote {md}, {out_dir / 'table1.csv'} (mean ± sd over seeds {' '.join(map(str, seeds))})")
     return 0
 
 

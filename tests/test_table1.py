@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -287,3 +288,58 @@ def test_every_source_and_the_real_profile_parse(data: str, tmp_path: Path, caps
     assert str(table1.CONFIG_DIR / "data" / f"{data}.yaml") in path_stages[0].configs
     with pytest.raises(ValueError, match="--data must be one of"):
         table1.build_stages("quick", "nosuchsource")
+
+
+def test_aggregate_seeds_mean_sd_and_bold_only_when_every_seed_agrees(fabricated: list[table1.ModelResult]) -> None:
+    rows0 = table1.build_table(fabricated)
+    shifted = [table1.ModelResult(r.test_set, r.model, {**r.summary, "pixel_auc": r.summary["pixel_auc"] + 0.1,
+                                                        "lesion_hit_rate": 0.6}, r.per_image_auc)
+               for r in fabricated if r.model != "VQVAE"]  # seed 1: VQVAE missing, so its pair has no p
+    rows1 = table1.build_table(shifted)
+    agg = table1.aggregate_seeds({0: rows0, 1: rows1})
+    assert [(r["test_set"], r["model"]) for r in agg] == [(r["test_set"], r["model"]) for r in rows0]
+    cae = next(r for r in agg if r["model"] == "CAE" and r["test_set"] == "mass")
+    assert cae["pixel_auc"] == pytest.approx(0.75) and cae["pixel_auc_sd"] == pytest.approx(np.std([0.7, 0.8], ddof=1))
+    assert cae["lesion_hit_rate"] == pytest.approx(0.5) and cae["n_seeds"] == 2 and cae["seeds"] == "0 1"
+    spn = next(r for r in agg if r["model"] == "CAE-RATSPN" and r["test_set"] == "mass")
+    assert spn["better"] and spn["wilcoxon_p"] == pytest.approx(2 * 0.5**20)
+    vq = next(r for r in agg if r["model"] == "VQVAE" and r["test_set"] == "mass")
+    assert vq["n_seeds"] == 1 and math.isnan(vq["pixel_auc_sd"])
+    vq_spn = next(r for r in agg if r["model"] == "VQVAE-RATSPN" and r["test_set"] == "mass")
+    assert not vq_spn["better"]  # no longer better in seed 1, where its pair is missing
+    md = table1.format_markdown(agg)
+    assert "| masses | CAE | 0.75 ± 0.07 |" in md and "mean ± sd (ddof 1) over seeds" in md
+    parsed = list(csv.DictReader(io.StringIO(table1.format_csv(agg))))
+    assert parsed[0]["n_seeds"] == "2" and float(parsed[0]["pixel_auc_sd"]) == pytest.approx(0.0707, abs=1e-4)
+
+
+def test_seeds_run_per_seed_folders_and_a_mean_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from experiments import cli
+
+    calls: list[list[str]] = []
+
+    def fake_main(args: list[str]) -> None:
+        calls.append(args)
+        name = args[args.index("--run.name") + 1]
+        seed = int(args[args.index("--seed_everything") + 1])
+        run_dir = Path(args[args.index("--run.root") + 1]) / name
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / ("config.yaml" if args[0] == "fit" else f"config-{args[0]}.yaml")).write_text("x: 1\n")
+        if args[0] == "fit":
+            (run_dir / "checkpoints" / "best.ckpt").write_text("ckpt")
+        else:
+            evaluation.write_metrics_json(Path(args[args.index("--run.results_dir") + 1]) / name / "metrics.json",
+                                          {"pixel_auc": 0.6 + 0.1 * seed, "threshold_rule": "image_percentile_99"})
+
+    monkeypatch.setattr(cli, "run_cli", fake_main)
+    out = tmp_path / "out"
+    code = tools.main(["table1", "--profile", "smoke", "--out", str(out), "--seeds", "0", "1", "2",
+                       "--seed-models", "pairs"])
+    assert code == 0
+    assert len(calls) == 24 + 2 * (6 + 12)  # seeds 1 and 2: the 6 AE / RAT-SPN fits and their 12 tests
+    assert all((out / f"seed-{s}" / "table1.md").is_file() for s in (0, 1, 2))
+    rows = list(csv.DictReader((out / "table1.csv").open()))
+    cae = next(r for r in rows if r["model"] == "CAE")
+    assert float(cae["pixel_auc"]) == pytest.approx(0.7) and float(cae["pixel_auc_sd"]) == pytest.approx(0.1)
+    assert cae["n_seeds"] == "3" and next(r for r in rows if r["model"] == "f-AnoGAN")["n_seeds"] == "1"
+    assert "seeds 0 1 2" in (out / "table1.md").read_text()
