@@ -70,6 +70,7 @@ class Stage:
     test_set: str | None = None
     checkpoint_from: str | None = None  # fit stage whose checkpoint a test stage loads
     checkpoint_file: str = "best.ckpt"
+    threshold_rule: str = "image_percentile"  # a test stage's segmentation / FROC operating-point rule
 
 
 @dataclass
@@ -147,13 +148,25 @@ def _data_args(
     return before, after, overrides
 
 
+#: ``--threshold-rule`` choices: the paper's per-image percentile for every row, or the RAT-SPN stages'
+#: calibrated threshold (a buffer fitted on healthy validation images) for their rows
+TABLE_THRESHOLD_RULES = ("image_percentile", "calibrated")
+
+
 def build_stages(
     profile: str, data: str = "synthetic", data_root: str | None = None, seed: int = 0,
-    healthy_root: str | None = None,
+    healthy_root: str | None = None, threshold_rule: str = "image_percentile",
 ) -> list[Stage]:
-    """The reproduction's stages in run order (8 fits, then 16 tests: 8 models x mass/calc)."""
+    """The reproduction's stages in run order (8 fits, then 16 tests: 8 models x mass/calc).
+
+    ``threshold_rule="calibrated"``: the RAT-SPN rows segment at (and count FROC candidates above) the
+    threshold their checkpoint carries; their test stages are named ``...-calibrated`` so the per-image
+    percentile results stay. Every other row keeps the per-image percentile; each row says its rule.
+    """
     if profile not in PROFILES:
         raise ValueError(f"--profile must be one of {PROFILES}, got {profile!r}")
+    if threshold_rule not in TABLE_THRESHOLD_RULES:
+        raise ValueError(f"--threshold-rule must be one of {TABLE_THRESHOLD_RULES}, got {threshold_rule!r}")
     profile_yaml = str(CONFIG_DIR / "profiles" / f"{profile}.yaml")
     data_first, data_last, data_overrides = _data_args(data, data_root, seed, healthy_root)
     estimates = ESTIMATES[profile]
@@ -187,9 +200,11 @@ def build_stages(
                            *profile_overlays(profile, spec.name)]
                 test_overrides = list(spec.extra) + test_overrides
                 source = spec.name
+            rule = threshold_rule if model.endswith("-RATSPN") else "image_percentile"
+            suffix = "" if rule == "image_percentile" else f"-{rule}"
             stages.append(
                 Stage(
-                    name=f"test-{test_set}-{_slug(model)}",
+                    name=f"test-{test_set}-{_slug(model)}{suffix}",
                     kind="test",
                     model=model,
                     configs=configs,
@@ -197,6 +212,7 @@ def build_stages(
                     estimate_s=estimates["test"],
                     test_set=test_set,
                     checkpoint_from=source,
+                    threshold_rule=rule,
                 )
             )
     return stages
@@ -236,6 +252,10 @@ def stage_args(stage: Stage, runs_dir: Path, eval_dir: Path, group: str) -> list
             ckpt_in = checkpoint_path(runs_dir, spec.needs, spec.needs_file)
             args += [f"--model.init_args.{spec.needs_arg}", str(ckpt_in)]
         args += ["--ckpt_path", str(checkpoint_path(runs_dir, stage.checkpoint_from))]
+    if stage.kind == "test" and stage.threshold_rule != "image_percentile":
+        args += ["--trainer.callbacks+=experiments.callbacks.EvaluationCallback",
+                 "--trainer.callbacks.output_dir", str(eval_dir / stage.name),
+                 "--trainer.callbacks.threshold", stage.threshold_rule]
     return args
 
 
@@ -494,8 +514,8 @@ def format_markdown(rows: Sequence[Mapping[str, Any]], title: str = "Table 1", n
               "centre lies within one patch of the border / the rest (lesions per group in table1.csv).",
               "",
               "| Test data | Model | Hit | Sens@0.5 | Sens@1 | Sens@2 | Top-1 % near border (zone) | Interior AUC "
-              "| H cells | Hit near / interior | Sens@1 near / interior |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| H cells | Hit near / interior | Sens@1 near / interior |" + (" Rule |" if len(rules) > 1 else ""),
+              "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if len(rules) > 1 else "")]
     for r in rows:
         g = r.get
         lines.append(
@@ -505,6 +525,7 @@ def format_markdown(rows: Sequence[Mapping[str, Any]], title: str = "Table 1", n
             f"| {_f(g('interior_pixel_auc'))} | {_pm(g('hausdorff_cells_mean'), g('hausdorff_cells_std'), 1)} "
             f"| {_f(g('lesion_hit_rate_near_border'))} / {_f(g('lesion_hit_rate_interior'))} "
             f"| {_f(g('sensitivity_at_1_fp_near_border'))} / {_f(g('sensitivity_at_1_fp_interior'))} |"
+            + (f" {r['threshold_rule']} |" if len(rules) > 1 else "")
         )
     groups = sorted({k for r in rows for k in (r.get("density_pixel_auc") or {})})
     if groups:
@@ -599,6 +620,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="cbis_ddsm: the DDSM folder holding cases/normals (healthy training images)")
     parser.add_argument("--out", default="results", help="output folder (runs/, eval/, table1.md, figures)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage (data sampling and training)")
+    parser.add_argument("--threshold-rule", choices=TABLE_THRESHOLD_RULES, default="image_percentile",
+                        help="segmentation (H) and FROC operating point: each image's 99th percentile (paper), or "
+                             "for the RAT-SPN rows the calibrated threshold their checkpoints carry")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="several seeds: the stages run once per seed (<out>/seed-<N>/) and the table is the "
                              "mean ± sd over seeds")
@@ -671,7 +695,7 @@ def aggregate_seeds(per_seed: Mapping[int, Sequence[Mapping[str, Any]]]) -> list
 def _run_seed(args: argparse.Namespace, seed: int, out_dir: Path, pairs_only: bool, log: Any) -> list[dict] | int:
     """Runs (or reuses) one seed's stages under ``out_dir`` and writes its table; returns its rows or an exit code."""
     data_name = data_config(args.data)[0]
-    stages = build_stages(args.profile, args.data, args.data_root, seed, args.healthy_root)
+    stages = build_stages(args.profile, args.data, args.data_root, seed, args.healthy_root, args.threshold_rule)
     if pairs_only:
         stages = pair_stages(stages)
     group = f"table1-{args.profile}-{data_name}-s{seed}"

@@ -343,3 +343,24 @@ def test_seeds_run_per_seed_folders_and_a_mean_table(tmp_path: Path, monkeypatch
     assert float(cae["pixel_auc"]) == pytest.approx(0.7) and float(cae["pixel_auc_sd"]) == pytest.approx(0.1)
     assert cae["n_seeds"] == "3" and next(r for r in rows if r["model"] == "f-AnoGAN")["n_seeds"] == "1"
     assert "seeds 0 1 2" in (out / "table1.md").read_text()
+
+
+def test_calibrated_threshold_rule_for_the_ratspn_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from experiments import cli
+
+    stages = table1.build_stages("smoke", threshold_rule="calibrated")
+    tests = {s.name: s for s in stages if s.kind == "test"}
+    assert "test-mass-cae_ratspn-calibrated" in tests and "test-mass-cae" in tests
+    assert {s.threshold_rule for s in tests.values() if s.model.endswith("-RATSPN")} == {"calibrated"}
+    assert {s.threshold_rule for s in tests.values() if not s.model.endswith("-RATSPN")} == {"image_percentile"}
+    stage = tests["test-calc-vqvae_ratspn-calibrated"]
+    with pytest.raises(SystemExit):
+        cli.run_cli([*table1.stage_args(stage, tmp_path / "runs", tmp_path / "eval", "g"), "--print_config"])
+    callbacks = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
+    evaluation_cb = [c for c in callbacks if c["class_path"].endswith("EvaluationCallback")]
+    assert len(evaluation_cb) == 1 and evaluation_cb[0]["init_args"]["threshold"] == "calibrated"
+    assert evaluation_cb[0]["init_args"]["output_dir"] == str(tmp_path / "eval" / stage.name)
+    with pytest.raises(ValueError, match="--threshold-rule"):
+        table1.build_stages("smoke", threshold_rule="otsu")
