@@ -180,10 +180,12 @@ def top_fraction_near_border(
     return float((border_dist[top] <= distance_px).mean())
 
 
-#: FROC levels: each image's candidates at these percentiles of its own breast-pixel scores (rank-based, so
-#: comparable across models whatever their score scale); 100 = no candidate (0 found, 0 false positives)
+#: FROC levels: each image's candidates are counted at these percentiles of its own breast-pixel scores (dense
+#: at the top, where few candidates remain); 100 = no candidate (0 found, 0 false positives). The pooled FROC
+#: sweeps one global threshold over every image's levels (`metrics.froc_global`); the per-image percentile
+#: curve (each image at its own percentile) is kept beside it.
 FROC_PERCENTILES = (50.0, 70.0, 80.0, 85.0, 90.0, 92.0, 94.0, 95.0, 96.0, 97.0, 97.5, 98.0, 98.5, 99.0, 99.25,
-                    99.5, 99.75, 99.9, 99.95, 99.99, 100.0)
+                    99.5, 99.6, 99.7, 99.8, 99.85, 99.9, 99.93, 99.95, 99.97, 99.98, 99.99, 99.995, 99.999, 100.0)
 
 #: image groups of the per-group AUCs: breast density, and whether the (largest) lesion's centre lies
 #: within one patch of the breast border
@@ -297,8 +299,8 @@ class ImageEvaluation:
     """What `evaluate_scan` measures on one image: the row, the map, the segmentation, and what pools.
 
     ``tables`` / ``interior_tables``: (lesion, healthy) distinct-value tables of the breast / interior
-    pixels; ``froc``: per `FROC_PERCENTILES` level, lesions found (all, near the border) and false-positive
-    candidates. All None when the image is excluded.
+    pixels; ``froc``: per `FROC_PERCENTILES` level, its threshold, lesions found (all, near the border) and
+    false-positive candidates. All None when the image is excluded.
     """
 
     result: ImageResult
@@ -306,7 +308,7 @@ class ImageEvaluation:
     segmentation: np.ndarray
     tables: tuple[_Table, _Table] | None = None
     interior_tables: tuple[_Table, _Table] | None = None
-    froc: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    froc: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
 def _patch_size(item: Mapping) -> int:
@@ -399,7 +401,7 @@ def evaluate_scan(
         levels = np.percentile(amap[breast], np.minimum(FROC_PERCENTILES, 100.0))
         levels[np.asarray(FROC_PERCENTILES) >= 100.0] = np.inf
         found, fp = metrics.froc_counts(amap, labels, n_lesions, breast, [*levels, threshold])
-        froc = (found[:-1].sum(axis=1), found[:-1][:, near].sum(axis=1), fp[:-1])
+        froc = (levels, found[:-1].sum(axis=1), found[:-1][:, near].sum(axis=1), fp[:-1])
         n_found, n_fp = int(found[-1].sum()), int(fp[-1])
         # several candidates may peak in one lesion: the candidates are counted apart from the lesions found
         n_candidates = int(ndimage.label(breast & (amap > threshold), structure=metrics.CONNECTIVITY)[1])
@@ -501,7 +503,7 @@ class EvaluationAccumulator:
         self.interior_pixels = metrics.ExactAUC()
         self.group_pixels: dict[str, metrics.ExactAUC] = {}
         self.image_tables: dict[str, tuple] = {}
-        self.froc: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.froc: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
         self.n_duplicates = 0
         self._seen: set[str] = set()
 
@@ -573,29 +575,24 @@ class EvaluationAccumulator:
                 self.group_pixels.setdefault(key, metrics.ExactAUC()).update_counts(*tables)
 
     def froc_summary(self) -> dict:
-        """The pooled FROC of the evaluated images: curve (all lesions, near the border, interior) and the
-        sensitivity at `metrics.FROC_FP_RATES` false positives per image."""
+        """The pooled FROC of the evaluated images (one global threshold swept; all lesions, near the border,
+        interior), the sensitivity at `metrics.FROC_FP_RATES` false positives per image, and beside it the
+        per-image percentile curve (each image at its own percentile)."""
         used = [r for r in self.results if not r.excluded and r.image_id in self.froc]
-        n_levels = len(FROC_PERCENTILES)
-        found = np.zeros(n_levels, np.int64)
-        near = np.zeros(n_levels, np.int64)
-        fps = np.zeros(n_levels, np.int64)
-        for r in used:
-            f_all, f_near, fp = self.froc[r.image_id]
-            found += np.asarray(f_all, np.int64)
-            near += np.asarray(f_near, np.int64)
-            fps += np.asarray(fp, np.int64)
         n_lesions = sum(r.n_lesions for r in used)
         n_near = sum(r.n_lesions_near_border for r in used)
-
-        def ratio(a: np.ndarray, n: int) -> np.ndarray:
-            return a / n if n else np.full(n_levels, math.nan)
-
-        fp_per_image = fps / len(used) if used else np.full(n_levels, math.nan)
-        curves = {"all": ratio(found, n_lesions), "near_border": ratio(near, n_near),
-                  "interior": ratio(found - near, n_lesions - n_near)}
+        levels = [np.asarray(self.froc[r.image_id][0], np.float64) for r in used]
+        found = [np.asarray(self.froc[r.image_id][1], np.int64) for r in used]
+        near = [np.asarray(self.froc[r.image_id][2], np.int64) for r in used]
+        fps = [np.asarray(self.froc[r.image_id][3], np.int64) for r in used]
+        thresholds, fp_per_image, sens_all = metrics.froc_global(levels, found, fps, n_lesions)
+        _, _, sens_near = metrics.froc_global(levels, near, fps, n_near)
+        _, _, sens_interior = metrics.froc_global(levels, [f - n for f, n in zip(found, near, strict=True)], fps,
+                                                  n_lesions - n_near)
+        curves = {"all": sens_all, "near_border": sens_near, "interior": sens_interior}
         out: dict = {
-            "froc": {"percentiles": list(FROC_PERCENTILES), "fp_per_image": fp_per_image.tolist(),
+            "froc": {"sweep": "one global threshold over every image's score-percentile levels",
+                     "thresholds": thresholds.tolist(), "fp_per_image": fp_per_image.tolist(),
                      **{f"sensitivity_{k}": v.tolist() for k, v in curves.items()}},
             "n_lesions": n_lesions, "n_lesions_near_border": n_near,
         }
@@ -603,6 +600,14 @@ class EvaluationAccumulator:
             suffix = "" if name == "all" else f"_{name}"
             for rate, value in metrics.sensitivity_at_fp(fp_per_image, sens).items():
                 out[f"sensitivity_at_{_rate_key(rate)}_fp{suffix}"] = value
+        if used:
+            n = len(used)
+            per_image_fp = np.sum(fps, axis=0) / n
+            per_image_sens = np.sum(found, axis=0) / n_lesions if n_lesions else np.full(len(FROC_PERCENTILES), np.nan)
+            out["froc_image_percentile"] = {"percentiles": list(FROC_PERCENTILES), "fp_per_image": per_image_fp.tolist(),
+                                            "sensitivity_all": per_image_sens.tolist()}
+            for rate, value in metrics.sensitivity_at_fp(per_image_fp, per_image_sens).items():
+                out[f"sensitivity_at_{_rate_key(rate)}_fp_image_percentile"] = value
         found_t = sum(r.lesions_found_at_threshold for r in used)
         out["sensitivity_at_threshold"] = found_t / n_lesions if n_lesions else math.nan
         out["fp_per_image_at_threshold"] = (

@@ -32,6 +32,7 @@ __all__ = [
     "auc_from_counts",
     "froc_counts",
     "froc_curve",
+    "froc_global",
     "hausdorff_distance",
     "image_auc",
     "interior_mask",
@@ -371,6 +372,32 @@ def froc_curve(
         fps += np.asarray(fp, dtype=np.int64)
     sensitivity = hits / n_lesions if n_lesions else np.full(n_levels, math.nan)
     return fps / len(found), sensitivity
+
+
+def froc_global(
+    levels: Sequence[np.ndarray], found: Sequence[np.ndarray], false_positives: Sequence[np.ndarray],
+    n_lesions: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pooled FROC over one global threshold T: (thresholds, false positives per image, sensitivity).
+
+    Image i was measured (`froc_counts`) at its own ascending thresholds ``levels[i]`` (e.g. percentiles of
+    its scores, the last +inf), with ``found[i]`` lesions found and ``false_positives[i]`` at each. At a
+    global T it counts as at its first level >= T: exact where T is one of its levels, else the next
+    stricter candidate set (never more candidates than at T). T runs over every image's levels.
+    """
+    if not levels:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    thresholds = np.unique(np.concatenate([np.asarray(t, np.float64) for t in levels]))
+    hits = np.zeros(thresholds.size, np.int64)
+    fps = np.zeros(thresholds.size, np.int64)
+    for t, f, fp in zip(levels, found, false_positives, strict=True):
+        t = np.asarray(t, np.float64)
+        k = np.searchsorted(t, thresholds, side="left")
+        inside = k < t.size  # T above the image's last level: no candidate
+        hits[inside] += np.asarray(f, np.int64)[k[inside]]
+        fps[inside] += np.asarray(fp, np.int64)[k[inside]]
+    sensitivity = hits / n_lesions if n_lesions else np.full(thresholds.size, math.nan)
+    return thresholds, fps / len(levels), sensitivity
 
 
 def sensitivity_at_fp(

@@ -261,7 +261,7 @@ def test_accumulator_froc_and_group_aucs_equal_pooled_references() -> None:
     items = [_border_item("a", (80, 100), 1), _border_item("b", (20, 60), 4), _border_item("c", (85, 70), 2)]
     rng = np.random.default_rng(0)
     acc = evaluation.EvaluationAccumulator()
-    maps, found, fps = [], [], []
+    maps, found, fps, all_levels = [], [], [], []
     for it in items:
         scores = _scores(it) + 0.3 * rng.random(len(it["centers"]))  # noise: false positives appear
         _, amap, _ = acc.add(it, scores)
@@ -272,8 +272,13 @@ def test_accumulator_froc_and_group_aucs_equal_pooled_references() -> None:
         f, fp = metrics.froc_counts(amap, labels, n, it["breast_mask"], levels)
         found.append(f)
         fps.append(fp)
+        all_levels.append(levels)
     s = acc.summary()
-    fp_per_image, sens = metrics.froc_curve(found, fps)
+    fp_image, sens_image = metrics.froc_curve(found, fps)
+    np.testing.assert_allclose(s["froc_image_percentile"]["fp_per_image"], fp_image)
+    np.testing.assert_allclose(s["froc_image_percentile"]["sensitivity_all"], sens_image)
+    thresholds, fp_per_image, sens = metrics.froc_global(all_levels, [f.sum(axis=1) for f in found], fps, 3)
+    np.testing.assert_allclose(s["froc"]["thresholds"], thresholds)
     np.testing.assert_allclose(s["froc"]["fp_per_image"], fp_per_image)
     np.testing.assert_allclose(s["froc"]["sensitivity_all"], sens)
     expected = metrics.sensitivity_at_fp(fp_per_image, sens)

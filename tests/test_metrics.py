@@ -299,3 +299,36 @@ def test_interior_pixel_auc_equals_brute_force(seed: int) -> None:
                     ts.append(score[r, c])
     expected = roc_auc_score(ys, ts)
     assert metrics.interior_pixel_auc(maps, lesions, breasts, distance) == pytest.approx(expected, abs=1e-12)
+
+
+def test_froc_global_equals_a_brute_force_sweep() -> None:
+    rng = np.random.default_rng(3)
+    maps, lesion_labels, breasts, levels, found, fps = [], [], [], [], [], []
+    n_total = 0
+    for seed in range(4):
+        score, lesion, breast = _small_case(seed)
+        score = score + rng.random(score.shape)  # distinct values
+        labels, n = metrics.label_lesions(lesion)
+        t = np.append(np.sort(rng.choice(score[breast], 6, replace=False)), np.inf)
+        f, fp = metrics.froc_counts(score, labels, n, breast, t)
+        maps.append(score), lesion_labels.append(labels), breasts.append(breast)
+        levels.append(t), found.append(f.sum(axis=1)), fps.append(fp)
+        n_total += n
+    thresholds, fp_per_image, sens = metrics.froc_global(levels, found, fps, n_total)
+    assert np.all(np.diff(thresholds) > 0) and thresholds[-1] == np.inf
+    for k, big_t in enumerate(thresholds):
+        hits = false = 0
+        for t, f, fp in zip(levels, found, fps, strict=True):
+            j = next((j for j, level in enumerate(t) if level >= big_t), None)  # the first level >= T
+            if j is not None:
+                hits += f[j]
+                false += fp[j]
+        assert fp_per_image[k] == pytest.approx(false / 4) and sens[k] == pytest.approx(hits / n_total)
+    # one shared threshold list: the global FROC is the pooled per-threshold curve
+    shared = [np.array([0.5, 2.5, 4.5, np.inf])] * 4
+    counts = [metrics.froc_counts(m, lab, int(lab.max()), b, shared[0])
+              for m, lab, b in zip(maps, lesion_labels, breasts, strict=True)]
+    _, fp_g, sens_g = metrics.froc_global(shared, [c[0].sum(axis=1) for c in counts], [c[1] for c in counts], n_total)
+    fp_c, sens_c = metrics.froc_curve([c[0] for c in counts], [c[1] for c in counts])
+    np.testing.assert_allclose(fp_g, fp_c)
+    np.testing.assert_allclose(sens_g, sens_c)
