@@ -506,8 +506,9 @@ def format_markdown(rows: Sequence[Mapping[str, Any]], title: str = "Table 1", n
         )
     lines += ["", "## Localisation", "",
               "Hit = share of images whose highest-scoring breast pixel lies in a lesion. Sens@k = lesion sensitivity "
-              "at k false-positive regions per image (FROC: connected regions above each image's own score "
-              "percentiles, a lesion found when a region's peak lies in it; pooled over the test set). Top-1 % near "
+              "at k false-positive regions per image (FROC: connected regions of the map above one threshold swept over "
+              "the test set, a lesion found when a region's peak lies in it, pooled over the test set; each group's "
+              "curve is read at its own best operating point). Top-1 % near "
               "border = share of each image's top 1 % pixels within one patch of the breast border, beside the "
               "border zone's share of the breast. Interior AUC = pixel AUC over pixels more than one patch from "
               "the border. H cells = Hausdorff in score-grid cells (px / stride). Near / interior: lesions whose "
