@@ -102,7 +102,7 @@ ESTIMATES: dict[str, dict[str, float]] = {
     "smoke": {"ae": 8, "spn": 6, "gan": 8, "gan_encoder": 6, "test": 4},
     "quick": {"ae": 240, "spn": 90, "gan": 300, "gan_encoder": 120, "test": 45},
     "paper": {"ae": 3600, "spn": 900, "gan": 3600, "gan_encoder": 1200, "test": 120},
-    "real": {"ae": 600, "spn": 150, "gan": 480, "gan_encoder": 240, "test": 25},
+    "real": {"ae": 540, "spn": 180, "gan": 420, "gan_encoder": 180, "test": 25},
 }
 
 def profile_overlays(profile: str, fit: str) -> list[str]:

@@ -283,7 +283,7 @@ def test_every_source_and_the_real_profile_parse(data: str, tmp_path: Path, caps
             assert callbacks == ["pytorch_lightning.callbacks.EarlyStopping"] and config["trainer"]["max_time"]
             assert config["trainer"]["callbacks"][0]["init_args"]["monitor"] == "val/loss"
         if name == "fanogan_gan":
-            assert callbacks == [] and config["trainer"]["max_time"] == "00:00:08:00"
+            assert callbacks == [] and config["trainer"]["max_time"] == "00:00:07:00"
     path_stages = table1.build_stages("quick", str(table1.CONFIG_DIR / "data" / f"{data}.yaml"), "/d/root")
     assert str(table1.CONFIG_DIR / "data" / f"{data}.yaml") in path_stages[0].configs
     with pytest.raises(ValueError, match="--data must be one of"):
