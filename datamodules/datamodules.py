@@ -463,6 +463,9 @@ def list_source_records(
     def has_kind(r: ImageRecord) -> bool:
         return any(lesion.kind == kind for lesion in r.lesions)
 
+    def in_a_test_set(r: ImageRecord) -> bool:  # of either test_set (mass or calc)
+        return any(lesion.kind in TEST_SET_KINDS.values() for lesion in r.lesions)
+
     if source == "synthetic":
         from datamodules.synthetic import ensure_synthetic
 
@@ -489,13 +492,13 @@ def list_source_records(
         healthy = list_source("ddsm", root, diagnosis=opts.pop("diagnosis", "normals"), **opts)
         lesion = [r for d in diagnoses for r in list_source("ddsm", root, diagnosis=d, **opts)]
         test, val = _split_lesion_records([r for r in lesion if has_kind(r)], lesion_validation_fraction, data_seed)
-        every_lesion = lesion
+        every_lesion = [r for r in lesion if in_a_test_set(r)]
     else:  # mini_ddsm, mias, manifest: one listing, healthy = label 0
         listed = list_source(source, root, **opts)
         healthy = [r for r in listed if r.label == 0]
         lesion = [r for r in listed if r.label != 0 and has_kind(r)]
         test, val = _split_lesion_records(lesion, lesion_validation_fraction, data_seed)
-        every_lesion = [r for r in listed if r.label != 0]
+        every_lesion = [r for r in listed if r.label != 0 and in_a_test_set(r)]
     if healthy_root is not None:
         hsource = healthy_source or "ddsm"
         if hsource == "ddsm":
