@@ -244,3 +244,33 @@ def froc_figure(metrics_files: Mapping[str, Path], out_path: str | Path, title: 
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     return _save_figure(fig, Path(out_path))
+
+
+def val_loss_figure(curves: Mapping[str, Mapping[int, float]], out_path: str | Path) -> Path | None:
+    """val/loss against epoch, one panel per fit (their scales differ), to see whether each fit plateaued.
+
+    ``curves`` maps fit name -> {epoch: val/loss}. Returns None when there is no curve.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {name: c for name, c in curves.items() if c}
+    if not curves:
+        return None
+    cols = min(4, len(curves))
+    rows = (len(curves) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.ravel()[len(curves):]:
+        ax.axis("off")
+    for ax, (name, curve) in zip(axes.ravel(), curves.items()):
+        epochs = sorted(curve)
+        ax.plot(epochs, [curve[e] for e in epochs], marker=".")
+        best = min(epochs, key=curve.__getitem__)
+        ax.axvline(best, color="grey", lw=0.6, ls=":")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel("val/loss", fontsize=8)
+    fig.tight_layout()
+    return _save_figure(fig, Path(out_path))

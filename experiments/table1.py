@@ -573,6 +573,52 @@ def write_table1(rows: Sequence[Mapping[str, Any]], out_dir: Path, title: str, n
     return md
 
 
+def training_curve(run_dir: Path) -> dict[int, float]:
+    """A fit's ``val/loss`` per epoch from its CSV logs (``<run>/logs/version_*/metrics.csv``; a resumed fit's
+    later versions win for the epochs they repeat)."""
+    curve: dict[int, float] = {}
+    versions = sorted((run_dir / "logs").glob("version_*/metrics.csv"),
+                      key=lambda p: int(p.parent.name.split("_")[-1]) if p.parent.name.split("_")[-1].isdigit() else 0)
+    for path in versions:
+        with path.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                if row.get("val/loss") not in (None, "") and row.get("epoch") not in (None, ""):
+                    curve[int(float(row["epoch"]))] = float(row["val/loss"])
+    return dict(sorted(curve.items()))
+
+
+def training_summary(stages: Sequence[Stage], runs_dir: Path) -> list[dict[str, Any]]:
+    """Per fit: epochs with a validation, best val/loss and its epoch, the last val/loss and the epochs since
+    the best (a fit stopped by its time or epoch cap with few epochs since its best had not plateaued)."""
+    rows = []
+    for stage in stages:
+        if stage.kind != "fit":
+            continue
+        curve = training_curve(runs_dir / stage.name)
+        if not curve:
+            continue
+        best_epoch = min(curve, key=curve.__getitem__)
+        last_epoch = max(curve)
+        rows.append({"fit": stage.name, "epochs": len(curve), "best_epoch": best_epoch, "best_val_loss": curve[best_epoch],
+                     "last_val_loss": curve[last_epoch], "epochs_since_best": last_epoch - best_epoch,
+                     "curve": curve})
+    return rows
+
+
+def format_training(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The ``## Training`` section of table1.md: how far each fit's val/loss went."""
+    if not rows:
+        return []
+    lines = ["", "## Training", "",
+             "val/loss per fit (curves in val_loss.png and runs/<fit>/logs/): a fit whose best epoch is its last "
+             "few was still improving when its epoch or time cap stopped it.", "",
+             "| fit | epochs | best val/loss (epoch) | last val/loss | epochs since best |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['fit']} | {r['epochs']} | {r['best_val_loss']:.5g} ({r['best_epoch']}) "
+                     f"| {r['last_val_loss']:.5g} | {r['epochs_since_best']} |")
+    return lines
+
+
 def collect(stages: Sequence[Stage], eval_dir: Path) -> list[ModelResult]:
     """The results of every test stage."""
     return [
@@ -726,8 +772,15 @@ def _run_seed(args: argparse.Namespace, seed: int, out_dir: Path, pairs_only: bo
     ]
     if total is not None:
         notes.append(f"Wall time of the stages run: {total / 60:.1f} min (per stage in timings.json).")
+    training = training_summary(stages, runs_dir)
+    notes.extend(format_training(training))
     md = write_table1(rows, out_dir, f"Table 1 ({args.profile} profile, {data_name} data)", notes)
     figs = write_figures(stages, eval_dir, out_dir)
+    from experiments import figures
+
+    curves = figures.val_loss_figure({r["fit"]: r["curve"] for r in training}, out_dir / "val_loss.png")
+    if curves:
+        figs.append(curves)
     log(md.read_text())
     log(f"wrote {md}, {out_dir / 'table1.csv'}, {len(figs)} figures, {timings_path}")
     return rows

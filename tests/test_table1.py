@@ -227,6 +227,7 @@ def test_smoke_profile_runs_the_whole_table(tmp_path: Path, monkeypatch: pytest.
         assert 0.0 <= float(r["lesion_hit_rate"]) <= 1.0 and 0.0 <= float(r["sensitivity_at_1_fp"]) <= 1.0
         assert float(r["hausdorff_cells_mean"]) == pytest.approx(float(r["hausdorff_px_mean"]) / 16, rel=1e-6)
     assert (out / "froc_mass.png").is_file() and (out / "froc_calc.png").is_file()
+    assert "## Training" in md and (out / "val_loss.png").is_file()
     assert (out / "fig2_mass.png").is_file() and (out / "fig3_cae.png").is_file()
     timings = json.loads((out / "timings.json").read_text())
     assert len(timings["stages"]) == 24
@@ -364,3 +365,23 @@ def test_calibrated_threshold_rule_for_the_ratspn_rows(tmp_path: Path, capsys: p
     assert evaluation_cb[0]["init_args"]["output_dir"] == str(tmp_path / "eval" / stage.name)
     with pytest.raises(ValueError, match="--threshold-rule"):
         table1.build_stages("smoke", threshold_rule="otsu")
+
+
+def test_training_summary_reads_the_val_loss_curves_of_resumed_fits(tmp_path: Path) -> None:
+    logs = tmp_path / "runs" / "cae" / "logs"
+    (logs / "version_0").mkdir(parents=True)
+    (logs / "version_1").mkdir()
+    (logs / "version_0" / "metrics.csv").write_text("epoch,step,train/loss,val/loss\n0,9,0.5,\n0,9,,0.30\n1,19,,0.20\n")
+    (logs / "version_1" / "metrics.csv").write_text("epoch,step,val/loss\n1,19,0.25\n2,29,0.10\n3,39,0.12\n")
+    assert table1.training_curve(tmp_path / "runs" / "cae") == {0: 0.30, 1: 0.25, 2: 0.10, 3: 0.12}
+    stages = [s for s in table1.build_stages("smoke") if s.name in ("cae", "bvae")]
+    rows = table1.training_summary(stages, tmp_path / "runs")
+    assert len(rows) == 1 and rows[0]["fit"] == "cae"  # bvae has no logs
+    assert (rows[0]["epochs"], rows[0]["best_epoch"], rows[0]["epochs_since_best"]) == (4, 2, 1)
+    lines = table1.format_training(rows)
+    assert "## Training" in lines and "| cae | 4 | 0.1 (2) | 0.12 | 1 |" in lines
+    from experiments import figures
+
+    path = figures.val_loss_figure({"cae": rows[0]["curve"], "bvae": {}}, tmp_path / "val_loss.png")
+    assert path is not None and path.stat().st_size > 1000
+    assert figures.val_loss_figure({"bvae": {}}, tmp_path / "none.png") is None
