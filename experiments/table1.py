@@ -315,6 +315,8 @@ def run_stages(
         except SystemExit as err:  # a config error: jsonargparse already printed the key at fault
             if err.code not in (0, None):
                 raise RuntimeError(f"stage {stage.name} failed: lightning {' '.join(args)}") from err
+        except ValueError as err:  # a refused value, e.g. a calibrated rule on a model without a threshold
+            raise RuntimeError(f"stage {stage.name} failed: {err}") from err
         seconds = time.perf_counter() - t0
         cpu_seconds = time.process_time() - cpu0
         spent_actual += seconds

@@ -385,3 +385,16 @@ def test_training_summary_reads_the_val_loss_curves_of_resumed_fits(tmp_path: Pa
     path = figures.val_loss_figure({"cae": rows[0]["curve"], "bvae": {}}, tmp_path / "val_loss.png")
     assert path is not None and path.stat().st_size > 1000
     assert figures.val_loss_figure({"bvae": {}}, tmp_path / "none.png") is None
+
+
+def test_a_refused_value_in_a_stage_ends_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from experiments import cli
+
+    def refuse(args: list[str]) -> None:
+        raise ValueError("threshold rule 'calibrated': RatSpnStage has no `threshold` buffer")
+
+    monkeypatch.setattr(cli, "run_cli", refuse)
+    assert tools.main(["table1", "--profile", "smoke", "--out", str(tmp_path), "--threshold-rule", "calibrated"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stage cae failed: threshold rule 'calibrated'" in err[0] and "finished stages" in err[0]
