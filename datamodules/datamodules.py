@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 #: test_set name -> lesion kind of `datamodules.readers.lesion_masks`
 TEST_SET_KINDS = {"mass": "mass", "calc": "calcification"}
 SOURCES = ("synthetic", "cbis_ddsm", "ddsm", "mini_ddsm", "mias", "manifest")
-EVAL_CACHE_FORMAT = 1
+EVAL_CACHE_FORMAT = 2  # 2: item meta carries MIAS density (background tissue F / G / D)
 
 
 def _kind(test_set: str) -> str:
@@ -470,6 +470,9 @@ def list_source_records(
     def has_kind(r: ImageRecord) -> bool:
         return any(lesion.kind == kind for lesion in r.lesions)
 
+    def in_a_test_set(r: ImageRecord) -> bool:  # of either test_set (mass or calc)
+        return any(lesion.kind in TEST_SET_KINDS.values() for lesion in r.lesions)
+
     if source == "synthetic":
         from datamodules.synthetic import ensure_synthetic
 
@@ -478,23 +481,31 @@ def list_source_records(
         cbis = root / "cbis-ddsm"
         test = list_source("cbis_ddsm", cbis, abnormality=abnormality, split="test")
         val = list_source("cbis_ddsm", cbis, abnormality=abnormality, split="train")
+        other = [list_source("cbis_ddsm", cbis, abnormality=a, split=sp)
+                 for a in TEST_SET_KINDS if a != abnormality for sp in ("test", "train")]
+        every_lesion = [r for listing in other for r in listing]
     elif source == "cbis_ddsm":
         if healthy_root is None:
             raise DataError("data.source cbis_ddsm has no normal mammograms: set data.healthy_root to a DDSM "
                             "folder (with cases/normals) and data.healthy_source (default ddsm)")
         test = list_source("cbis_ddsm", root, abnormality=abnormality, split="test", **opts)
         val = list_source("cbis_ddsm", root, abnormality=abnormality, split="train", **opts)
+        other = [list_source("cbis_ddsm", root, abnormality=a, split=sp, **opts)
+                 for a in TEST_SET_KINDS if a != abnormality for sp in ("test", "train")]
+        every_lesion = [r for listing in other for r in listing]
         healthy = []
     elif source == "ddsm":
         diagnoses = opts.pop("lesion_diagnoses", ["cancers", "benigns"])
         healthy = list_source("ddsm", root, diagnosis=opts.pop("diagnosis", "normals"), **opts)
         lesion = [r for d in diagnoses for r in list_source("ddsm", root, diagnosis=d, **opts)]
         test, val = _split_lesion_records([r for r in lesion if has_kind(r)], lesion_validation_fraction, data_seed)
+        every_lesion = [r for r in lesion if in_a_test_set(r)]
     else:  # mini_ddsm, mias, manifest: one listing, healthy = label 0
         listed = list_source(source, root, **opts)
         healthy = [r for r in listed if r.label == 0]
         lesion = [r for r in listed if r.label != 0 and has_kind(r)]
         test, val = _split_lesion_records(lesion, lesion_validation_fraction, data_seed)
+        every_lesion = [r for r in listed if r.label != 0 and in_a_test_set(r)]
     if healthy_root is not None:
         hsource = healthy_source or "ddsm"
         if hsource == "ddsm":
@@ -502,7 +513,9 @@ def list_source_records(
         healthy = list_source(hsource, healthy_root, **healthy_opts)
         if hsource != "ddsm":
             healthy = [r for r in healthy if r.label == 0]
-    lesion_patients = {r.patient_id for r in test + val}
+    # every woman with a lesion image in a test or lesion-validation set of this source, of either test_set
+    # (a calc evaluation must not meet the other breast of its women in a mass-configured training set)
+    lesion_patients = {r.patient_id for r in [*test, *val, *every_lesion]}
     overlap = [r for r in healthy if r.patient_id in lesion_patients]
     if overlap:
         rank_zero_info("%d healthy images dropped: their patients have lesion images in the test/validation sets",

@@ -41,6 +41,17 @@ LOGGED_KEYS = (
     "hausdorff_mm_mean",
     "hausdorff_mm_std",
     "top1_near_border_fraction_mean",
+    "border_area_fraction_mean",
+    "hausdorff_cells_mean",
+    "lesion_hit_rate",
+    "lesion_hit_rate_near_border",
+    "lesion_hit_rate_interior",
+    "sensitivity_at_0.5_fp",
+    "sensitivity_at_1_fp",
+    "sensitivity_at_2_fp",
+    "sensitivity_at_1_fp_near_border",
+    "sensitivity_at_1_fp_interior",
+    "interior_pixel_auc",
     "n_images",
     "n_evaluated",
     "n_excluded",
@@ -109,7 +120,8 @@ class EvaluationCallback(pl.Callback):
             epoch, so a checkpoint monitoring ``val_lesion/...`` always finds the key; 0 = only at test.
             All test dataloaders of one ``trainer.test`` call are pooled into one evaluation.
         threshold: segmentation rule: "image_percentile" (the image's own breast pixels, paper),
-            "healthy_percentile" (of the healthy validation patch scores), or "fixed" (``threshold_value``).
+            "healthy_percentile" (of the healthy validation patch scores), "fixed" (``threshold_value``), or
+            "calibrated" (the model's own ``threshold`` buffer, fitted on healthy validation images).
         percentile: the percentile both percentile rules use (99 = top 1 %).
         save_maps: how many test images (the first ones rank 0 sees) get ``maps/<image_id>.npz`` and a W&B
             heatmap panel; ``maps/`` is emptied of an earlier run's ``.npz`` files when a test starts.
@@ -206,6 +218,8 @@ class EvaluationCallback(pl.Callback):
         value = self.threshold_value
         if self.threshold == "healthy_percentile":
             value = self._healthy_threshold(trainer, pl_module)
+        elif self.threshold == "calibrated":
+            value = evaluation.model_threshold(pl_module)
         return evaluation.EvaluationAccumulator(self.threshold, self.percentile, value,
                                                 keep_image_tables=trainer.world_size > 1)
 

@@ -241,8 +241,9 @@ class MammoCLI(LightningCLI):
             return {}
 
 
-def _configs_name_a_model(args: list[str]) -> bool:
-    """True when a ``--config`` file among ``args`` has a ``model`` section."""
+def _config_sections(args: list[str]) -> list[dict | None]:
+    """The parsed ``--config`` files among ``args`` (None for a file that does not parse: the CLI reports it)."""
+    parsed: list[dict | None] = []
     for i, a in enumerate(args):
         path = args[i + 1] if a in ("--config", "-c") and i + 1 < len(args) else None
         path = a.split("=", 1)[1] if a.startswith("--config=") else path
@@ -250,12 +251,40 @@ def _configs_name_a_model(args: list[str]) -> bool:
             try:
                 data = yaml.safe_load(Path(path).read_text())
             except yaml.YAMLError:
-                return True  # let the CLI report the broken file
-            if isinstance(data, dict) and ("model" in data or any(
-                isinstance(v, dict) and "model" in v for v in data.values()
-            )):
-                return True
+                parsed.append(None)
+                continue
+            parsed.append(data if isinstance(data, dict) else {})
+    return parsed
+
+
+def _configs_name_a_model(args: list[str]) -> bool:
+    """True when a ``--config`` file among ``args`` has a ``model`` section."""
+    for data in _config_sections(args):
+        if data is None or "model" in data or any(isinstance(v, dict) and "model" in v for v in data.values()):
+            return True
     return False
+
+
+#: the data config merged first when none is given (model YAMLs hold no data block)
+DEFAULT_DATA_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "data" / "synthetic.yaml"
+
+
+def _default_data_args(args: list[str]) -> list[str]:
+    """Merges `DEFAULT_DATA_CONFIG` first unless the first ``--config`` file with a ``data`` section names the
+    data class (a model YAML's or profile's ``data.init_args`` refine a class; they do not choose one), or an
+    argument names it."""
+    if not args or args[0] not in ("fit", "validate", "test", "predict"):
+        return args
+    if any(a in ("--data", "--data.class_path") or a.startswith(("--data=", "--data.class_path=")) for a in args):
+        return args
+    for data in _config_sections(args):
+        if data is None:
+            return args  # let the CLI report the broken file
+        if "data" in data:
+            if isinstance(data["data"], dict) and "class_path" in data["data"]:
+                return args
+            break
+    return [args[0], "--config", str(DEFAULT_DATA_CONFIG), *args[1:]]
 
 
 def _checkpoint_model_args(args: list[str]) -> list[str]:
@@ -300,7 +329,7 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> MammoCLI:
     """Runs `lightning <args>` in this process; returns the CLI so callers (Table 1, tests) can read it."""
     argv = list(sys.argv[1:] if args is None else args)
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
-    argv = _checkpoint_model_args(argv)
+    argv = _default_data_args(_checkpoint_model_args(argv))
     if wandb_mode() != "disabled":
         os.environ.setdefault("WANDB_SILENT", "true")
     exit_code = 1

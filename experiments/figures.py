@@ -230,3 +230,73 @@ def calibration_figure(report: Mapping[str, Any], out_path: str | Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _save_figure(fig, Path(out_path))
+
+
+def froc_figure(metrics_files: Mapping[str, Path], out_path: str | Path, title: str = "FROC") -> Path | None:
+    """FROC of one test set: lesion sensitivity against false-positive regions per image, one line per model.
+
+    ``metrics_files`` maps model name -> its evaluation ``metrics.json`` (the ``froc`` curve written by
+    `experiments.evaluation.EvaluationAccumulator`); the 0.5 / 1 / 2 FP-per-image operating points of
+    Table 1 are marked by vertical lines. Returns None when no file holds a curve.
+    """
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {}
+    for model, path in metrics_files.items():
+        path = Path(path)
+        froc = json.loads(path.read_text()).get("froc") if path.is_file() else None
+        if froc and froc.get("fp_per_image"):
+            fp = np.array([np.nan if v is None else v for v in froc["fp_per_image"]], dtype=float)
+            sens = np.array([np.nan if v is None else v for v in froc["sensitivity_all"]], dtype=float)
+            order = np.argsort(fp, kind="stable")
+            curves[model] = (fp[order], sens[order])
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(5.0, 3.6))
+    for model, (fp, sens) in curves.items():
+        ax.plot(fp, sens, marker=".", label=model)
+    for rate in (0.5, 1.0, 2.0):
+        ax.axvline(rate, color="grey", lw=0.6, ls=":")
+    ax.set_xscale("symlog", linthresh=0.1)
+    ax.set_xlim(0, max(8.0, max(float(np.nanmax(c[0])) for c in curves.values())))
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("false-positive regions per image")
+    ax.set_ylabel("lesion sensitivity")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save_figure(fig, Path(out_path))
+
+
+def val_loss_figure(curves: Mapping[str, Mapping[int, float]], out_path: str | Path) -> Path | None:
+    """val/loss against epoch, one panel per fit (their scales differ), to see whether each fit plateaued.
+
+    ``curves`` maps fit name -> {epoch: val/loss}. Returns None when there is no curve.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {name: c for name, c in curves.items() if c}
+    if not curves:
+        return None
+    cols = min(4, len(curves))
+    rows = (len(curves) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.ravel()[len(curves):]:
+        ax.axis("off")
+    for ax, (name, curve) in zip(axes.ravel(), curves.items()):
+        epochs = sorted(curve)
+        ax.plot(epochs, [curve[e] for e in epochs], marker=".")
+        best = min(epochs, key=curve.__getitem__)
+        ax.axvline(best, color="grey", lw=0.6, ls=":")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel("val/loss", fontsize=8)
+    fig.tight_layout()
+    return _save_figure(fig, Path(out_path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import numpy as np
 import pytest
@@ -291,3 +292,21 @@ def test_healthy_percentile_without_datamodule_says_what_to_do(tmp_path) -> None
     trainer = _trainer(tmp_path, [callback])
     with pytest.raises(RuntimeError, match="val_dataloader"):
         trainer.test(MeanIntensity(), dataloaders=DataLoader([make_item(0)], batch_size=None), verbose=False)
+
+
+def test_calibrated_rule_takes_the_models_threshold_buffer(tmp_path) -> None:
+    """threshold='calibrated' segments at the model's ``threshold`` buffer and logs the localisation keys."""
+    model = MeanIntensity()
+    model.calibrator.fit(torch.rand(100), torch.zeros(100, 2))  # items without context: scores stay raw
+    model.calibration_alpha.fill_(0.25)  # calibrated threshold -log(0.25)
+    callback = EvaluationCallback(output_dir=str(tmp_path / "eval"), threshold="calibrated", save_maps=0)
+    trainer = _trainer(tmp_path, [callback])
+    items = [make_item(i) for i in range(3)]
+    trainer.test(model, dataloaders=DataLoader(items, batch_size=None), verbose=False)
+    summary = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert summary["threshold_rule"] == f"calibrated_{-math.log(0.25):g}"
+    assert {"test/lesion_hit_rate", "test/sensitivity_at_1_fp", "test/interior_pixel_auc"} <= set(
+        trainer.callback_metrics)
+    rows = list(csv.DictReader((tmp_path / "eval" / "per_image.csv").open()))
+    assert [float(r["threshold"]) for r in rows] == pytest.approx([-math.log(0.25)] * 3)
+    assert all(r["lesion_hit"] != "" and r["density_group"] == "1-2" for r in rows)

@@ -301,3 +301,23 @@ def test_single_patient_warns_that_val_loss_is_missing(tmp_path) -> None:
     with pytest.warns(UserWarning, match="no healthy validation patches"):
         dm.setup("fit")
     assert len(dm.train_dataset) == 240 and len(dm.val_dataset) == 0
+
+
+def test_healthy_images_exclude_women_with_a_lesion_image_of_either_test_set(tmp_path) -> None:
+    """mias: woman 3 has a calcification image (mdb005) and a normal one (mdb006); a mass-configured
+    training set must not take her normal image, since the calc evaluation scores her other breast."""
+    from datamodules.datamodules import list_source_records
+
+    info = "\n".join(["mdb001 G CIRC B 535 425 97", "mdb002 G NORM", "mdb003 D NORM", "mdb004 D NORM",
+                      "mdb005 F CALC B 300 300 20", "mdb006 F NORM", "mdb007 G NORM", "mdb008 G NORM",
+                      "mdb009 G ARCH B 300 300 20", "mdb010 G NORM"])  # woman 5: in no test set, kept
+    (tmp_path / "Info.txt").write_text(info + "\n")
+    for k in range(1, 11):
+        (tmp_path / f"mdb{k:03d}.pgm").write_bytes(b"P5\n4 4\n255\n" + bytes(16))
+    for test_set in ("mass", "calc"):
+        listed = list_source_records("mias", tmp_path, test_set, lesion_validation_fraction=0.0)
+        assert sorted(r.image_id for r in listed.healthy) == ["mdb003", "mdb004", "mdb007", "mdb008", "mdb010"]
+    assert [r.image_id for r in listed.test] == ["mdb005"]
+    from datamodules.readers import list_source
+
+    assert {r.image_id: r.meta["density"] for r in list_source("mias", tmp_path)}["mdb005"] == "F"

@@ -215,3 +215,112 @@ def test_segment_takes_the_top_plateau_when_nothing_is_strictly_above() -> None:
     assert seg.sum() == 100 and seg[:, 15:].all()
     amap[0, 0] = 2.0  # one pixel strictly above: the strict rule applies
     assert segment(amap, breast, 1.5).sum() == 1
+
+
+def _border_item(image_id: str, centre: tuple[int, int], density: object) -> dict:
+    """A 160 x 200 breast (a rectangle, so "near the border" is easy to reason about) with one round lesion."""
+    h, w, stride = 160, 200, 16
+    rr, cc = np.mgrid[:h, :w]
+    breast = np.zeros((h, w), bool)
+    breast[4:156, :190] = True
+    lesion = np.hypot(rr - centre[0], cc - centre[1]) < 9
+    return {
+        "image_id": image_id, "patient_id": f"P_{image_id}",
+        "image": np.where(lesion, 0.9, 0.3).astype(np.float32),
+        "breast_mask": breast, "lesion_mask": lesion, "centers": _grid(breast, stride),
+        "spacing_mm": 0.2, "stride": stride,
+        "meta": {"density": density, "lesion_type": "mass", "has_pixel_annotation": True},
+    }
+
+
+def test_localisation_columns_equal_the_metric_functions() -> None:
+    item = _border_item("c", (80, 100), "G")  # the lesion centre is 76+ px from every border: interior
+    result, amap, seg = evaluation.evaluate_image(item, _scores(item))
+    breast, lesion = item["breast_mask"], item["lesion_mask"]
+    assert result.lesion_hit == metrics.lesion_hit(amap, lesion, breast) == 1.0
+    assert result.interior_auc == pytest.approx(metrics.interior_pixel_auc([amap], [lesion], [breast], 64))
+    assert result.hausdorff_cells == pytest.approx(result.hausdorff_px / 16)
+    assert result.density_group == "G" and result.border_group == "interior"
+    assert result.n_lesions == 1 and result.n_lesions_near_border == 0
+    labels, n = metrics.label_lesions(lesion)
+    found, fp = metrics.froc_counts(amap, labels, n, breast, [result.threshold])
+    assert result.lesions_found_at_threshold == int(found.sum()) == 1
+    assert result.false_positives_at_threshold == int(fp[0])
+    near = _border_item("n", (20, 100), 3)  # 16 px from the top border
+    res_near, _, _ = evaluation.evaluate_image(near, _scores(near))
+    assert res_near.border_group == "near_border" and res_near.n_lesions_near_border == 1
+    assert res_near.density_group == "3-4"
+
+
+def test_density_groups_of_mias_and_birads() -> None:
+    groups = [evaluation.density_group(v) for v in ("F", "fatty-glandular", "D", 1, "2", 3, 4.0, None, "x", 0)]
+    assert groups == ["F", "G", "D", "1-2", "1-2", "3-4", "3-4", "", "", ""]
+
+
+def test_accumulator_froc_and_group_aucs_equal_pooled_references() -> None:
+    items = [_border_item("a", (80, 100), 1), _border_item("b", (20, 60), 4), _border_item("c", (85, 70), 2)]
+    rng = np.random.default_rng(0)
+    acc = evaluation.EvaluationAccumulator()
+    maps, found, fps, all_levels = [], [], [], []
+    for it in items:
+        scores = _scores(it) + 0.3 * rng.random(len(it["centers"]))  # noise: false positives appear
+        _, amap, _ = acc.add(it, scores)
+        maps.append(amap)
+        labels, n = metrics.label_lesions(it["lesion_mask"] & it["breast_mask"])
+        levels = np.percentile(amap[it["breast_mask"]], evaluation.FROC_PERCENTILES)
+        levels[-1] = np.inf
+        f, fp = metrics.froc_counts(amap, labels, n, it["breast_mask"], levels)
+        found.append(f)
+        fps.append(fp)
+        all_levels.append(levels)
+    s = acc.summary()
+    fp_image, sens_image = metrics.froc_curve(found, fps)
+    np.testing.assert_allclose(s["froc_image_percentile"]["fp_per_image"], fp_image)
+    np.testing.assert_allclose(s["froc_image_percentile"]["sensitivity_all"], sens_image)
+    thresholds, fp_per_image, sens = metrics.froc_global(all_levels, [f.sum(axis=1) for f in found], fps, 3)
+    np.testing.assert_allclose(s["froc"]["thresholds"], thresholds)
+    np.testing.assert_allclose(s["froc"]["fp_per_image"], fp_per_image)
+    np.testing.assert_allclose(s["froc"]["sensitivity_all"], sens)
+    expected = metrics.sensitivity_at_fp(fp_per_image, sens)
+    assert [s["sensitivity_at_0.5_fp"], s["sensitivity_at_1_fp"], s["sensitivity_at_2_fp"]] == [
+        expected[0.5], expected[1.0], expected[2.0]]
+    assert s["n_lesions"] == 3 and s["n_lesions_near_border"] == 1
+    assert s["lesion_hit_rate"] == pytest.approx(np.mean([r.lesion_hit for r in acc.results]))
+    masks = [(it["lesion_mask"], it["breast_mask"]) for it in items]
+    assert s["interior_pixel_auc"] == pytest.approx(
+        metrics.interior_pixel_auc(maps, [m[0] for m in masks], [m[1] for m in masks], 64))
+    low = [0, 2]  # BI-RADS 1 and 2
+    assert s["pixel_auc_density_1-2"] == pytest.approx(
+        metrics.pixel_auc([maps[i] for i in low], [masks[i][0] for i in low], [masks[i][1] for i in low]))
+    assert s["density_groups"]["3-4"]["n_images"] == 1
+    assert s["border_groups"]["near_border"]["n_images"] == 1 and s["n_images_interior_lesions"] == 2
+    assert s["pixel_auc_near_border_lesions"] == pytest.approx(metrics.pixel_auc([maps[1]], [masks[1][0]], [masks[1][1]]))
+    assert s["hausdorff_cells_mean"] == pytest.approx(s["hausdorff_px_mean"] / 16) and s["grid_stride"] == 16
+    # a state with per-image tables (DDP) and a summed state give the same summary as the accumulator itself
+    for keep in (True, False):
+        source = evaluation.EvaluationAccumulator(keep_image_tables=keep)
+        for it in items:
+            source.add(it, _scores(it) + 0.3 * np.random.default_rng(0).random(len(it["centers"])))
+        merged = evaluation.EvaluationAccumulator()
+        merged.merge_state(source.state())
+        assert json.dumps(evaluation._json_safe(merged.summary()), sort_keys=True) == json.dumps(
+            evaluation._json_safe(source.summary()), sort_keys=True)
+
+
+def test_calibrated_rule_reads_the_models_threshold() -> None:
+    import torch
+
+    item = _border_item("c", (80, 100), "G")
+    model = torch.nn.Module()
+    with pytest.raises(ValueError, match="no `threshold` buffer"):
+        evaluation.model_threshold(model)
+    model.register_buffer("threshold", torch.tensor(float("nan")))
+    with pytest.raises(ValueError, match="not fitted"):
+        evaluation.model_threshold(model)
+    model.threshold.fill_(0.6)
+    value = evaluation.model_threshold(model)
+    result, amap, seg = evaluation.evaluate_image(item, _scores(item), "calibrated", threshold_value=value)
+    assert result.threshold_rule == "calibrated_0.6" and result.threshold == pytest.approx(0.6)
+    assert seg.sum() == int((amap[item["breast_mask"]] > 0.6).sum())
+    regions = metrics.froc_counts(amap, *metrics.label_lesions(item["lesion_mask"]), item["breast_mask"], [0.6])
+    assert result.false_positives_at_threshold == int(regions[1][0])

@@ -88,3 +88,21 @@ def test_figure3_from_the_evaluation_histograms(tmp_path: Path) -> None:
     assert out is not None and cv2.imread(str(out)).shape[0] > 100
     assert figures.figure3({"calc": tmp_path / "missing.npz"}, tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_froc_figure_from_the_evaluation_metrics(tmp_path: Path) -> None:
+    import json
+
+    from experiments import figures
+
+    good = tmp_path / "a" / "metrics.json"
+    good.parent.mkdir()
+    good.write_text(json.dumps({"froc": {"fp_per_image": [4.0, 1.0, 0.0], "sensitivity_all": [1.0, 0.5, 0.0]}}))
+    empty = tmp_path / "b.json"
+    empty.write_text(json.dumps({"pixel_auc": 0.5}))
+    path = figures.froc_figure({"CAE": good, "bVAE": empty, "VQVAE": tmp_path / "missing.json"}, tmp_path / "f.png")
+    assert path is not None and path.stat().st_size > 1000
+    import cv2
+
+    assert cv2.imread(str(path)).ndim == 3
+    assert figures.froc_figure({"bVAE": empty}, tmp_path / "g.png") is None and not (tmp_path / "g.png").exists()

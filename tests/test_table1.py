@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -21,6 +22,11 @@ def _result(test_set: str, model: str, aucs: dict[str, float], pixel: float = 0.
         "pixel_auc": pixel, "image_auc_mean": float(values.mean()), "image_auc_std": float(values.std()),
         "hausdorff_px_mean": 30.5, "hausdorff_px_std": 4.25, "hausdorff_mm_mean": 6.1, "hausdorff_mm_std": 0.85,
         "n_images": len(aucs) + 1, "n_evaluated": len(aucs), "threshold_rule": "image_percentile_99",
+        "lesion_hit_rate": 0.4, "sensitivity_at_0.5_fp": 0.2, "sensitivity_at_1_fp": 0.5, "sensitivity_at_2_fp": 0.7,
+        "top1_near_border_fraction_mean": 0.95, "border_area_fraction_mean": 0.4, "interior_pixel_auc": 0.61,
+        "hausdorff_cells_mean": 31.2, "hausdorff_cells_std": 5.0, "lesion_hit_rate_near_border": 0.25,
+        "lesion_hit_rate_interior": 0.6, "sensitivity_at_1_fp_near_border": 0.45, "sensitivity_at_1_fp_interior": 0.55,
+        "density_groups": {"1-2": {"pixel_auc": 0.72, "n_images": 15}, "3-4": {"pixel_auc": 0.64, "n_images": 5}},
     }
     return table1.ModelResult(test_set, model, summary, aucs)
 
@@ -71,8 +77,17 @@ def test_markdown_and_csv_layout(fabricated: list[table1.ModelResult], tmp_path:
     rows = table1.build_table(fabricated)
     md_path = table1.write_table1(rows, tmp_path, "Table 1 (test)", ["a note"])
     md = md_path.read_text()
-    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    main, rest = md.split("## Localisation")
+    lines = [line for line in main.splitlines() if line.startswith("| ")]
     assert len(lines) == 1 + 16
+    local, density = rest.split("## Pixel AUC per breast-density group")
+    local_lines = [line for line in local.splitlines() if line.startswith("| ")]
+    assert len(local_lines) == 1 + 16 and "Sens@1" in local_lines[0]
+    assert local_lines[1] == ("| masses | CAE | 0.40 | 0.20 | 0.50 | 0.70 | 0.95 (0.40) | 0.61 | 31.2 ± 5.0 "
+                              "| 0.25 / 0.60 | 0.45 / 0.55 |")
+    density_lines = [line for line in density.splitlines() if line.startswith("| ")]
+    assert density_lines[0] == "| Test data | Model | 1-2 | 3-4 |" and density_lines[1].endswith("| 0.72 (15) | 0.64 (5) |")
+    assert "stride-16 score grid" in md
     assert "image_percentile_99" in md and "p < 0.01" in md and "a note" in md
     cae_spn = next(line for line in lines if "| **CAE-RATSPN** |" in line and "masses" in line)
     cae_p = f"{2 * 0.5**20:.1e}"
@@ -207,7 +222,12 @@ def test_smoke_profile_runs_the_whole_table(tmp_path: Path, monkeypatch: pytest.
         if r["pair"]:
             assert 0.0 < float(r["wilcoxon_p"]) <= 1.0
     md = (out / "table1.md").read_text()
-    assert md.count("\n| ") == 17
+    assert md.split("## Localisation")[0].count("\n| ") == 17
+    for r in rows:
+        assert 0.0 <= float(r["lesion_hit_rate"]) <= 1.0 and 0.0 <= float(r["sensitivity_at_1_fp"]) <= 1.0
+        assert float(r["hausdorff_cells_mean"]) == pytest.approx(float(r["hausdorff_px_mean"]) / 16, rel=1e-6)
+    assert (out / "froc_mass.png").is_file() and (out / "froc_calc.png").is_file()
+    assert "## Training" in md and (out / "val_loss.png").is_file()
     assert (out / "fig2_mass.png").is_file() and (out / "fig3_cae.png").is_file()
     timings = json.loads((out / "timings.json").read_text())
     assert len(timings["stages"]) == 24
@@ -241,3 +261,140 @@ def test_every_stage_parses_with_the_real_configs(
             assert config["data"]["init_args"]["batch_size"] == (64 if profile == "quick" else 1024)
         if stage.model == "Intensity":
             assert config["model"]["class_path"] == "experiments.table1.IntensityBaseline"
+
+
+@pytest.mark.parametrize("data", table1.DATA_CHOICES)
+def test_every_source_and_the_real_profile_parse(data: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`mammospn table1 --profile real --data NAME`: the source wins over the profile's synthetic settings,
+    autoencoders stop early on val/loss under a time cap, the WGAN has a fixed budget."""
+    import yaml
+
+    from experiments import cli
+
+    healthy = "/d/ddsm" if data == "cbis_ddsm" else None
+    stages = {s.name: s for s in table1.build_stages("real", data, "/d/root", seed=1, healthy_root=healthy)}
+    for name in ("cae", "cae_spn", "fanogan_gan", "test-calc-vqvae_ratspn", "test-mass-intensity"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.run_cli([*table1.stage_args(stages[name], tmp_path / "runs", tmp_path / "eval", "g"), "--print_config"])
+        assert exit_info.value.code in (0, None), name
+        config = yaml.safe_load(capsys.readouterr().out)
+        assert config["data"]["init_args"]["source"] == data and config["data"]["init_args"]["root"] == "/d/root"
+        callbacks = [c["class_path"] for c in config["trainer"]["callbacks"] or []]
+        if name in ("cae", "cae_spn"):
+            assert callbacks == ["pytorch_lightning.callbacks.EarlyStopping"] and config["trainer"]["max_time"]
+            assert config["trainer"]["callbacks"][0]["init_args"]["monitor"] == "val/loss"
+        if name == "fanogan_gan":
+            assert callbacks == [] and config["trainer"]["max_time"] == "00:00:07:00"
+    path_stages = table1.build_stages("quick", str(table1.CONFIG_DIR / "data" / f"{data}.yaml"), "/d/root")
+    assert str(table1.CONFIG_DIR / "data" / f"{data}.yaml") in path_stages[0].configs
+    with pytest.raises(ValueError, match="--data must be one of"):
+        table1.build_stages("quick", "nosuchsource")
+
+
+def test_aggregate_seeds_mean_sd_and_bold_only_when_every_seed_agrees(fabricated: list[table1.ModelResult]) -> None:
+    rows0 = table1.build_table(fabricated)
+    shifted = [table1.ModelResult(r.test_set, r.model, {**r.summary, "pixel_auc": r.summary["pixel_auc"] + 0.1,
+                                                        "lesion_hit_rate": 0.6}, r.per_image_auc)
+               for r in fabricated if r.model != "VQVAE"]  # seed 1: VQVAE missing, so its pair has no p
+    rows1 = table1.build_table(shifted)
+    agg = table1.aggregate_seeds({0: rows0, 1: rows1})
+    assert [(r["test_set"], r["model"]) for r in agg] == [(r["test_set"], r["model"]) for r in rows0]
+    cae = next(r for r in agg if r["model"] == "CAE" and r["test_set"] == "mass")
+    assert cae["pixel_auc"] == pytest.approx(0.75) and cae["pixel_auc_sd"] == pytest.approx(np.std([0.7, 0.8], ddof=1))
+    assert cae["lesion_hit_rate"] == pytest.approx(0.5) and cae["n_seeds"] == 2 and cae["seeds"] == "0 1"
+    spn = next(r for r in agg if r["model"] == "CAE-RATSPN" and r["test_set"] == "mass")
+    assert spn["better"] and spn["wilcoxon_p"] == pytest.approx(2 * 0.5**20)
+    vq = next(r for r in agg if r["model"] == "VQVAE" and r["test_set"] == "mass")
+    assert vq["n_seeds"] == 1 and math.isnan(vq["pixel_auc_sd"])
+    vq_spn = next(r for r in agg if r["model"] == "VQVAE-RATSPN" and r["test_set"] == "mass")
+    assert not vq_spn["better"]  # no longer better in seed 1, where its pair is missing
+    md = table1.format_markdown(agg)
+    assert "| masses | CAE | 0.75 ± 0.07 |" in md and "mean ± sd (ddof 1) over seeds" in md
+    parsed = list(csv.DictReader(io.StringIO(table1.format_csv(agg))))
+    assert parsed[0]["n_seeds"] == "2" and float(parsed[0]["pixel_auc_sd"]) == pytest.approx(0.0707, abs=1e-4)
+
+
+def test_seeds_run_per_seed_folders_and_a_mean_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from experiments import cli
+
+    calls: list[list[str]] = []
+
+    def fake_main(args: list[str]) -> None:
+        calls.append(args)
+        name = args[args.index("--run.name") + 1]
+        seed = int(args[args.index("--seed_everything") + 1])
+        run_dir = Path(args[args.index("--run.root") + 1]) / name
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / ("config.yaml" if args[0] == "fit" else f"config-{args[0]}.yaml")).write_text("x: 1\n")
+        if args[0] == "fit":
+            (run_dir / "checkpoints" / "best.ckpt").write_text("ckpt")
+        else:
+            evaluation.write_metrics_json(Path(args[args.index("--run.results_dir") + 1]) / name / "metrics.json",
+                                          {"pixel_auc": 0.6 + 0.1 * seed, "threshold_rule": "image_percentile_99"})
+
+    monkeypatch.setattr(cli, "run_cli", fake_main)
+    out = tmp_path / "out"
+    code = tools.main(["table1", "--profile", "smoke", "--out", str(out), "--seeds", "0", "1", "2",
+                       "--seed-models", "pairs"])
+    assert code == 0
+    assert len(calls) == 24 + 2 * (6 + 12)  # seeds 1 and 2: the 6 AE / RAT-SPN fits and their 12 tests
+    assert all((out / f"seed-{s}" / "table1.md").is_file() for s in (0, 1, 2))
+    rows = list(csv.DictReader((out / "table1.csv").open()))
+    cae = next(r for r in rows if r["model"] == "CAE")
+    assert float(cae["pixel_auc"]) == pytest.approx(0.7) and float(cae["pixel_auc_sd"]) == pytest.approx(0.1)
+    assert cae["n_seeds"] == "3" and next(r for r in rows if r["model"] == "f-AnoGAN")["n_seeds"] == "1"
+    assert "seeds 0 1 2" in (out / "table1.md").read_text()
+
+
+def test_calibrated_threshold_rule_for_the_ratspn_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from experiments import cli
+
+    stages = table1.build_stages("smoke", threshold_rule="calibrated")
+    tests = {s.name: s for s in stages if s.kind == "test"}
+    assert "test-mass-cae_ratspn-calibrated" in tests and "test-mass-cae" in tests
+    assert {s.threshold_rule for s in tests.values() if s.model.endswith("-RATSPN")} == {"calibrated"}
+    assert {s.threshold_rule for s in tests.values() if not s.model.endswith("-RATSPN")} == {"image_percentile"}
+    stage = tests["test-calc-vqvae_ratspn-calibrated"]
+    with pytest.raises(SystemExit):
+        cli.run_cli([*table1.stage_args(stage, tmp_path / "runs", tmp_path / "eval", "g"), "--print_config"])
+    callbacks = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
+    evaluation_cb = [c for c in callbacks if c["class_path"].endswith("EvaluationCallback")]
+    assert len(evaluation_cb) == 1 and evaluation_cb[0]["init_args"]["threshold"] == "calibrated"
+    assert evaluation_cb[0]["init_args"]["output_dir"] == str(tmp_path / "eval" / stage.name)
+    with pytest.raises(ValueError, match="--threshold-rule"):
+        table1.build_stages("smoke", threshold_rule="otsu")
+
+
+def test_training_summary_reads_the_val_loss_curves_of_resumed_fits(tmp_path: Path) -> None:
+    logs = tmp_path / "runs" / "cae" / "logs"
+    (logs / "version_0").mkdir(parents=True)
+    (logs / "version_1").mkdir()
+    (logs / "version_0" / "metrics.csv").write_text("epoch,step,train/loss,val/loss\n0,9,0.5,\n0,9,,0.30\n1,19,,0.20\n")
+    (logs / "version_1" / "metrics.csv").write_text("epoch,step,val/loss\n1,19,0.25\n2,29,0.10\n3,39,0.12\n")
+    assert table1.training_curve(tmp_path / "runs" / "cae") == {0: 0.30, 1: 0.25, 2: 0.10, 3: 0.12}
+    stages = [s for s in table1.build_stages("smoke") if s.name in ("cae", "bvae")]
+    rows = table1.training_summary(stages, tmp_path / "runs")
+    assert len(rows) == 1 and rows[0]["fit"] == "cae"  # bvae has no logs
+    assert (rows[0]["epochs"], rows[0]["best_epoch"], rows[0]["epochs_since_best"]) == (4, 2, 1)
+    lines = table1.format_training(rows)
+    assert "## Training" in lines and "| cae | 4 | 0.1 (2) | 0.12 | 1 |" in lines
+    from experiments import figures
+
+    path = figures.val_loss_figure({"cae": rows[0]["curve"], "bvae": {}}, tmp_path / "val_loss.png")
+    assert path is not None and path.stat().st_size > 1000
+    assert figures.val_loss_figure({"bvae": {}}, tmp_path / "none.png") is None
+
+
+def test_a_refused_value_in_a_stage_ends_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from experiments import cli
+
+    def refuse(args: list[str]) -> None:
+        raise ValueError("threshold rule 'calibrated': RatSpnStage has no `threshold` buffer")
+
+    monkeypatch.setattr(cli, "run_cli", refuse)
+    assert tools.main(["table1", "--profile", "smoke", "--out", str(tmp_path), "--threshold-rule", "calibrated"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stage cae failed: threshold rule 'calibrated'" in err[0] and "finished stages" in err[0]

@@ -101,6 +101,7 @@ def list_mias(root: str | Path, spacing_mm: float = 0.2, info: str | Path | None
             meta={
                 "source": "mias",
                 "tissue": TISSUE[table[ref][0]["tissue"]],
+                "density": table[ref][0]["tissue"],  # background tissue F / G / D: the density group
                 "view": "MLO",
                 "pathology": next((les.pathology for les in lesions if les.pathology), None),
                 "lesion_type": ",".join(sorted({les.kind for les in lesions})) or None,
