@@ -23,6 +23,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.fileio import dumps_json, write_json
 from datamodules.grids import (
     SelectionDecision,
     extract_patches,
@@ -70,18 +71,6 @@ def _item_meta(record: ImageRecord, meta: dict[str, Any], kind: str | None) -> d
         "source_path": str(record.path),
         "has_pixel_annotation": bool(record.has_pixel_annotation and record.lesions),
     }
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)
 
 
 class EvaluationDataset(Dataset):
@@ -237,7 +226,7 @@ def build_evaluation_cache(
                 breast_mask=pre.breast_mask,
                 lesion_mask=lesion,
                 spacing_mm=np.array(pre.spacing_mm),
-                meta=np.array(json.dumps(_json_safe(_item_meta(record, pre.meta, kind)))),
+                meta=np.array(dumps_json(_item_meta(record, pre.meta, kind), indent=None)),
             )
             files.append(fname)
         if skipped:
@@ -245,7 +234,7 @@ def build_evaluation_cache(
         summary = write_selection_report(decisions, tmp / "selection.json")
         summary["skipped_unreadable"] = len(skipped)
         info = {"key": key, "params": params, "files": files, "summary": summary, "skipped": skipped}
-        (tmp / "DONE.json").write_text(json.dumps(info, indent=1))
+        write_json(tmp / "DONE.json", info, indent=1)
         try:
             os.replace(tmp, final)
         except OSError:

@@ -8,13 +8,13 @@ Patch geometry (shared with `datamodules.patches`): a patch of even ``size`` cen
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from datamodules.fileio import write_json
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +111,7 @@ def write_selection_report(decisions: list[SelectionDecision], path: str | Path)
         "excluded_by_reason": reasons,
     }
     payload = {"summary": summary, "images": [asdict(d) for d in decisions]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
+    write_json(path, payload, indent=1)
     log.debug("test-set selection: %d of %d images selected; excluded: %s",
              summary["selected"], summary["candidates"], reasons or "none")
     return summary

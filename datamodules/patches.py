@@ -27,6 +27,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import Dataset
 
+from datamodules.fileio import write_json
 from datamodules.grids import extract_patches
 from datamodules.preprocessing import PreprocessedImage, preprocess_record
 from datamodules.records import DataError, ImageRecord
@@ -285,7 +286,7 @@ def build_patch_cache(
         num = int(sum(len(a) for a in idx_image))
         info = {"key": key, "params": params, "num_patches": num, "images": images, "patients": patients,
                 "skipped": skipped}
-        (tmp / "DONE.json").write_text(json.dumps(info, indent=1))
+        write_json(tmp / "DONE.json", info, indent=1)
         try:
             os.replace(tmp, final)
         except OSError:  # another process finished the same cache first: use theirs

@@ -8,13 +8,13 @@ as the pipeline sees them at evaluation spacing. Bottom: a seeded sample of cach
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
+from datamodules.fileio import atomic_write_with
 from datamodules.records import DataError
 
 
@@ -115,11 +115,10 @@ def make_sheet(module: Any, out: str | Path, n_images: int = 4, n_healthy: int =
                     spine.set_linewidth(2)
     fig.suptitle("cyan: breast mask   red: lesion mask   orange frame: contour patch", fontsize=8)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        atomic_write_with(out, lambda tmp: fig.savefig(tmp, dpi=110))
+    finally:
+        plt.close(fig)
     return {"images": len(panels), "patches": int(len(picks))}
 
 

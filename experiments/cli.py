@@ -22,6 +22,7 @@ import yaml
 from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from datamodules.fileio import atomic_write
 from experiments.loggers import build_loggers, finish_wandb, wandb_mode
 from experiments.memory import keep_freed_memory
 from lightning_modules.base import AnomalyDetector
@@ -79,8 +80,6 @@ class ConfigSaver(SaveConfigCallback):
         self.run_dir = Path(run_dir)
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from experiments.evaluation import atomic_write
-
         atomic_write(self.run_dir / self.config_filename, self.parser.dump(self.config, skip_none=False))
 
 
