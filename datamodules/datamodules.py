@@ -283,6 +283,8 @@ class HealthyPatchDataModule(pl.LightningDataModule):
         self.cache: PatchCache | None = None
         self.train_dataset: PatchDataset | None = None
         self.val_dataset: PatchDataset | None = None
+        self._shuffle_generator: torch.Generator | None = None
+        self._pending_shuffle_state: torch.Tensor | None = None
 
     def setup(self, stage: str | None = None) -> None:
         """Builds (or reuses) the patch cache and splits it by patient."""
@@ -308,7 +310,13 @@ class HealthyPatchDataModule(pl.LightningDataModule):
         if dataset is None:
             self.setup("fit")
             return self._loader(self.train_dataset if shuffle else self.val_dataset, shuffle)
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        generator = None
+        if shuffle:
+            generator = torch.Generator().manual_seed(self.seed)
+            if self._pending_shuffle_state is not None:  # resumed from a checkpoint: go on where it stopped
+                generator.set_state(self._pending_shuffle_state)
+                self._pending_shuffle_state = None
+            self._shuffle_generator = generator
         return DataLoader(
             dataset, batch_size=self.batch_size, shuffle=shuffle, collate_fn=collate_patch_batch,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0, generator=generator,
@@ -319,6 +327,23 @@ class HealthyPatchDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, shuffle=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The shuffle generator's state (saved in every checkpoint), so a resumed fit continues the epoch order
+        instead of replaying epoch 0's."""
+        if self._shuffle_generator is None:
+            return {}
+        return {"shuffle_generator": self._shuffle_generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores what `state_dict` saved: applied now, or when the training loader is created."""
+        state = state_dict.get("shuffle_generator")
+        if state is None:
+            return
+        if self._shuffle_generator is not None:
+            self._shuffle_generator.set_state(state)
+        else:
+            self._pending_shuffle_state = state
 
 
 class EvaluationDataModule(pl.LightningDataModule):
@@ -655,6 +680,13 @@ class MammographyDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self.healthy.train_dataloader()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must carry to resume bit-identically: the training shuffle state."""
+        return self.healthy.state_dict() if self._healthy is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.healthy.load_state_dict(state_dict)
 
     def val_dataloader(self) -> DataLoader:
         return self.healthy.val_dataloader()

@@ -30,6 +30,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from tqdm.auto import tqdm
 
 from experiments import evaluation
+from experiments.checkpoints import checkpoint_info
 
 #: scalars of the summary that are logged to every logger (prefix "test/" or ``monitor_prefix``/)
 LOGGED_KEYS = (
@@ -293,6 +294,7 @@ class EvaluationCallback(pl.Callback):
             images_per_s=summary["n_images"] / elapsed if elapsed > 0 else math.nan,
             patches_per_s=summary["n_patches"] / elapsed if elapsed > 0 else math.nan,
             world_size=trainer.world_size,
+            checkpoint=checkpoint_info(trainer.ckpt_path),  # which weights produced these numbers
         )
         self.last_summary = summary
         self._log_scalars(pl_module, "test", summary)

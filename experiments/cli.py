@@ -17,12 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 import yaml
 from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from datamodules.fileio import atomic_write
+from experiments.checkpoints import (
+    CHECKPOINT_ALIASES,
+    AtomicCheckpointIO,
+    CheckpointError,
+    RngStateCallback,
+    checkpoint_callbacks,
+    load_checkpoint,
+    resolve_ckpt_path,
+)
 from experiments.loggers import build_loggers, finish_wandb, wandb_mode
 from experiments.memory import keep_freed_memory
 from lightning_modules.base import AnomalyDetector
@@ -182,6 +190,8 @@ class MammoCLI(LightningCLI):
         # fit owns config.yaml; test / validate / predict in the same folder never overwrite it
         filename = "config.yaml" if self.subcommand in (None, "fit") else f"config-{self.subcommand}.yaml"
         self.save_config_kwargs = {**self.save_config_kwargs, "run_dir": self.run_dir, "config_filename": filename}
+        if "ckpt_path" in config:
+            config["ckpt_path"] = resolve_ckpt_path(config["ckpt_path"], self.run_dir, self.subcommand)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -205,18 +215,11 @@ class MammoCLI(LightningCLI):
         if self.subcommand in (None, "fit") and trainer_cfg.get("enable_checkpointing", True) is not False and not any(
             isinstance(c, ModelCheckpoint) for c in callbacks
         ):
-            callbacks.append(
-                ModelCheckpoint(
-                    dirpath=self.run_dir / "checkpoints",
-                    filename="best",
-                    monitor=MONITOR_KEY,
-                    mode="min",
-                    save_top_k=1,
-                    save_last=True,
-                    enable_version_counter=False,
-                    auto_insert_metric_name=False,
-                )
-            )
+            callbacks.extend(checkpoint_callbacks(self.run_dir / "checkpoints", MONITOR_KEY))
+        if self.subcommand in (None, "fit") and not any(isinstance(c, RngStateCallback) for c in callbacks):
+            callbacks.append(RngStateCallback())
+        if trainer_cfg.get("plugins") is None:
+            kwargs["plugins"] = [AtomicCheckpointIO()]
         if self.subcommand == "predict":
             if not any(isinstance(c, BasePredictionWriter) for c in callbacks):
                 callbacks.append(AnomalyMapWriter(self.results_dir / "predictions"))
@@ -269,9 +272,9 @@ def _checkpoint_model_args(args: list[str]) -> list[str]:
             ckpt = args[i + 1]
         elif a.startswith("--ckpt_path="):
             ckpt = a.split("=", 1)[1]
-    if not ckpt or not Path(ckpt).is_file():
-        return args
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if not ckpt or ckpt in CHECKPOINT_ALIASES:
+        return args  # the run folder (and so the file) is known only from a config naming the model
+    state = load_checkpoint(ckpt)  # a missing or damaged file: one line naming it, not "required: test.model"
     class_path = state.get("anomaly_model_class") or (state.get("hyper_parameters") or {}).get("_class_path")
     return [*args, "--model", class_path] if class_path else args
 
@@ -289,7 +292,7 @@ def main(args: list[str] | None = None) -> int:
     keep_freed_memory()
     try:
         run_cli(args)
-    except (FileNotFoundError, DataError, ConfigError) as err:
+    except (FileNotFoundError, DataError, ConfigError, CheckpointError) as err:
         print(f"lightning: {err}", file=sys.stderr)
         return 2
     return 0

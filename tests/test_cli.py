@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -305,3 +307,21 @@ def test_run_names_keep_second_stages_apart() -> None:
     assert cli._model_name(config(autoencoder_ckpt="cae.ckpt")) == "cae_spn"
     assert cli._model_name(config()) == "ratspnstage"
     assert cli._data_name(config()) == "synthetic-calc"
+
+
+def test_test_ckpt_path_last_resolves_and_metrics_record_the_checkpoint(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _write(workdir / "a.yaml", {**BASE, "run": {"evaluate": True}})
+    # before any fit: one line naming the missing file, exit 2, nothing scored or written
+    assert cli.main(["test", "--config", config, "--run.name", "k", "--ckpt_path", "last"]) == 2
+    err = capsys.readouterr().err
+    assert "--ckpt_path last: no runs/k/checkpoints/last.ckpt" in err and "Traceback" not in err
+    assert not (workdir / "results" / "k" / "metrics.json").exists()
+    cli.run_cli(["fit", "--config", config, "--run.name", "k", "--trainer.max_epochs", "2"])
+    cli.run_cli(["test", "--config", config, "--run.name", "k", "--ckpt_path", "last"])
+    metrics = json.loads((workdir / "results" / "k" / "metrics.json").read_text())
+    ckpt = workdir / "runs" / "k" / "checkpoints" / "last.ckpt"
+    assert metrics["checkpoint"]["path"] == str(ckpt.resolve())
+    assert (metrics["checkpoint"]["epoch"], metrics["checkpoint"]["global_step"]) == (1, 6)
+    assert metrics["checkpoint"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
