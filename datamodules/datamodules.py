@@ -23,7 +23,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.fileio import dumps_json, write_json
+from datamodules.fileio import dumps_json, read_json, swap_directory, write_json
 from datamodules.grids import (
     SelectionDecision,
     extract_patches,
@@ -36,8 +36,11 @@ from datamodules.patches import (
     PatchDataset,
     build_patch_cache,
     cache_key,
+    check_patchable,
     collate_patch_batch,
+    file_sha256,
     listing_fingerprint,
+    open_verified,
     remove_stale_builds,
     split_patients,
     to_uint8,
@@ -145,6 +148,34 @@ class EvaluationDataset(Dataset):
         }
 
 
+def open_evaluation_cache(path: Path) -> dict[str, Any]:
+    """The ``DONE.json`` of a complete evaluation cache after checking every listed file against its checksum;
+    `DataError` naming the first damaged file otherwise."""
+    done = path / "DONE.json"
+    if not done.is_file():
+        raise DataError(f"{done}: missing, so {path} is not a complete evaluation cache")
+    try:
+        info = read_json(done)
+        files, digests, _ = info["files"], info.get("sha256", {}), info["summary"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{done}: damaged evaluation cache marker ({err})") from None
+    for name in [*files, "selection.json"]:
+        file = path / name
+        if not file.is_file():
+            raise DataError(f"{file}: listed in {done.name} but missing")
+        if name in digests and file_sha256(file) != digests[name]:
+            raise DataError(f"{file}: checksum differs from {done.name} (truncated, overwritten or corrupted)")
+    return info
+
+
+def _report_skipped(skipped: list[dict[str, str]], n_records: int, name: str, report: object) -> None:
+    """Warns with the count and the first reasons of images left out as unreadable (at build and at reuse)."""
+    if not skipped:
+        return
+    first = "; ".join(f"{s['path']}: {s['error']}" for s in skipped[:3])
+    log.warning("%d of %d %s images skipped (unreadable; listed in %s): %s", len(skipped), n_records, name, report, first)
+
+
 def build_evaluation_cache(
     records: Sequence[ImageRecord],
     cache_root: str | Path,
@@ -182,10 +213,10 @@ def build_evaluation_cache(
     key = cache_key(params)
     cache_root = Path(cache_root)
     final = cache_root / f"eval-{name}-{test_set}-{key}"
-    done = final / "DONE.json"
-    if done.is_file():
-        info = json.loads(done.read_text())
+    info = open_verified(final, open_evaluation_cache, "evaluation cache")
+    if info is not None:
         rank_zero_info("evaluation cache reused: %s (%d images)", final, len(info["files"]))
+        _report_skipped(info["summary"].get("skipped", []), len(records), name, final / "selection.json")
         return [final / f for f in info["files"]], info["summary"]
     cache_root.mkdir(parents=True, exist_ok=True)
     remove_stale_builds(cache_root, f"eval-{name}-{test_set}-{key}")
@@ -204,6 +235,7 @@ def build_evaluation_cache(
         for record in iterator:
             try:
                 pre = preprocess_record(record, spacing_mm, remove_pectoral, with_lesions=True)
+                check_patchable(pre, patch_size, record.path)
             except Exception as err:  # noqa: BLE001 - reported and skipped, never fatal mid-run
                 log.warning("skipped unreadable image %s: %s", record.path, err)
                 skipped.append({"path": str(record.path), "error": str(err)})
@@ -229,16 +261,13 @@ def build_evaluation_cache(
                 meta=np.array(dumps_json(_item_meta(record, pre.meta, kind), indent=None)),
             )
             files.append(fname)
-        if skipped:
-            log.warning("%d of %d %s images skipped (unreadable)", len(skipped), len(records), name)
-        summary = write_selection_report(decisions, tmp / "selection.json")
-        summary["skipped_unreadable"] = len(skipped)
-        info = {"key": key, "params": params, "files": files, "summary": summary, "skipped": skipped}
+        _report_skipped(skipped, len(records), name, final / "selection.json")
+        summary = write_selection_report(decisions, tmp / "selection.json", skipped)
+        summary["report"] = str(final / "selection.json")
+        info = {"key": key, "params": params, "files": files, "summary": summary, "skipped": skipped,
+                "sha256": {f: file_sha256(tmp / f) for f in [*files, "selection.json"]}}
         write_json(tmp / "DONE.json", info, indent=1)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        swap_directory(tmp, final)  # replaces a damaged cache
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -404,6 +433,12 @@ class EvaluationDataModule(pl.LightningDataModule):
                 remove_pectoral=self.remove_pectoral, extra_key=self.cache_key_extra, progress=self.progress,
             )
             self.selection[name] = summary
+            if not files and name == "test":  # a test of nothing would write results that mean nothing
+                excluded = summary.get("excluded_by_reason") or {}
+                raise DataError(
+                    f"no evaluable {name.replace('_', ' ')} images: {len(records)} listed, "
+                    f"{summary.get('skipped_unreadable', 0)} unreadable, {summary.get('excluded', 0)} excluded "
+                    f"by the test-set rule ({excluded or 'none'}); see {summary.get('report')}")
             ds = EvaluationDataset(files, kind=_kind(self.test_set), **common)
         else:
             raise KeyError(f"unknown evaluation set {name!r}")

@@ -97,8 +97,13 @@ def select_test_image(
     return SelectionDecision(image_id, patient_id, True, "selected", f"{kind} area {area} px < {bound:g} px", area, inside)
 
 
-def write_selection_report(decisions: list[SelectionDecision], path: str | Path) -> dict:
-    """Writes the selection decisions and their summary as JSON (temp name, then rename); returns the summary."""
+def write_selection_report(
+    decisions: list[SelectionDecision], path: str | Path, skipped: list[dict[str, str]] | None = None
+) -> dict:
+    """Writes the selection decisions and their summary as JSON (temp name, then rename); returns the summary.
+
+    ``skipped``: images that could not be read at all (``path``, ``error``), counted and listed beside them.
+    """
     path = Path(path)
     reasons: dict[str, int] = {}
     for d in decisions:
@@ -109,6 +114,8 @@ def write_selection_report(decisions: list[SelectionDecision], path: str | Path)
         "selected": sum(d.selected for d in decisions),
         "excluded": sum(not d.selected for d in decisions),
         "excluded_by_reason": reasons,
+        "skipped_unreadable": len(skipped or []),
+        "skipped": list(skipped or []),
     }
     payload = {"summary": summary, "images": [asdict(d) for d in decisions]}
     write_json(path, payload, indent=1)

@@ -22,6 +22,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelChe
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from datamodules.fileio import atomic_write
+from datamodules.records import DataError
 from experiments.checkpoints import (
     CHECKPOINT_ALIASES,
     AtomicCheckpointIO,
@@ -174,6 +175,20 @@ class MammoCLI(LightningCLI):
                 raise ConfigError(str(cause)) from err
             raise
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """As LightningCLI's; a test that fails on its data (e.g. no evaluable image) retires the earlier results
+        of this run to ``stale-<time>/``, so none are left that look current."""
+        try:
+            super()._run_subcommand(subcommand)
+        except DataError as err:
+            if subcommand == "test":
+                from experiments.evaluation import retire_results
+
+                stale = retire_results(self.results_dir, f"lightning test failed: {err}")
+                if stale is not None:
+                    print(f"lightning: the earlier results of {self.results_dir} were moved to {stale}", file=sys.stderr)
+            raise
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(RunOptions, "run", fail_untyped=False)
 
@@ -285,10 +300,6 @@ def main(args: list[str] | None = None) -> int:
     User-fixable problems (a missing checkpoint or data file, a data error, a value a constructor refuses)
     end in one line, no traceback.
     """
-    try:
-        from datamodules.records import DataError
-    except ImportError:  # pragma: no cover - the records module is part of the skeleton
-        DataError = RuntimeError  # noqa: N806
     keep_freed_memory()
     try:
         run_cli(args)

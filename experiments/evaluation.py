@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -516,3 +518,25 @@ def write_map(path: str | Path, item: Mapping, amap: np.ndarray, seg: np.ndarray
         hausdorff_mm=np.float64(result.hausdorff_mm),
         spacing_mm=np.float64(result.spacing_mm),
     )
+
+
+#: the files and folders one test writes (published together; retired together)
+RESULT_ENTRIES = ("metrics.json", "per_image.csv", "score_hist.npz", "maps")
+
+
+def retire_results(out_dir: str | Path, reason: str) -> Path | None:
+    """Moves an earlier test's results out of ``out_dir`` into ``out_dir/stale-<UTC time>/`` (with ``reason.txt``),
+    so a failed test never leaves numbers that look current, and nothing is deleted. None if there were none."""
+    out_dir = Path(out_dir)
+    present = [out_dir / name for name in RESULT_ENTRIES if (out_dir / name).exists()]
+    if not present:
+        return None
+    stale = out_dir / time.strftime("stale-%Y%m%dT%H%M%SZ", time.gmtime())
+    stale.mkdir(parents=True, exist_ok=True)
+    if (out_dir / "metrics.json").exists():  # the marker first: a crash midway leaves nothing that looks current
+        os.replace(out_dir / "metrics.json", stale / "metrics.json")
+    for entry in present:
+        if entry.exists():
+            os.replace(entry, stale / entry.name)
+    atomic_write(stale / "reason.txt", reason.rstrip() + "\n")
+    return stale

@@ -77,12 +77,14 @@ def _evaluation_item(k: int, seed: int) -> dict:
     centers = np.array([(r, c) for r in range(0, h, 16) for c in range(0, w, 16) if breast[r, c]], dtype=np.int64)
     padded = np.pad(image, 32, mode="reflect")
     patches = np.stack([padded[r : r + 64, c : c + 64] for r, c in centers])[:, None]
+    lesion = np.zeros((h, w), dtype=bool)
+    lesion[40:56, 20:36] = True  # a lesion inside the breast: the image is evaluable
     return {
         "image_id": f"img{k}",
         "patient_id": f"q{k}",
         "image": torch.from_numpy(image),
         "breast_mask": torch.from_numpy(breast),
-        "lesion_mask": torch.zeros(h, w, dtype=torch.bool),
+        "lesion_mask": torch.from_numpy(lesion),
         "centers": torch.from_numpy(centers),
         "patches": torch.from_numpy(patches.astype(np.float32)),
         "spacing_mm": 0.2,

@@ -132,7 +132,8 @@ def test_evaluation_module_items_selection_and_cache(tmp_path) -> None:
 def test_evaluation_calc_set_is_empty_for_mass_images(tmp_path) -> None:
     dm = EvaluationDataModule(lesion_records(tmp_path), test_set="calc", cache_dir=tmp_path / "c",
                               progress=False)
-    assert len(dm.dataset("test")) == 0
+    with pytest.raises(DataError, match=r"no evaluable test images: 3 listed, 0 unreadable, 3 excluded .*selection.json"):
+        dm.dataset("test")
     assert dm.selection["test"]["excluded_by_reason"] == {"no_mask": 2, "no_annotation": 1}
 
 
