@@ -56,6 +56,36 @@ SOURCES = ("synthetic", "cbis_ddsm", "ddsm", "mini_ddsm", "mias", "manifest")
 EVAL_CACHE_FORMAT = 1
 
 
+class DataValueError(DataError, ValueError):
+    """A data config value out of range; the message names the key (``data.init_args.x``) and what is allowed."""
+
+
+def _check_values(**values: Any) -> None:
+    """Refuses, before any work starts, a data value that cannot work; one line naming its key."""
+    def fail(key: str, allowed: str) -> None:
+        raise DataValueError(f"data.init_args.{key} must be {allowed}, got {values[key]!r}")
+
+    if values["source"] not in SOURCES:
+        fail("source", f"one of {', '.join(SOURCES)}")
+    if values["test_set"] not in TEST_SET_KINDS:
+        fail("test_set", f"one of {', '.join(TEST_SET_KINDS)}")
+    for key in ("patch_size", "stride", "batch_size"):
+        if not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] < 1:
+            fail(key, "an integer >= 1")
+    for key in ("patches_inside", "patches_contour", "num_workers", "eval_num_workers"):
+        if not isinstance(values[key], int) or values[key] < 0:
+            fail(key, "an integer >= 0")
+    if values["patches_inside"] + values["patches_contour"] == 0:
+        fail("patches_inside", "> 0 when patches_contour is 0 (no training patches otherwise)")
+    for key in ("pixel_spacing_mm", "max_lesion_area_patches"):
+        if not values[key] > 0:
+            fail(key, "> 0")
+    if not 0 < values["val_fraction"] < 1:
+        fail("val_fraction", "in (0, 1): the share of healthy patients held out for val/loss")
+    if not 0 <= values["lesion_validation_fraction"] < 1:
+        fail("lesion_validation_fraction", "in [0, 1)")
+
+
 def _kind(test_set: str) -> str:
     if test_set not in TEST_SET_KINDS:
         raise DataError(f"data.test_set must be one of {sorted(TEST_SET_KINDS)}, got {test_set!r}")
@@ -617,9 +647,11 @@ class MammographyDataModule(pl.LightningDataModule):
         progress: bool = True,
     ) -> None:
         super().__init__()
-        if source not in SOURCES:
-            raise DataError(f"data.source must be one of {list(SOURCES)}, got {source!r}")
-        _kind(test_set)
+        _check_values(source=source, test_set=test_set, pixel_spacing_mm=pixel_spacing_mm, patch_size=patch_size,
+                      patches_inside=patches_inside, patches_contour=patches_contour, val_fraction=val_fraction,
+                      stride=stride, batch_size=batch_size, num_workers=num_workers, eval_num_workers=eval_num_workers,
+                      max_lesion_area_patches=max_lesion_area_patches,
+                      lesion_validation_fraction=lesion_validation_fraction)
         self.save_hyperparameters()
         self.source = source
         self.root = root

@@ -159,6 +159,30 @@ class ConfigError(ValueError):
     """A model or data module refused a configured value; the message names the key (``model.init_args.x``)."""
 
 
+#: model values that must be positive, wherever a model has them
+POSITIVE_MODEL_KEYS = ("lr", "latent_dim", "step_size", "num_embeddings", "embedding_dim", "num_repetitions",
+                       "num_input_distributions")
+
+
+def check_config_values(config: Any) -> None:
+    """Refuses, before any data is read or cache built, a value that cannot work: one `ConfigError` naming the key.
+
+    The data module checks its own ranges; what only the whole config knows is checked here: the patch
+    size the data cuts must be the networks' input size.
+    """
+    from lightning_modules.networks import PATCH_SIZE
+
+    model_args = (config.get("model") or {}).get("init_args") or {}
+    for key in POSITIVE_MODEL_KEYS:
+        value = model_args.get(key) if hasattr(model_args, "get") else None
+        if isinstance(value, int | float) and not isinstance(value, bool) and not value > 0:
+            raise ConfigError(f"model.init_args.{key} must be > 0, got {value!r}")
+    data_args = (config.get("data") or {}).get("init_args") or {}
+    patch_size = data_args.get("patch_size") if hasattr(data_args, "get") else None
+    if patch_size is not None and patch_size != PATCH_SIZE:
+        raise ConfigError(f"data.init_args.patch_size must be {PATCH_SIZE}, the networks' input size, got {patch_size!r}")
+
+
 class MammoCLI(LightningCLI):
     """LightningCLI with one run folder per run, W&B + CSV loggers, checkpoints and the evaluation callback."""
 
@@ -194,6 +218,7 @@ class MammoCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        check_config_values(config)
         run = config["run"]
         seed = config.get("seed_everything")
         self.model_name = _model_name(config)

@@ -155,9 +155,9 @@ def test_mammography_module_predict_on_files_and_errors(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty"):
         MammographyDataModule(predict_path=str(tmp_path / "empty")).predict_dataloader()
-    with pytest.raises(DataError, match="data.source"):
+    with pytest.raises(DataError, match="data.init_args.source"):
         MammographyDataModule(source="kaggle")
-    with pytest.raises(DataError, match="data.test_set"):
+    with pytest.raises(DataError, match="data.init_args.test_set"):
         MammographyDataModule(test_set="masses")
     with pytest.raises(DataError, match="healthy_root"):
         _ = MammographyDataModule(source="cbis_ddsm", root=str(tmp_path)).records
