@@ -23,7 +23,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.fileio import dumps_json, read_json, swap_directory, write_json
+from datamodules.fileio import dumps_json, file_sha256, read_json, swap_directory, write_json
 from datamodules.grids import (
     SelectionDecision,
     extract_patches,
@@ -38,7 +38,6 @@ from datamodules.patches import (
     cache_key,
     check_patchable,
     collate_patch_batch,
-    file_sha256,
     listing_fingerprint,
     open_verified,
     remove_stale_builds,

@@ -12,6 +12,7 @@ Written here rather than taken from a library: the candidates (``atomicwrites``,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -131,6 +132,15 @@ def read_json(path: str | Path) -> Any:
         raise
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: damaged JSON file ({type(err).__name__}: {err})") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in blocks of 4 MiB: the checksum of caches and checkpoints."""
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def swap_directory(new: str | Path, target: str | Path) -> Path:

@@ -27,7 +27,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 
-from datamodules.fileio import read_json, swap_directory, write_json
+from datamodules.fileio import file_sha256, read_json, swap_directory, write_json
 from datamodules.grids import extract_patches
 from datamodules.preprocessing import PreprocessedImage, preprocess_record
 from datamodules.records import DataError, ImageRecord
@@ -196,15 +196,6 @@ class PatchCache:
 
 #: per-patch arrays of ``index.npz``
 INDEX_KEYS = ("image", "patient", "center", "label", "on_contour")
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file (blocks of 4 MiB): the checksum caches are verified with on reuse."""
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def open_verified(path: Path, opener: Callable[[Path], Any], what: str) -> Any | None:

@@ -13,7 +13,6 @@ written atomically, carrying every RNG state so a killed run resumes bit-identic
 
 from __future__ import annotations
 
-import hashlib
 import io
 import random
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from datamodules.fileio import atomic_write
+from datamodules.fileio import atomic_write, file_sha256
 
 #: the names `--ckpt_path` accepts besides a file: the run folder's checkpoints
 CHECKPOINT_ALIASES = ("last", "best")
@@ -138,15 +137,6 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | Path, subcommand: st
                                   f"and run.name first, or give a .ckpt file)")
     load_checkpoint(path)
     return str(path)
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def checkpoint_info(path: str | Path | None) -> dict[str, Any] | None:
