@@ -23,7 +23,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.fileio import dumps_json, file_sha256, read_json, swap_directory, write_json
+from datamodules.fileio import dumps_json, file_sha256, read_json, write_json
 from datamodules.grids import (
     SelectionDecision,
     extract_patches,
@@ -40,6 +40,7 @@ from datamodules.patches import (
     collate_patch_batch,
     listing_fingerprint,
     open_verified,
+    publish_cache,
     remove_stale_builds,
     split_patients,
     to_uint8,
@@ -296,7 +297,7 @@ def build_evaluation_cache(
         info = {"key": key, "params": params, "files": files, "summary": summary, "skipped": skipped,
                 "sha256": {f: file_sha256(tmp / f) for f in [*files, "selection.json"]}}
         write_json(tmp / "DONE.json", info, indent=1)
-        swap_directory(tmp, final)  # replaces a damaged cache
+        publish_cache(tmp, final, open_evaluation_cache)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

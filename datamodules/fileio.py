@@ -167,10 +167,48 @@ def swap_directory(new: str | Path, target: str | Path) -> Path:
     return target
 
 
+def pid_alive(pid: int) -> bool:
+    """True while process ``pid`` exists (on this machine): its temporary files are not stale."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(target: str | Path) -> int:
+    """Deletes the staging / old folders of ``target`` (``.<name>.new-<pid>-*``, ``.<name>.old-<pid>-*``) left by
+    processes that were killed; returns how many."""
+    target = Path(target)
+    return sum(
+        remove_dead_leftovers(target.parent, f".{target.name}.{kind}-*",
+                              lambda name, kind=kind: name.split(f".{kind}-", 1)[1].split("-", 1)[0])
+        for kind in ("new", "old")
+    )
+
+
+def remove_dead_leftovers(folder: str | Path, pattern: str, pid_of: Callable[[str], str | int]) -> int:
+    """Deletes the entries of ``folder`` matching ``pattern`` whose writer (``pid_of(name)``) is no longer running."""
+    removed = 0
+    for path in Path(folder).glob(pattern):
+        try:
+            pid = int(pid_of(path.name))
+        except (ValueError, IndexError):
+            continue
+        if pid != os.getpid() and not pid_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 def staging_directory(target: str | Path) -> Path:
-    """A new empty hidden folder beside ``target`` to build its replacement in (see `swap_directory`)."""
+    """A new empty hidden folder beside ``target`` to build its replacement in (see `swap_directory`); the
+    leftovers of killed processes for the same target are removed first."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(target)
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.new-{os.getpid()}-", dir=target.parent))
 
 

@@ -27,7 +27,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 
-from datamodules.fileio import file_sha256, read_json, swap_directory, write_json
+from datamodules.fileio import file_sha256, read_json, remove_dead_leftovers, swap_directory, write_json
 from datamodules.grids import extract_patches
 from datamodules.preprocessing import PreprocessedImage, preprocess_record
 from datamodules.records import DataError, ImageRecord
@@ -210,28 +210,23 @@ def open_verified(path: Path, opener: Callable[[Path], Any], what: str) -> Any |
         return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def publish_cache(tmp: Path, final: Path, opener: Callable[[Path], Any]) -> None:
+    """Puts a freshly built cache folder ``tmp`` at ``final``: swapped in when ``final`` is absent or damaged;
+    dropped when another process (e.g. another DDP rank) published a sound one first, whose files may be open."""
+    if final.exists():
+        try:
+            opener(final)
+        except DataError:
+            pass
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+    swap_directory(tmp, final)
 
 
 def remove_stale_builds(cache_root: Path, prefix: str) -> int:
     """Deletes ``.<prefix>.tmp-<pid>`` folders left by killed builds (their pid is gone); returns the count."""
-    removed = 0
-    for path in cache_root.glob(f".{prefix}.tmp-*"):
-        try:
-            pid = int(path.name.rsplit("-", 1)[1])
-        except ValueError:
-            continue
-        if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(path, ignore_errors=True)
-            removed += 1
-    return removed
+    return remove_dead_leftovers(cache_root, f".{prefix}.tmp-*", lambda name: name.rsplit("-", 1)[1])
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -340,7 +335,7 @@ def build_patch_cache(
         info = {"key": key, "params": params, "num_patches": num, "images": images, "patients": patients,
                 "skipped": skipped, "sha256": {name: file_sha256(tmp / name) for name in ("patches.u8", "index.npz")}}
         write_json(tmp / "DONE.json", info, indent=1)
-        swap_directory(tmp, final)  # replaces a damaged cache; an identical one from another process is harmless
+        publish_cache(tmp, final, PatchCache.open)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

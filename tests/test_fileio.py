@@ -134,3 +134,18 @@ def test_publish_entries_moves_a_result_set_marker_last(tmp_path: Path, monkeypa
     assert [p.name for p in (out / "maps").iterdir()] == ["new.npz"]
     assert (out / "metrics.json").read_text() == "new"
     assert not staging.exists()
+
+
+def test_staging_leftovers_of_killed_processes_are_removed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    target = tmp_path / "results"
+    (tmp_path / f".results.new-{dead_pid}-abc").mkdir()
+    (tmp_path / f".results.old-{dead_pid}-def").mkdir()
+    alive = tmp_path / f".results.new-{fileio.os.getpid()}-mine"
+    alive.mkdir()
+    staging = fileio.staging_directory(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, staging.name])

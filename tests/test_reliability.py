@@ -508,3 +508,16 @@ def test_config_mistake_is_one_line_naming_the_key_before_any_work(
     lines = [line for line in err.splitlines() if line.startswith("lightning:")]
     assert len(lines) == 1 and key in lines[0] and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no data generated, no cache, no run folder
+
+
+def test_a_sound_cache_published_first_by_another_process_is_kept(tmp_path: Path) -> None:
+    from datamodules.patches import PatchCache, publish_cache
+
+    module = _module(healthy_manifest(tmp_path / "data", n=3), tmp_path / "cache")
+    module.setup("fit")
+    final = module.healthy.cache.path
+    before = (final / "patches.u8").stat().st_ino
+    ours = tmp_path / "cache" / ".ours"
+    ours.mkdir()
+    publish_cache(ours, final, PatchCache.open)  # e.g. a second DDP rank that built the same cache
+    assert (final / "patches.u8").stat().st_ino == before and not ours.exists()
