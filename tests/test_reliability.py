@@ -161,7 +161,8 @@ def _fit_config(tmp_path: Path, manifest: Path) -> Path:
         "model": {"class_path": "lightning_modules.BetaVAE", "init_args": {"lr": 1.0e-3, "latent_dim": 8}},
         "data": {"class_path": "datamodules.MammographyDataModule", "init_args": {
             "source": "manifest", "root": str(manifest), "cache_dir": str(tmp_path / "cache"),
-            "patches_inside": 6, "patches_contour": 6, "batch_size": 4, "val_fraction": 0.25, "progress": False}},
+            "patches_inside": 6, "patches_contour": 6, "batch_size": 4, "val_fraction": 0.25, "progress": False,
+            "lesion_validation_fraction": 0.0}},
         "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 4, "num_sanity_val_steps": 1,
                     "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False},
         "run": {"root": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results"), "evaluate": False},
@@ -195,7 +196,7 @@ def _losses(run: Path) -> list[tuple[int, str, str]]:
 @pytest.mark.slow
 def test_kill_9_then_resume_from_last_is_bit_identical(tmp_path: Path) -> None:
     (tmp_path / "slowcb.py").write_text(textwrap.dedent(_SLOW))
-    config = _fit_config(tmp_path, healthy_manifest(tmp_path / "data", n=4))
+    config = _fit_config(tmp_path, _lesion_corpus(tmp_path / "data"))
     _finish(_lightning(["fit", "--config", str(config), "--run.name", "whole"], tmp_path))
 
     proc = _lightning(["fit", "--config", str(config), "--run.name", "killed",
@@ -220,6 +221,16 @@ def test_kill_9_then_resume_from_last_is_bit_identical(tmp_path: Path) -> None:
     whole_losses = {e: v for e, v, _ in _losses(tmp_path / "runs" / "whole")}
     resumed_losses = {e: v for e, v, _ in _losses(tmp_path / "runs" / "killed")}
     assert whole_losses == resumed_losses and sorted(whole_losses) == [0, 1, 2, 3]
+
+    results = {}
+    for name in ("whole", "killed"):
+        _finish(_lightning(["test", "--config", str(config), "--run.name", name, "--run.evaluate", "true",
+                            "--ckpt_path", "last"], tmp_path))
+        metrics = yaml.safe_load((tmp_path / "results" / name / "metrics.json").read_text())
+        assert metrics["checkpoint"]["epoch"] == 3 and metrics["n_evaluated"] == 2
+        results[name] = {k: v for k, v in metrics.items() if "seconds" not in k and not k.endswith("_per_s")
+                         and k != "checkpoint"}
+    assert results["whole"] == results["killed"]  # the test metrics too, to the last digit
 
 
 # ------------------------------------------------------------------ bad images among good ones
