@@ -312,8 +312,11 @@ def _checkpoint_model_args(args: list[str]) -> list[str]:
             ckpt = args[i + 1]
         elif a.startswith("--ckpt_path="):
             ckpt = a.split("=", 1)[1]
-    if not ckpt or ckpt in CHECKPOINT_ALIASES:
-        return args  # the run folder (and so the file) is known only from a config naming the model
+    if not ckpt:
+        return args
+    if ckpt in CHECKPOINT_ALIASES:  # the run folder (and so the file) is known only from a config naming the model
+        raise CheckpointError(f"--ckpt_path {ckpt} needs a --config naming the model (its run folder holds the "
+                              f"checkpoint), or give the .ckpt file itself")
     state = load_checkpoint(ckpt)  # a missing or damaged file: one line naming it, not "required: test.model"
     class_path = state.get("anomaly_model_class") or (state.get("hyper_parameters") or {}).get("_class_path")
     return [*args, "--model", class_path] if class_path else args

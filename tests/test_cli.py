@@ -327,3 +327,9 @@ def test_test_ckpt_path_last_resolves_and_metrics_record_the_checkpoint(
     assert metrics["checkpoint"]["path"] == str(ckpt.resolve())
     assert (metrics["checkpoint"]["epoch"], metrics["checkpoint"]["global_step"]) == (1, 6)
     assert metrics["checkpoint"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    cli.run_cli(["test", "--config", config, "--run.name", "k", "--ckpt_path", "best"])
+    metrics = json.loads((workdir / "results" / "k" / "metrics.json").read_text())
+    assert metrics["checkpoint"]["path"] == str((workdir / "runs" / "k" / "checkpoints" / "best.ckpt").resolve())
+    # an alias without a config naming the model cannot know the run folder: one line, not "required: test.model"
+    assert cli.main(["test", "--ckpt_path", "last"]) == 2
+    assert "--ckpt_path last needs a --config naming the model" in capsys.readouterr().err
