@@ -51,10 +51,11 @@ LOGGED_KEYS = (
 )
 
 
-def _skipped_images(trainer: pl.Trainer) -> dict[str, Any]:
-    """The test images left out as unreadable (path and why), from the datamodule's selection report."""
+def _skipped_images(trainer: pl.Trainer, name: str = "test") -> dict[str, Any]:
+    """The images of evaluation set ``name`` left out as unreadable (path and why), from the datamodule's
+    selection report."""
     report = getattr(getattr(trainer, "datamodule", None), "selection_summary", None)
-    selection = (report() if callable(report) else {}).get("test") or {}
+    selection = (report() if callable(report) else {}).get(name) or {}
     skipped = list(selection.get("skipped", []))
     return {"n_skipped": len(skipped), "skipped": skipped,
             "n_excluded_by_selection": int(selection.get("excluded", 0))}
@@ -401,7 +402,8 @@ class EvaluationCallback(pl.Callback):
         summary = acc.summary()
         summary.update(epoch=trainer.current_epoch, global_step=trainer.global_step,
                        dataset=self._dataset_name(trainer), seconds=time.perf_counter() - start,
-                       model=f"{type(pl_module).__module__}.{type(pl_module).__qualname__}")
+                       model=f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
+                       **_skipped_images(trainer, "lesion_validation"))
         out = self.resolve_output_dir(trainer) / self.monitor_prefix
         evaluation.write_metrics_json(out / "metrics.json", summary)
         evaluation.write_per_image_csv(out / "per_image.csv", acc.results)
