@@ -232,6 +232,9 @@ class MammoCLI(LightningCLI):
         self.save_config_kwargs = {**self.save_config_kwargs, "run_dir": self.run_dir, "config_filename": filename}
         if "ckpt_path" in config:
             config["ckpt_path"] = resolve_ckpt_path(config["ckpt_path"], self.run_dir, self.subcommand)
+            if config["ckpt_path"] is None and self.subcommand in ("validate", "test", "predict"):
+                warnings.warn(f"lightning {self.subcommand} without --ckpt_path scores the model's initial weights "
+                              f"(metrics.json records checkpoint: null); pass --ckpt_path best|last|FILE", stacklevel=1)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init

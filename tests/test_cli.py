@@ -333,3 +333,9 @@ def test_test_ckpt_path_last_resolves_and_metrics_record_the_checkpoint(
     # an alias without a config naming the model cannot know the run folder: one line, not "required: test.model"
     assert cli.main(["test", "--ckpt_path", "last"]) == 2
     assert "--ckpt_path last needs a --config naming the model" in capsys.readouterr().err
+
+
+def test_test_without_a_checkpoint_says_it_scores_initial_weights(workdir: Path) -> None:
+    config = _write(workdir / "a.yaml", BASE)
+    with pytest.warns(UserWarning, match="without --ckpt_path scores the model's initial weights"):
+        cli.run_cli(["test", "--config", config, "--run.name", "w"])
