@@ -532,3 +532,24 @@ def test_a_sound_cache_published_first_by_another_process_is_kept(tmp_path: Path
     ours.mkdir()
     publish_cache(ours, final, PatchCache.open)  # e.g. a second DDP rank that built the same cache
     assert (final / "patches.u8").stat().st_ino == before and not ours.exists()
+
+
+def test_a_crash_mid_test_leaves_the_earlier_results_whole(tmp_path: Path, monkeypatch) -> None:
+    from lightning_modules import CAE
+
+    config = _test_config(tmp_path, _lesion_corpus(tmp_path / "data"))
+    out = tmp_path / "results" / "t"
+    assert cli.main(["test", "--config", config]) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real = CAE.test_step
+
+    def crash_on_second(self, batch, batch_idx, *args):
+        if batch_idx == 1:
+            raise RuntimeError("killed mid-test")
+        return real(self, batch, batch_idx, *args)
+
+    monkeypatch.setattr(CAE, "test_step", crash_on_second)
+    with pytest.raises(RuntimeError, match="killed mid-test"):
+        cli.main(["test", "--config", config, "--model.init_args.latent_dim", "4"])
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # old metrics.json with its own maps/, nothing new and partial beside them
