@@ -23,6 +23,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.fileio import dumps_json, file_sha256, read_json, write_json
 from datamodules.grids import (
     SelectionDecision,
     extract_patches,
@@ -36,8 +37,11 @@ from datamodules.patches import (
     PatchDataset,
     build_patch_cache,
     cache_key,
+    check_patchable,
     collate_patch_batch,
     listing_fingerprint,
+    open_verified,
+    publish_cache,
     remove_stale_builds,
     split_patients,
     to_uint8,
@@ -51,6 +55,36 @@ log = logging.getLogger(__name__)
 TEST_SET_KINDS = {"mass": "mass", "calc": "calcification"}
 SOURCES = ("synthetic", "cbis_ddsm", "ddsm", "mini_ddsm", "mias", "manifest")
 EVAL_CACHE_FORMAT = 2  # 2: item meta carries MIAS density (background tissue F / G / D)
+
+
+class DataValueError(DataError, ValueError):
+    """A data config value out of range; the message names the key (``data.init_args.x``) and what is allowed."""
+
+
+def _check_values(**values: Any) -> None:
+    """Refuses, before any work starts, a data value that cannot work; one line naming its key."""
+    def fail(key: str, allowed: str) -> None:
+        raise DataValueError(f"data.init_args.{key} must be {allowed}, got {values[key]!r}")
+
+    if values["source"] not in SOURCES:
+        fail("source", f"one of {', '.join(SOURCES)}")
+    if values["test_set"] not in TEST_SET_KINDS:
+        fail("test_set", f"one of {', '.join(TEST_SET_KINDS)}")
+    for key in ("patch_size", "stride", "batch_size"):
+        if not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] < 1:
+            fail(key, "an integer >= 1")
+    for key in ("patches_inside", "patches_contour", "num_workers", "eval_num_workers"):
+        if not isinstance(values[key], int) or values[key] < 0:
+            fail(key, "an integer >= 0")
+    if values["patches_inside"] + values["patches_contour"] == 0:
+        fail("patches_inside", "> 0 when patches_contour is 0 (no training patches otherwise)")
+    for key in ("pixel_spacing_mm", "max_lesion_area_patches"):
+        if not values[key] > 0:
+            fail(key, "> 0")
+    if not 0 < values["val_fraction"] < 1:
+        fail("val_fraction", "in (0, 1): the share of healthy patients held out for val/loss")
+    if not 0 <= values["lesion_validation_fraction"] < 1:
+        fail("lesion_validation_fraction", "in [0, 1)")
 
 
 def _kind(test_set: str) -> str:
@@ -71,18 +105,6 @@ def _item_meta(record: ImageRecord, meta: dict[str, Any], kind: str | None) -> d
         "source_path": str(record.path),
         "has_pixel_annotation": bool(record.has_pixel_annotation and record.lesions),
     }
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)
 
 
 class EvaluationDataset(Dataset):
@@ -160,6 +182,34 @@ class EvaluationDataset(Dataset):
         }
 
 
+def open_evaluation_cache(path: Path) -> dict[str, Any]:
+    """The ``DONE.json`` of a complete evaluation cache after checking every listed file against its checksum;
+    `DataError` naming the first damaged file otherwise."""
+    done = path / "DONE.json"
+    if not done.is_file():
+        raise DataError(f"{done}: missing, so {path} is not a complete evaluation cache")
+    try:
+        info = read_json(done)
+        files, digests, _ = info["files"], info.get("sha256", {}), info["summary"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{done}: damaged evaluation cache marker ({err})") from None
+    for name in [*files, "selection.json"]:
+        file = path / name
+        if not file.is_file():
+            raise DataError(f"{file}: listed in {done.name} but missing")
+        if name in digests and file_sha256(file) != digests[name]:
+            raise DataError(f"{file}: checksum differs from {done.name} (truncated, overwritten or corrupted)")
+    return info
+
+
+def _report_skipped(skipped: list[dict[str, str]], n_records: int, name: str, report: object) -> None:
+    """Warns with the count and the first reasons of images left out as unreadable (at build and at reuse)."""
+    if not skipped:
+        return
+    first = "; ".join(f"{s['path']}: {s['error']}" for s in skipped[:3])
+    log.warning("%d of %d %s images skipped (unreadable; listed in %s): %s", len(skipped), n_records, name, report, first)
+
+
 def build_evaluation_cache(
     records: Sequence[ImageRecord],
     cache_root: str | Path,
@@ -197,10 +247,10 @@ def build_evaluation_cache(
     key = cache_key(params)
     cache_root = Path(cache_root)
     final = cache_root / f"eval-{name}-{test_set}-{key}"
-    done = final / "DONE.json"
-    if done.is_file():
-        info = json.loads(done.read_text())
+    info = open_verified(final, open_evaluation_cache, "evaluation cache")
+    if info is not None:
         rank_zero_info("evaluation cache reused: %s (%d images)", final, len(info["files"]))
+        _report_skipped(info["summary"].get("skipped", []), len(records), name, final / "selection.json")
         return [final / f for f in info["files"]], info["summary"]
     cache_root.mkdir(parents=True, exist_ok=True)
     remove_stale_builds(cache_root, f"eval-{name}-{test_set}-{key}")
@@ -219,6 +269,7 @@ def build_evaluation_cache(
         for record in iterator:
             try:
                 pre = preprocess_record(record, spacing_mm, remove_pectoral, with_lesions=True)
+                check_patchable(pre, patch_size, record.path)
             except Exception as err:  # noqa: BLE001 - reported and skipped, never fatal mid-run
                 log.warning("skipped unreadable image %s: %s", record.path, err)
                 skipped.append({"path": str(record.path), "error": str(err)})
@@ -241,19 +292,16 @@ def build_evaluation_cache(
                 breast_mask=pre.breast_mask,
                 lesion_mask=lesion,
                 spacing_mm=np.array(pre.spacing_mm),
-                meta=np.array(json.dumps(_json_safe(_item_meta(record, pre.meta, kind)))),
+                meta=np.array(dumps_json(_item_meta(record, pre.meta, kind), indent=None)),
             )
             files.append(fname)
-        if skipped:
-            log.warning("%d of %d %s images skipped (unreadable)", len(skipped), len(records), name)
-        summary = write_selection_report(decisions, tmp / "selection.json")
-        summary["skipped_unreadable"] = len(skipped)
-        info = {"key": key, "params": params, "files": files, "summary": summary, "skipped": skipped}
-        (tmp / "DONE.json").write_text(json.dumps(info, indent=1))
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _report_skipped(skipped, len(records), name, final / "selection.json")
+        summary = write_selection_report(decisions, tmp / "selection.json", skipped)
+        summary["report"] = str(final / "selection.json")
+        info = {"key": key, "params": params, "files": files, "summary": summary, "skipped": skipped,
+                "sha256": {f: file_sha256(tmp / f) for f in [*files, "selection.json"]}}
+        write_json(tmp / "DONE.json", info, indent=1)
+        publish_cache(tmp, final, open_evaluation_cache)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -300,6 +348,8 @@ class HealthyPatchDataModule(pl.LightningDataModule):
         self.cache: PatchCache | None = None
         self.train_dataset: PatchDataset | None = None
         self.val_dataset: PatchDataset | None = None
+        self._shuffle_generator: torch.Generator | None = None
+        self._pending_shuffle_state: torch.Tensor | None = None
 
     def setup(self, stage: str | None = None) -> None:
         """Builds (or reuses) the patch cache and splits it by patient."""
@@ -326,7 +376,13 @@ class HealthyPatchDataModule(pl.LightningDataModule):
         if dataset is None:
             self.setup("fit")
             return self._loader(self.train_dataset if shuffle else self.val_dataset, shuffle)
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        generator = None
+        if shuffle:
+            generator = torch.Generator().manual_seed(self.seed)
+            if self._pending_shuffle_state is not None:  # resumed from a checkpoint: go on where it stopped
+                generator.set_state(self._pending_shuffle_state)
+                self._pending_shuffle_state = None
+            self._shuffle_generator = generator
         return DataLoader(
             dataset, batch_size=self.batch_size, shuffle=shuffle, collate_fn=collate_patch_batch,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0, generator=generator,
@@ -337,6 +393,23 @@ class HealthyPatchDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, shuffle=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The shuffle generator's state (saved in every checkpoint), so a resumed fit continues the epoch order
+        instead of replaying epoch 0's."""
+        if self._shuffle_generator is None:
+            return {}
+        return {"shuffle_generator": self._shuffle_generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores what `state_dict` saved: applied now, or when the training loader is created."""
+        state = state_dict.get("shuffle_generator")
+        if state is None:
+            return
+        if self._shuffle_generator is not None:
+            self._shuffle_generator.set_state(state)
+        else:
+            self._pending_shuffle_state = state
 
 
 class EvaluationDataModule(pl.LightningDataModule):
@@ -397,6 +470,12 @@ class EvaluationDataModule(pl.LightningDataModule):
                 remove_pectoral=self.remove_pectoral, extra_key=self.cache_key_extra, progress=self.progress,
             )
             self.selection[name] = summary
+            if not files and name == "test":  # a test of nothing would write results that mean nothing
+                excluded = summary.get("excluded_by_reason") or {}
+                raise DataError(
+                    f"no evaluable {name.replace('_', ' ')} images: {len(records)} listed, "
+                    f"{summary.get('skipped_unreadable', 0)} unreadable, {summary.get('excluded', 0)} excluded "
+                    f"by the test-set rule ({excluded or 'none'}); see {summary.get('report')}")
             ds = EvaluationDataset(files, kind=_kind(self.test_set), **common)
         else:
             raise KeyError(f"unknown evaluation set {name!r}")
@@ -591,9 +670,11 @@ class MammographyDataModule(pl.LightningDataModule):
         contour_edge: bool = False,
     ) -> None:
         super().__init__()
-        if source not in SOURCES:
-            raise DataError(f"data.source must be one of {list(SOURCES)}, got {source!r}")
-        _kind(test_set)
+        _check_values(source=source, test_set=test_set, pixel_spacing_mm=pixel_spacing_mm, patch_size=patch_size,
+                      patches_inside=patches_inside, patches_contour=patches_contour, val_fraction=val_fraction,
+                      stride=stride, batch_size=batch_size, num_workers=num_workers, eval_num_workers=eval_num_workers,
+                      max_lesion_area_patches=max_lesion_area_patches,
+                      lesion_validation_fraction=lesion_validation_fraction)
         self.save_hyperparameters()
         self.source = source
         self.root = root
@@ -691,6 +772,13 @@ class MammographyDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self.healthy.train_dataloader()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must carry to resume bit-identically: the training shuffle state."""
+        return self.healthy.state_dict() if self._healthy is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.healthy.load_state_dict(state_dict)
 
     def val_dataloader(self) -> DataLoader:
         return self.healthy.val_dataloader()

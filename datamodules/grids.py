@@ -8,14 +8,14 @@ Patch geometry (shared with `datamodules.patches`): a patch of even ``size`` cen
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from datamodules.fileio import write_json
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +171,13 @@ def select_test_image(
     return SelectionDecision(image_id, patient_id, True, "selected", f"{kind} area {area} px < {bound:g} px", area, inside)
 
 
-def write_selection_report(decisions: list[SelectionDecision], path: str | Path) -> dict:
-    """Writes the selection decisions and their summary as JSON (temp name, then rename); returns the summary."""
+def write_selection_report(
+    decisions: list[SelectionDecision], path: str | Path, skipped: list[dict[str, str]] | None = None
+) -> dict:
+    """Writes the selection decisions and their summary as JSON (temp name, then rename); returns the summary.
+
+    ``skipped``: images that could not be read at all (``path``, ``error``), counted and listed beside them.
+    """
     path = Path(path)
     reasons: dict[str, int] = {}
     for d in decisions:
@@ -183,12 +188,11 @@ def write_selection_report(decisions: list[SelectionDecision], path: str | Path)
         "selected": sum(d.selected for d in decisions),
         "excluded": sum(not d.selected for d in decisions),
         "excluded_by_reason": reasons,
+        "skipped_unreadable": len(skipped or []),
+        "skipped": list(skipped or []),
     }
     payload = {"summary": summary, "images": [asdict(d) for d in decisions]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
+    write_json(path, payload, indent=1)
     log.debug("test-set selection: %d of %d images selected; excluded: %s",
              summary["selected"], summary["candidates"], reasons or "none")
     return summary

@@ -24,9 +24,10 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 
+from datamodules.fileio import file_sha256, read_json, remove_dead_leftovers, swap_directory, write_json
 from datamodules.grids import extract_patches, film_cut, patch_context
 from datamodules.preprocessing import PreprocessedImage, preprocess_record
 from datamodules.records import DataError, ImageRecord
@@ -94,6 +95,14 @@ def image_rng(seed: int, image_id: str) -> np.random.Generator:
     return np.random.default_rng([int(seed), zlib.crc32(image_id.encode())])
 
 
+def check_patchable(pre: PreprocessedImage, patch_size: int, path: object) -> None:
+    """Refuses (``DataError`` naming ``path``) an image smaller than one patch at evaluation spacing."""
+    h, w = pre.image.shape[:2]
+    if min(h, w) < patch_size:
+        raise DataError(f"{path}: too small for one {patch_size} x {patch_size} px patch ({h} x {w} px at "
+                        f"{pre.spacing_mm:g} mm)")
+
+
 def image_patches(
     pre: PreprocessedImage, n_inside: int = 60, n_contour: int = 60, size: int = 64, seed: int = 0,
     contour_edge: bool = False,
@@ -159,41 +168,76 @@ class PatchCache:
         return np.memmap(self.path / "patches.u8", dtype=np.uint8, mode="r", shape=(len(self), s, s))
 
     @classmethod
-    def open(cls, path: str | Path) -> PatchCache:
-        """Opens a complete cache folder; raises `DataError` if it lacks its completion marker."""
+    def open(cls, path: str | Path, verify: bool = True) -> PatchCache:
+        """Opens a complete cache folder, checked against its ``DONE.json`` (sizes, shapes, checksums).
+
+        Raises `DataError` naming the damaged file (missing marker, unreadable index, truncated or
+        overwritten patches) in one line; `build_patch_cache` then rebuilds the cache.
+        """
         path = Path(path)
         done = path / "DONE.json"
         if not done.is_file():
-            raise DataError(f"{path}: not a complete patch cache (no DONE.json); delete it and rebuild")
-        info = json.loads(done.read_text())
-        with np.load(path / "index.npz") as z:
-            arrays = {k: z[k] for k in ("image", "patient", "center", "label", "on_contour", "context")}
+            raise DataError(f"{done}: missing, so {path} is not a complete patch cache")
+        try:
+            info = read_json(done)
+            num, size = int(info["num_patches"]), int(info["params"]["patch_size"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise DataError(f"{done}: damaged patch cache marker ({err})") from None
+        index = path / "index.npz"
+        try:
+            with np.load(index) as z:
+                arrays = {k: z[k] for k in INDEX_KEYS}
+        except Exception as err:  # noqa: BLE001 - BadZipFile, EOFError, KeyError, OSError: all "damaged"
+            raise DataError(f"{index}: damaged patch cache index ({type(err).__name__}: {err})") from None
+        lengths = {k: len(v) for k, v in arrays.items()}
+        if set(lengths.values()) != {num} or arrays["center"].shape != (num, 2):
+            raise DataError(f"{index}: index lengths {lengths} do not match {num} patches in {done.name}")
+        data = path / "patches.u8"
+        expected = num * size * size
+        actual = data.stat().st_size if data.is_file() else -1
+        if actual != expected:
+            raise DataError(f"{data}: {max(actual, 0)} bytes, expected {expected} ({num} patches of {size} x {size})")
+        if verify and "sha256" in info:
+            for name, digest in info["sha256"].items():
+                if file_sha256(path / name) != digest:
+                    raise DataError(f"{path / name}: checksum differs from {done.name} (overwritten or corrupted)")
         return cls(path, info, arrays["image"], arrays["patient"], arrays["center"], arrays["label"],
                    arrays["on_contour"], arrays["context"])
 
 
-def _pid_alive(pid: int) -> bool:
+#: per-patch arrays of ``index.npz``
+INDEX_KEYS = ("image", "patient", "center", "label", "on_contour", "context")
+
+
+def open_verified(path: Path, opener: Callable[[Path], Any], what: str) -> Any | None:
+    """``opener(path)`` for a cache that exists, or None (after one warning naming the damaged file) when it
+    fails verification, so the caller rebuilds it; None too when there is no cache yet."""
+    if not path.exists():
+        return None
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return opener(path)
+    except DataError as err:
+        rank_zero_warn(f"{what} damaged, rebuilding it: {err}")
+        return None
+
+
+def publish_cache(tmp: Path, final: Path, opener: Callable[[Path], Any]) -> None:
+    """Puts a freshly built cache folder ``tmp`` at ``final``: swapped in when ``final`` is absent or damaged;
+    dropped when another process (e.g. another DDP rank) published a sound one first, whose files may be open."""
+    if final.exists():
+        try:
+            opener(final)
+        except DataError:
+            pass
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+    swap_directory(tmp, final)
 
 
 def remove_stale_builds(cache_root: Path, prefix: str) -> int:
     """Deletes ``.<prefix>.tmp-<pid>`` folders left by killed builds (their pid is gone); returns the count."""
-    removed = 0
-    for path in cache_root.glob(f".{prefix}.tmp-*"):
-        try:
-            pid = int(path.name.rsplit("-", 1)[1])
-        except ValueError:
-            continue
-        if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(path, ignore_errors=True)
-            removed += 1
-    return removed
+    return remove_dead_leftovers(cache_root, f".{prefix}.tmp-*", lambda name: name.rsplit("-", 1)[1])
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -242,9 +286,13 @@ def build_patch_cache(
     key = cache_key(params)
     cache_root = Path(cache_root)
     final = cache_root / f"patches-{key}"
-    if (final / "DONE.json").is_file():
+    reused = open_verified(final, PatchCache.open, "patch cache")
+    if reused is not None:
         rank_zero_info("patch cache reused: %s", final)
-        return PatchCache.open(final)
+        if reused.info.get("skipped"):
+            rank_zero_warn(f"{len(reused.info['skipped'])} of {len(records)} healthy images were skipped as "
+                           f"unreadable when the patch cache was built (listed in {final / 'DONE.json'})")
+        return reused
     cache_root.mkdir(parents=True, exist_ok=True)
     remove_stale_builds(cache_root, f"patches-{key}")
     tmp = cache_root / f".patches-{key}.tmp-{os.getpid()}"
@@ -265,6 +313,7 @@ def build_patch_cache(
             for record in _progress(records, len(records), "healthy patches", progress):
                 try:
                     pre = preprocess(record)
+                    check_patchable(pre, patch_size, record.path)
                     patches, centers, on_contour, context = image_patches(pre, n_inside, n_contour, patch_size, seed,
                                                                       contour_edge)
                 except Exception as err:  # noqa: BLE001 - a bad file is reported and skipped, never fatal
@@ -300,17 +349,14 @@ def build_patch_cache(
         )
         num = int(sum(len(a) for a in idx_image))
         info = {"key": key, "params": params, "num_patches": num, "images": images, "patients": patients,
-                "skipped": skipped}
-        (tmp / "DONE.json").write_text(json.dumps(info, indent=1))
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process finished the same cache first: use theirs
-            shutil.rmtree(tmp, ignore_errors=True)
+                "skipped": skipped, "sha256": {name: file_sha256(tmp / name) for name in ("patches.u8", "index.npz")}}
+        write_json(tmp / "DONE.json", info, indent=1)
+        publish_cache(tmp, final, PatchCache.open)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     rank_zero_info("patch cache built: %s (%d patches from %d images)", final, num, len(images))
-    return PatchCache.open(final)
+    return PatchCache.open(final, verify=False)  # just written and hashed
 
 
 def split_patients(patients: Sequence[str], val_fraction: float = 0.1, seed: int = 0) -> tuple[set[str], set[str]]:

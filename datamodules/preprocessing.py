@@ -226,6 +226,9 @@ def preprocess_mammogram(
     name: str = "image",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Resampled, [0, 1]-normalised image and its breast mask (the module docstring's steps 1-3)."""
+    finite = np.isfinite(mammogram.pixels)
+    if not finite.all():
+        raise DataError(f"{name}: contains NaN or infinite pixel values ({int((~finite).sum())} px); check the file")
     resampled = resample(mammogram.pixels, mammogram.spacing_mm, spacing_mm)
     provisional = provisional_scale(resampled)
     mask = breast_mask(

@@ -8,13 +8,13 @@ as the pipeline sees them at evaluation spacing. Bottom: a seeded sample of cach
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
+from datamodules.fileio import atomic_write_with
 from datamodules.records import DataError
 
 
@@ -77,8 +77,17 @@ def make_sheet(module: Any, out: str | Path, n_images: int = 4, n_healthy: int =
             item = dataset[i]
             panels.append((f"test {item['image_id']}", item["image"].numpy(), item["breast_mask"].numpy(),
                            item["lesion_mask"].numpy()))
-    for record in module.records.healthy[:n_healthy]:
-        pre = preprocess_record(record, module.pixel_spacing_mm, module.remove_pectoral, with_lesions=False)
+    n_images_shown = len(panels)
+    skipped: list[str] = []
+    for record in module.records.healthy:
+        if len(panels) >= n_images_shown + n_healthy:
+            break
+        try:
+            pre = preprocess_record(record, module.pixel_spacing_mm, module.remove_pectoral, with_lesions=False)
+        except DataError as err:  # a bad file is reported and skipped, like fit does
+            print(f"preview: skipped {record.path}: {err}")
+            skipped.append(str(record.path))
+            continue
         panels.append((f"healthy {record.image_id}", pre.image, pre.breast_mask, None))
     module.healthy.setup("fit")
     cache = module.healthy.cache
@@ -115,12 +124,15 @@ def make_sheet(module: Any, out: str | Path, n_images: int = 4, n_healthy: int =
                     spine.set_linewidth(2)
     fig.suptitle("cyan: breast mask   red: lesion mask   orange frame: contour patch", fontsize=8)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return {"images": len(panels), "patches": int(len(picks))}
+    try:
+        atomic_write_with(out, lambda tmp: fig.savefig(tmp, dpi=110))
+    finally:
+        plt.close(fig)
+    for entry in cache.info.get("skipped", []):  # skipped while building the patch cache (now or earlier)
+        if entry["path"] not in skipped:
+            print(f"preview: skipped {entry['path']}: {entry['error']}")
+            skipped.append(entry["path"])
+    return {"images": len(panels), "patches": int(len(picks)), "skipped": len(skipped)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,5 +149,6 @@ def run(args: argparse.Namespace) -> int:
     except TypeError as err:
         print(f"mammospn preview: {args.data}: bad init_args ({err})")
         return 1
-    print(f"wrote {args.out}: {counts['images']} images, {counts['patches']} training patches")
+    skipped = f", {counts['skipped']} unreadable image(s) skipped" if counts.get("skipped") else ""
+    print(f"wrote {args.out}: {counts['images']} images, {counts['patches']} training patches{skipped}")
     return 0

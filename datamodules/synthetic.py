@@ -21,12 +21,10 @@ import csv
 import functools
 import hashlib
 import json
-import os
 import shutil
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ from pydicom.uid import ImplicitVRLittleEndian, SecondaryCaptureImageStorage
 from scipy.ndimage import gaussian_filter
 from scipy.stats import rankdata
 
+from datamodules.fileio import atomic_write_with, swap_directory, write_json
 from datamodules.records import DataError
 from datamodules.synthetic_anatomy import BreastImage, add_calcification_cluster, add_mass, breast_view
 
@@ -460,9 +459,7 @@ def generate(out: Path, seed: int, scale: str, log: Callable[[str], None] | None
         },
         "generation_seconds": round(time.perf_counter() - started, 1),
     }
-    tmp = out / f".DONE.json.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out / "DONE.json")
+    write_json(out / "DONE.json", summary)
     return summary
 
 
@@ -542,19 +539,13 @@ def ensure_synthetic(root: str | Path, seed: int = 0, scale: str = "quick",
         if _matches(read_summary(root), seed, scale):  # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
             return root
-        old = None
-        if root.exists():
-            old = root.with_name(f".{root.name}.old-{uuid.uuid4().hex}")
-            os.rename(root, old)
         try:
-            os.rename(tmp, root)
+            swap_directory(tmp, root)
         except OSError:
             if _matches(read_summary(root), seed, scale):
                 shutil.rmtree(tmp, ignore_errors=True)
                 return root
             raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -612,10 +603,10 @@ def write_preview(root: str | Path, out_png: str | Path, n_mass: int = 4, n_calc
     sheet = np.vstack([cv2.copyMakeBorder(s, 0, 4, 0, width - s.shape[1], cv2.BORDER_CONSTANT) for s in strips])
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.stem}.{uuid.uuid4().hex}.tmp.png")
-    if not cv2.imwrite(str(tmp), sheet):
-        raise DataError(f"could not write the preview image {out_png}")
-    os.replace(tmp, out_png)
+    try:
+        atomic_write_with(out_png, lambda tmp: cv2.imwrite(str(tmp), sheet))
+    except OSError as err:
+        raise DataError(f"could not write the preview image {out_png}") from err
     return out_png
 
 

@@ -17,6 +17,7 @@ validation runs on rank 0 and its numbers are broadcast so every rank logs the s
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,7 +30,10 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 from tqdm.auto import tqdm
 
+from datamodules import fileio
+from datamodules.records import DataError
 from experiments import evaluation
+from experiments.checkpoints import checkpoint_info
 
 #: scalars of the summary that are logged to every logger (prefix "test/" or ``monitor_prefix``/)
 LOGGED_KEYS = (
@@ -56,6 +60,16 @@ LOGGED_KEYS = (
     "n_evaluated",
     "n_excluded",
 )
+
+
+def _skipped_images(trainer: pl.Trainer, name: str = "test") -> dict[str, Any]:
+    """The images of evaluation set ``name`` left out as unreadable (path and why), from the datamodule's
+    selection report."""
+    report = getattr(getattr(trainer, "datamodule", None), "selection_summary", None)
+    selection = (report() if callable(report) else {}).get(name) or {}
+    skipped = list(selection.get("skipped", []))
+    return {"n_skipped": len(skipped), "skipped": skipped,
+            "n_excluded_by_selection": int(selection.get("excluded", 0))}
 
 
 def _to_uint8(x: np.ndarray) -> np.ndarray:
@@ -174,6 +188,7 @@ class EvaluationCallback(pl.Callback):
         self._eval_seconds = 0.0
         self._start = 0.0
         self._validation_runs = 0
+        self._staging: Path | None = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -250,10 +265,12 @@ class EvaluationCallback(pl.Callback):
         self._panels = []
         self._maps_written = 0
         self._eval_seconds = 0.0
-        if trainer.is_global_zero and self.save_maps:
-            # maps/ belongs to this run: drop an earlier run's maps so Fig. 2 never mixes test sets.
-            for old in (self.resolve_output_dir(trainer) / "maps").glob("*.npz"):
-                old.unlink(missing_ok=True)
+        self._discard_staging()
+        if trainer.is_global_zero:
+            # The results are built in a staging folder and published as one unit at the end (maps/ of
+            # this run only, so Fig. 2 never mixes test sets; a crash leaves the earlier set whole).
+            self._staging = fileio.staging_directory(self.resolve_output_dir(trainer) / "test-results")
+            (self._staging / "maps").mkdir()
         self._start = time.perf_counter()
 
     def on_test_batch_end(
@@ -281,7 +298,7 @@ class EvaluationCallback(pl.Callback):
         begin = time.perf_counter()
         result, amap, seg = self._acc.add(batch, scores)
         if trainer.is_global_zero and self._maps_written < self.save_maps:
-            out = self.resolve_output_dir(trainer) / "maps" / f"{evaluation.safe_file_stem(result.image_id)}.npz"
+            out = self._staging / "maps" / f"{evaluation.safe_file_stem(result.image_id)}.npz"
             evaluation.write_map(out, batch, amap, seg, result)
             self._maps_written += 1
             if any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
@@ -308,18 +325,36 @@ class EvaluationCallback(pl.Callback):
             images_per_s=summary["n_images"] / elapsed if elapsed > 0 else math.nan,
             patches_per_s=summary["n_patches"] / elapsed if elapsed > 0 else math.nan,
             world_size=trainer.world_size,
+            checkpoint=checkpoint_info(trainer.ckpt_path),  # which weights produced these numbers
+            **_skipped_images(trainer),
         )
+        if summary["n_evaluated"] == 0:
+            self._discard_staging()
+            self._acc = None
+            reasons = {k: v for k, v in summary["excluded_reasons"].items() if v}
+            raise DataError(f"no evaluable test images: {summary['n_images']} scored, all excluded from the metrics "
+                            f"({reasons or 'none scored'}); no results written")
         self.last_summary = summary
         self._log_scalars(pl_module, "test", summary)
         if trainer.is_global_zero:
-            out = self.resolve_output_dir(trainer)
+            out, staging = self.resolve_output_dir(trainer), self._staging
             hist = acc.score_histogram(self.histogram_bins)
-            evaluation.write_metrics_json(out / "metrics.json", summary)
-            evaluation.write_per_image_csv(out / "per_image.csv", acc.results)
-            evaluation.write_npz(out / "score_hist.npz", threshold_rule=np.array(summary["threshold_rule"]),
+            evaluation.write_metrics_json(staging / "metrics.json", summary)
+            evaluation.write_per_image_csv(staging / "per_image.csv", acc.results)
+            evaluation.write_npz(staging / "score_hist.npz", threshold_rule=np.array(summary["threshold_rule"]),
                                  model=np.array(summary["model"]), **hist)
+            fileio.publish_entries(staging, out, marker="metrics.json")
+            self._staging = None
             self._log_wandb(trainer, acc, summary, hist)
         self._acc = None
+
+    def _discard_staging(self) -> None:
+        staging, self._staging = getattr(self, "_staging", None), None
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._discard_staging()  # a crashed test publishes nothing; the earlier results stay whole
 
     def _log_wandb(self, trainer: pl.Trainer, acc: evaluation.EvaluationAccumulator,
                    summary: Mapping[str, Any], hist: Mapping[str, np.ndarray]) -> None:
@@ -382,7 +417,8 @@ class EvaluationCallback(pl.Callback):
         summary = acc.summary()
         summary.update(epoch=trainer.current_epoch, global_step=trainer.global_step,
                        dataset=self._dataset_name(trainer), seconds=time.perf_counter() - start,
-                       model=f"{type(pl_module).__module__}.{type(pl_module).__qualname__}")
+                       model=f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
+                       **_skipped_images(trainer, "lesion_validation"))
         out = self.resolve_output_dir(trainer) / self.monitor_prefix
         evaluation.write_metrics_json(out / "metrics.json", summary)
         evaluation.write_per_image_csv(out / "per_image.csv", acc.results)

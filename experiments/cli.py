@@ -17,11 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 import yaml
 from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from datamodules.fileio import atomic_write
+from datamodules.records import DataError
+from experiments.checkpoints import (
+    CHECKPOINT_ALIASES,
+    AtomicCheckpointIO,
+    CheckpointError,
+    RngStateCallback,
+    checkpoint_callbacks,
+    load_checkpoint,
+    resolve_ckpt_path,
+)
 from experiments.loggers import build_loggers, finish_wandb, wandb_mode
 from experiments.memory import keep_freed_memory
 from lightning_modules.base import AnomalyDetector
@@ -79,8 +89,6 @@ class ConfigSaver(SaveConfigCallback):
         self.run_dir = Path(run_dir)
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from experiments.evaluation import atomic_write
-
         atomic_write(self.run_dir / self.config_filename, self.parser.dump(self.config, skip_none=False))
 
 
@@ -151,6 +159,30 @@ class ConfigError(ValueError):
     """A model or data module refused a configured value; the message names the key (``model.init_args.x``)."""
 
 
+#: model values that must be positive, wherever a model has them
+POSITIVE_MODEL_KEYS = ("lr", "latent_dim", "step_size", "num_embeddings", "embedding_dim", "num_repetitions",
+                       "num_input_distributions")
+
+
+def check_config_values(config: Any) -> None:
+    """Refuses, before any data is read or cache built, a value that cannot work: one `ConfigError` naming the key.
+
+    The data module checks its own ranges; what only the whole config knows is checked here: the patch
+    size the data cuts must be the networks' input size.
+    """
+    from lightning_modules.networks import PATCH_SIZE
+
+    model_args = (config.get("model") or {}).get("init_args") or {}
+    for key in POSITIVE_MODEL_KEYS:
+        value = model_args.get(key) if hasattr(model_args, "get") else None
+        if isinstance(value, int | float) and not isinstance(value, bool) and not value > 0:
+            raise ConfigError(f"model.init_args.{key} must be > 0, got {value!r}")
+    data_args = (config.get("data") or {}).get("init_args") or {}
+    patch_size = data_args.get("patch_size") if hasattr(data_args, "get") else None
+    if patch_size is not None and patch_size != PATCH_SIZE:
+        raise ConfigError(f"data.init_args.patch_size must be {PATCH_SIZE}, the networks' input size, got {patch_size!r}")
+
+
 class MammoCLI(LightningCLI):
     """LightningCLI with one run folder per run, W&B + CSV loggers, checkpoints and the evaluation callback."""
 
@@ -167,11 +199,26 @@ class MammoCLI(LightningCLI):
                 raise ConfigError(str(cause)) from err
             raise
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """As LightningCLI's; a test that fails on its data (e.g. no evaluable image) retires the earlier results
+        of this run to ``stale-<time>/``, so none are left that look current."""
+        try:
+            super()._run_subcommand(subcommand)
+        except DataError as err:
+            if subcommand == "test":
+                from experiments.evaluation import retire_results
+
+                stale = retire_results(self.results_dir, f"lightning test failed: {err}")
+                if stale is not None:
+                    print(f"lightning: the earlier results of {self.results_dir} were moved to {stale}", file=sys.stderr)
+            raise
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(RunOptions, "run", fail_untyped=False)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        check_config_values(config)
         run = config["run"]
         seed = config.get("seed_everything")
         self.model_name = _model_name(config)
@@ -183,6 +230,11 @@ class MammoCLI(LightningCLI):
         # fit owns config.yaml; test / validate / predict in the same folder never overwrite it
         filename = "config.yaml" if self.subcommand in (None, "fit") else f"config-{self.subcommand}.yaml"
         self.save_config_kwargs = {**self.save_config_kwargs, "run_dir": self.run_dir, "config_filename": filename}
+        if "ckpt_path" in config:
+            config["ckpt_path"] = resolve_ckpt_path(config["ckpt_path"], self.run_dir, self.subcommand)
+            if config["ckpt_path"] is None and self.subcommand in ("validate", "test", "predict"):
+                warnings.warn(f"lightning {self.subcommand} without --ckpt_path scores the model's initial weights "
+                              f"(metrics.json records checkpoint: null); pass --ckpt_path best|last|FILE", stacklevel=1)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -206,18 +258,11 @@ class MammoCLI(LightningCLI):
         if self.subcommand in (None, "fit") and trainer_cfg.get("enable_checkpointing", True) is not False and not any(
             isinstance(c, ModelCheckpoint) for c in callbacks
         ):
-            callbacks.append(
-                ModelCheckpoint(
-                    dirpath=self.run_dir / "checkpoints",
-                    filename="best",
-                    monitor=MONITOR_KEY,
-                    mode="min",
-                    save_top_k=1,
-                    save_last=True,
-                    enable_version_counter=False,
-                    auto_insert_metric_name=False,
-                )
-            )
+            callbacks.extend(checkpoint_callbacks(self.run_dir / "checkpoints", MONITOR_KEY))
+        if self.subcommand in (None, "fit") and not any(isinstance(c, RngStateCallback) for c in callbacks):
+            callbacks.append(RngStateCallback())
+        if trainer_cfg.get("plugins") is None:
+            kwargs["plugins"] = [AtomicCheckpointIO()]
         if self.subcommand == "predict":
             if not any(isinstance(c, BasePredictionWriter) for c in callbacks):
                 callbacks.append(AnomalyMapWriter(self.results_dir / "predictions"))
@@ -299,9 +344,12 @@ def _checkpoint_model_args(args: list[str]) -> list[str]:
             ckpt = args[i + 1]
         elif a.startswith("--ckpt_path="):
             ckpt = a.split("=", 1)[1]
-    if not ckpt or not Path(ckpt).is_file():
+    if not ckpt:
         return args
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if ckpt in CHECKPOINT_ALIASES:  # the run folder (and so the file) is known only from a config naming the model
+        raise CheckpointError(f"--ckpt_path {ckpt} needs a --config naming the model (its run folder holds the "
+                              f"checkpoint), or give the .ckpt file itself")
+    state = load_checkpoint(ckpt)  # a missing or damaged file: one line naming it, not "required: test.model"
     class_path = state.get("anomaly_model_class") or (state.get("hyper_parameters") or {}).get("_class_path")
     return [*args, "--model", class_path] if class_path else args
 
@@ -312,14 +360,10 @@ def main(args: list[str] | None = None) -> int:
     User-fixable problems (a missing checkpoint or data file, a data error, a value a constructor refuses)
     end in one line, no traceback.
     """
-    try:
-        from datamodules.records import DataError
-    except ImportError:  # pragma: no cover - the records module is part of the skeleton
-        DataError = RuntimeError  # noqa: N806
     keep_freed_memory()
     try:
         run_cli(args)
-    except (FileNotFoundError, DataError, ConfigError) as err:
+    except (FileNotFoundError, DataError, ConfigError, CheckpointError) as err:
         print(f"lightning: {err}", file=sys.stderr)
         return 2
     return 0

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
-import tempfile
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -24,6 +23,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+from datamodules.fileio import atomic_write, write_json
 from experiments import metrics
 
 #: threshold rules: the image's own breast-pixel percentile (paper, Fig. 2), a percentile of healthy
@@ -711,39 +711,10 @@ class EvaluationAccumulator:
 # Writing results: always to a temporary name in the target folder, then renamed.
 
 
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Writes ``data`` (text as UTF-8) to a temporary file beside ``path``, then renames it into place:
-    a reader never sees half a file, and an interrupted write leaves the old one (and no temporary)."""
-    if isinstance(data, str):
-        data = data.encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _json_safe(value: object) -> object:
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # strict JSON has no NaN: undefined values are written as null
-    return value
-
-
 def write_metrics_json(path: str | Path, summary: Mapping) -> Path:
     """Writes the scalars as strict JSON (NaN -> null), atomically."""
     path = Path(path)
-    atomic_write(path, (json.dumps(_json_safe(summary), indent=2, sort_keys=True) + "\n").encode())
-    return path
+    return write_json(path, summary, sort_keys=True)
 
 
 def write_per_image_csv(path: str | Path, results: list[ImageResult]) -> Path:
@@ -790,3 +761,25 @@ def write_map(path: str | Path, item: Mapping, amap: np.ndarray, seg: np.ndarray
         hausdorff_mm=np.float64(result.hausdorff_mm),
         spacing_mm=np.float64(result.spacing_mm),
     )
+
+
+#: the files and folders one test writes (published together; retired together)
+RESULT_ENTRIES = ("metrics.json", "per_image.csv", "score_hist.npz", "maps")
+
+
+def retire_results(out_dir: str | Path, reason: str) -> Path | None:
+    """Moves an earlier test's results out of ``out_dir`` into ``out_dir/stale-<UTC time>/`` (with ``reason.txt``),
+    so a failed test never leaves numbers that look current, and nothing is deleted. None if there were none."""
+    out_dir = Path(out_dir)
+    present = [out_dir / name for name in RESULT_ENTRIES if (out_dir / name).exists()]
+    if not present:
+        return None
+    stale = out_dir / time.strftime("stale-%Y%m%dT%H%M%SZ", time.gmtime())
+    stale.mkdir(parents=True, exist_ok=True)
+    if (out_dir / "metrics.json").exists():  # the marker first: a crash midway leaves nothing that looks current
+        os.replace(out_dir / "metrics.json", stale / "metrics.json")
+    for entry in present:
+        if entry.exists():
+            os.replace(entry, stale / entry.name)
+    atomic_write(stale / "reason.txt", reason.rstrip() + "\n")
+    return stale

@@ -7,7 +7,6 @@ Fig. 3 (`figure3`): healthy vs lesion pixel score distributions per model, from 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from datamodules.fileio import atomic_write_with
 from experiments import evaluation
 
 
@@ -49,17 +49,12 @@ def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, alpha: float = 0
 
 
 def _write_atomic_png(path: Path, image: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
     data = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
-    if not cv2.imwrite(str(tmp), data):
-        raise OSError(f"could not write {path}")
-    os.replace(tmp, path)
+    atomic_write_with(path, lambda tmp: cv2.imwrite(str(tmp), data))
 
 
 def _write_atomic_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    atomic_write_with(path, lambda tmp: np.save(tmp, array))
 
 
 def write_prediction(
@@ -101,11 +96,10 @@ def _pick(data: Mapping[str, Any], *names: str) -> np.ndarray | None:
 def _save_figure(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 

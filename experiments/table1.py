@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import Tensor
 
-from experiments.evaluation import atomic_write
+from datamodules.fileio import atomic_write, write_json
 from lightning_modules.base import AnomalyDetector
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -324,7 +324,7 @@ def run_stages(
         timings[stage.name] = {"kind": stage.kind, "model": stage.model, "test_set": stage.test_set,
                                "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
                                "estimate_s": stage.estimate_s, "reused": False}
-        atomic_write(runs_dir / stage.name / "DONE.json", json.dumps(timings[stage.name], indent=2) + "\n")
+        write_json(runs_dir / stage.name / "DONE.json", timings[stage.name])
         write_timings(timings_path, timings)
         log(f"        {stage.name} done in {_fmt_duration(seconds)}")
     write_timings(timings_path, timings)
@@ -340,7 +340,7 @@ def write_timings(path: Path, timings: Mapping[str, Mapping[str, Any]]) -> None:
     cpu = sum(float(t.get("cpu_seconds", 0.0)) for t in timings.values())
     payload = {"stages": dict(timings), "total_seconds": round(total, 2), "total_cpu_seconds": round(cpu, 2),
                "cpu_count": os.cpu_count()}
-    atomic_write(path, json.dumps(payload, indent=2) + "\n")
+    write_json(path, payload)
 
 
 # --- the table ---------------------------------------------------------------------------------

@@ -240,6 +240,7 @@ def test_fit_logs_lesion_validation_curves_and_checkpoint_monitors_them(tmp_path
     assert "val_lesion/pixel_auc" in metrics_csv and "val_lesion/hausdorff_px_mean" in metrics_csv
     latest = json.loads((callback.resolve_output_dir(trainer) / "val_lesion" / "metrics.json").read_text())
     assert latest["epoch"] == 3 and latest["pixel_auc"] == pytest.approx(expected, abs=1e-9)
+    assert latest["n_skipped"] == 0 and latest["skipped"] == []  # unreadable images are counted here too
 
 
 def test_bad_arguments_give_clear_messages() -> None:

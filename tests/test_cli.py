@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -75,12 +77,14 @@ def _evaluation_item(k: int, seed: int) -> dict:
     centers = np.array([(r, c) for r in range(0, h, 16) for c in range(0, w, 16) if breast[r, c]], dtype=np.int64)
     padded = np.pad(image, 32, mode="reflect")
     patches = np.stack([padded[r : r + 64, c : c + 64] for r, c in centers])[:, None]
+    lesion = np.zeros((h, w), dtype=bool)
+    lesion[40:56, 20:36] = True  # a lesion inside the breast: the image is evaluable
     return {
         "image_id": f"img{k}",
         "patient_id": f"q{k}",
         "image": torch.from_numpy(image),
         "breast_mask": torch.from_numpy(breast),
-        "lesion_mask": torch.zeros(h, w, dtype=torch.bool),
+        "lesion_mask": torch.from_numpy(lesion),
         "centers": torch.from_numpy(centers),
         "patches": torch.from_numpy(patches.astype(np.float32)),
         "spacing_mm": 0.2,
@@ -305,3 +309,33 @@ def test_run_names_keep_second_stages_apart() -> None:
     assert cli._model_name(config(autoencoder_ckpt="cae.ckpt")) == "cae_spn"
     assert cli._model_name(config()) == "ratspnstage"
     assert cli._data_name(config()) == "synthetic-calc"
+
+
+def test_test_ckpt_path_last_resolves_and_metrics_record_the_checkpoint(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _write(workdir / "a.yaml", {**BASE, "run": {"evaluate": True}})
+    # before any fit: one line naming the missing file, exit 2, nothing scored or written
+    assert cli.main(["test", "--config", config, "--run.name", "k", "--ckpt_path", "last"]) == 2
+    err = capsys.readouterr().err
+    assert "--ckpt_path last: no runs/k/checkpoints/last.ckpt" in err and "Traceback" not in err
+    assert not (workdir / "results" / "k" / "metrics.json").exists()
+    cli.run_cli(["fit", "--config", config, "--run.name", "k", "--trainer.max_epochs", "2"])
+    cli.run_cli(["test", "--config", config, "--run.name", "k", "--ckpt_path", "last"])
+    metrics = json.loads((workdir / "results" / "k" / "metrics.json").read_text())
+    ckpt = workdir / "runs" / "k" / "checkpoints" / "last.ckpt"
+    assert metrics["checkpoint"]["path"] == str(ckpt.resolve())
+    assert (metrics["checkpoint"]["epoch"], metrics["checkpoint"]["global_step"]) == (1, 6)
+    assert metrics["checkpoint"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    cli.run_cli(["test", "--config", config, "--run.name", "k", "--ckpt_path", "best"])
+    metrics = json.loads((workdir / "results" / "k" / "metrics.json").read_text())
+    assert metrics["checkpoint"]["path"] == str((workdir / "runs" / "k" / "checkpoints" / "best.ckpt").resolve())
+    # an alias without a config naming the model cannot know the run folder: one line, not "required: test.model"
+    assert cli.main(["test", "--ckpt_path", "last"]) == 2
+    assert "--ckpt_path last needs a --config naming the model" in capsys.readouterr().err
+
+
+def test_test_without_a_checkpoint_says_it_scores_initial_weights(workdir: Path) -> None:
+    config = _write(workdir / "a.yaml", BASE)
+    with pytest.warns(UserWarning, match="without --ckpt_path scores the model's initial weights"):
+        cli.run_cli(["test", "--config", config, "--run.name", "w"])

@@ -132,7 +132,8 @@ def test_evaluation_module_items_selection_and_cache(tmp_path) -> None:
 def test_evaluation_calc_set_is_empty_for_mass_images(tmp_path) -> None:
     dm = EvaluationDataModule(lesion_records(tmp_path), test_set="calc", cache_dir=tmp_path / "c",
                               progress=False)
-    assert len(dm.dataset("test")) == 0
+    with pytest.raises(DataError, match=r"no evaluable test images: 3 listed, 0 unreadable, 3 excluded .*selection.json"):
+        dm.dataset("test")
     assert dm.selection["test"]["excluded_by_reason"] == {"no_mask": 2, "no_annotation": 1}
 
 
@@ -154,9 +155,9 @@ def test_mammography_module_predict_on_files_and_errors(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty"):
         MammographyDataModule(predict_path=str(tmp_path / "empty")).predict_dataloader()
-    with pytest.raises(DataError, match="data.source"):
+    with pytest.raises(DataError, match="data.init_args.source"):
         MammographyDataModule(source="kaggle")
-    with pytest.raises(DataError, match="data.test_set"):
+    with pytest.raises(DataError, match="data.init_args.test_set"):
         MammographyDataModule(test_set="masses")
     with pytest.raises(DataError, match="healthy_root"):
         _ = MammographyDataModule(source="cbis_ddsm", root=str(tmp_path)).records

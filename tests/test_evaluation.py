@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from datamodules.fileio import json_safe
 from experiments import evaluation, metrics
 
 
@@ -303,8 +304,8 @@ def test_accumulator_froc_and_group_aucs_equal_pooled_references() -> None:
             source.add(it, _scores(it) + 0.3 * np.random.default_rng(0).random(len(it["centers"])))
         merged = evaluation.EvaluationAccumulator()
         merged.merge_state(source.state())
-        assert json.dumps(evaluation._json_safe(merged.summary()), sort_keys=True) == json.dumps(
-            evaluation._json_safe(source.summary()), sort_keys=True)
+        assert json.dumps(json_safe(merged.summary()), sort_keys=True) == json.dumps(
+            json_safe(source.summary()), sort_keys=True)
 
 
 def test_calibrated_rule_reads_the_models_threshold() -> None:

@@ -66,7 +66,8 @@ def test_selection_rule_masses_and_calcs(tmp_path) -> None:
     assert d[0].lesion_area_px == 2500 and d[2].inside_breast_fraction == pytest.approx(0.5)
     summary = write_selection_report(d, tmp_path / "sel" / "selection.json")
     assert summary == {"candidates": 7, "selected": 2, "excluded": 5,
-                       "excluded_by_reason": {"too_large": 2, "outside_breast": 1, "no_mask": 1, "no_annotation": 1}}
+                       "excluded_by_reason": {"too_large": 2, "outside_breast": 1, "no_mask": 1, "no_annotation": 1},
+                       "skipped_unreadable": 0, "skipped": []}
     saved = json.loads((tmp_path / "sel" / "selection.json").read_text())
     assert saved["images"][1]["reason"].startswith("mass area 20000 px >= 4")
     assert not list((tmp_path / "sel").glob(".*tmp*"))

@@ -1,5 +1,8 @@
 """A generic manifest CSV for any other data: ``image_path, patient_id, label, mask_path, spacing_mm, ...``.
 
+``label``: 0 / 1 or ``healthy`` / ``normal`` / ``lesion`` / ``abnormal``. Several rows for one image (one per
+lesion, the CBIS convention) are merged into one record; a lesion row without a mask is reported and skipped.
+
 Paths are relative to the CSV's folder (absolute paths work too). ``mask_path`` may be empty or hold
 several masks separated by ``;``; ``lesion_kind`` (or ``kind`` / ``lesion_type``) names their kind
 ("mass" default, "calc" accepted for "calcification");
@@ -10,6 +13,7 @@ column goes into ``meta``. DICOM (.dcm) images use the DICOM reader, everything 
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,8 @@ from datamodules.records import LESION_KINDS, DataError, ImageRecord, Lesion
 REQUIRED = ("image_path", "patient_id", "label")
 KNOWN = ("image_path", "patient_id", "label", "mask_path", "spacing_mm", "image_id", "lesion_kind", "kind",
          "lesion_type", "pathology", "mask_is_outline")
+#: Accepted spellings of the labels (case-insensitive), besides 0 / 1.
+LABEL_WORDS = {"0": 0, "1": 1, "healthy": 0, "normal": 0, "negative": 0, "lesion": 1, "abnormal": 1, "positive": 1}
 #: Accepted spellings of the lesion kinds.
 KIND_ALIASES = {"calc": "calcification", "calcifications": "calcification", "masses": "mass"}
 
@@ -39,7 +45,7 @@ def list_manifest(root: str | Path, spacing_mm: float | None = None) -> list[Ima
         rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
     report = SkipReport(f"manifest {path}")
     records: list[ImageRecord] = []
-    seen: set[str] = set()
+    seen: dict[str, ImageRecord] = {}
     for number, row in enumerate(rows, start=2):
         if not row.get("image_path"):
             raise DataError(f"{path} line {number}: empty image_path")
@@ -48,10 +54,7 @@ def list_manifest(root: str | Path, spacing_mm: float | None = None) -> list[Ima
         if not image.is_file():
             report.skip(image, f"image of line {number} missing")
             continue
-        try:
-            label = int(float(row["label"]))
-        except ValueError as exc:
-            raise DataError(f"{path} line {number}: label {row['label']!r} is not 0/1") from exc
+        label = _label(row["label"], path, number)
         spacing_text = row.get("spacing_mm", "")
         try:
             spacing = float(spacing_text) if spacing_text else spacing_mm
@@ -74,17 +77,26 @@ def list_manifest(root: str | Path, spacing_mm: float | None = None) -> list[Ima
         if absent is not None:
             report.skip(absent, f"mask of line {number} missing")
             continue
+        if label == 1 and not lesions:
+            report.skip(image, f"line {number} is a lesion row without a mask_path (a lesion image needs its mask)")
+            continue
         image_id = row.get("image_id") or str(Path(row["image_path"]).with_suffix("")).replace("\\", "/")
-        if image_id in seen:
-            raise DataError(f"{path} line {number}: image_id {image_id!r} appears twice")
-        seen.add(image_id)
+        if image_id in seen:  # one row per lesion (the CBIS convention): merge into the image's record
+            first = seen[image_id]
+            if first.patient_id != row["patient_id"] or first.path != image:
+                raise DataError(f"{path} line {number}: image_id {image_id!r} appears again with another "
+                                f"patient_id or image_path ({first.patient_id}, {first.path})")
+            first.lesions.extend(lesions)
+            first.label = max(first.label, label)
+            if lesions:
+                first.meta["lesion_type"] = ",".join(sorted({x.kind for x in first.lesions}))
+            continue
         meta: dict[str, Any] = {k: v for k, v in row.items() if k not in KNOWN and k}
         meta.update({"source": "manifest", "pathology": row.get("pathology") or None,
                      "lesion_type": kind if lesions else None})
         if meta.get("density", "").isdigit():
             meta["density"] = int(meta["density"])
-        records.append(
-            ImageRecord(
+        seen[image_id] = ImageRecord(
                 image_id=image_id,
                 patient_id=row["patient_id"],
                 path=image,
@@ -94,6 +106,20 @@ def list_manifest(root: str | Path, spacing_mm: float | None = None) -> list[Ima
                 lesions=lesions,
                 meta=meta,
             )
-        )
+        records.append(seen[image_id])
     report.finish(len(records))
     return records
+
+
+def _label(text: str, path: Path, number: int) -> int:
+    """0 (healthy) or 1 (lesion) from ``0/1`` or a word of `LABEL_WORDS`; `DataError` naming the line otherwise."""
+    word = text.strip().lower()
+    if word in LABEL_WORDS:
+        return LABEL_WORDS[word]
+    try:
+        value = float(word)
+    except ValueError:
+        value = math.nan
+    if value in (0.0, 1.0):
+        return int(value)
+    raise DataError(f"{path} line {number}: label {text!r} is not 0/1 or one of {', '.join(LABEL_WORDS)}")
