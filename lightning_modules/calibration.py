@@ -96,7 +96,7 @@ class MondrianConformal(nn.Module):
             tails.append(self._tail_scale(chosen))
             pooled.append(use_pool)
         if self.normalise:
-            parts = self._normalised_parts(scores, strata, parts)
+            parts = self._normalised_parts(scores, context, parts)
             tails = [self._tail_scale(parts[0])] * self.num_strata
         else:
             self.loc = torch.zeros(self.num_strata)
@@ -110,10 +110,10 @@ class MondrianConformal(nn.Module):
         self.pooled = torch.tensor(pooled, dtype=torch.bool)
         return {"counts": counts, "pooled": pooled, "median_raw_score": medians, "n": int(scores.numel())}
 
-    def _normalised_parts(self, scores: Tensor, strata: Tensor, parts: list[Tensor]) -> list[Tensor]:
+    def _normalised_parts(self, scores: Tensor, context: Tensor, parts: list[Tensor]) -> list[Tensor]:
         """Normalised conformal: each stratum's own (or fallback) scores give a median and a robust scale
-        (interquartile range / 1.349); every score is standardised by its stratum's, and all of them together
-        form one calibration set, so the tails come from every healthy patch, not from a small stratum's."""
+        (interquartile range / 1.349); every score is standardised by them (interpolated in its border
+        distance, `_location_scale`), and all of them together form one calibration set, so the tails come from every healthy patch, not from a small stratum's."""
         locs, scales = [], []
         for chosen in parts:
             n = chosen.numel()
@@ -122,8 +122,34 @@ class MondrianConformal(nn.Module):
             scales.append(max(float(q3 - q1) / 1.349, 1e-6))
         self.loc = torch.tensor(locs, dtype=torch.float32)
         self.scale = torch.tensor(scales, dtype=torch.float32)
-        z = torch.sort((scores - self.loc.double()[strata]) / self.scale.double()[strata]).values
+        loc, scale = self._location_scale(context.cpu())
+        z = torch.sort((scores - loc.double()) / scale.double()).values
         return [z] * self.num_strata
+
+    def _location_scale(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Normalised mode: each patch's location and scale, interpolated linearly in its border distance
+        between the stratum centres of its side (skin line or chest wall), so neighbouring strata meet
+        without a step (a step draws a ring of false alarms where two strata meet)."""
+        context = context.reshape(-1, 2).float()
+        skin, chest = context[:, 0], context[:, 1]
+        nearest = torch.minimum(skin, chest)
+        bins = self.bins.to(nearest.device)
+        nb = int(bins.numel())
+        if nb == 0:
+            return self.loc[:1].expand_as(nearest).to(nearest.device), self.scale[:1].expand_as(nearest).to(nearest.device)
+        lower = torch.cat([bins.new_zeros(1), bins[:-1]])
+        interior = bins[-1] + (bins[-1] - lower[-1]) / 2
+        knots = torch.cat([(lower + bins) / 2, interior[None]])  # B + 1 centres, the interior's last
+        loc, scale = self.loc.to(nearest.device), self.scale.to(nearest.device)
+        skin_side = torch.arange(nb + 1, device=nearest.device)
+        chest_side = torch.cat([torch.arange(nb + 1, 2 * nb + 1, device=nearest.device), skin_side[-1:]])
+        use_chest = chest < skin
+        out = []
+        for values in (loc, scale):
+            a = _interp(nearest, knots, values[skin_side])
+            b = _interp(nearest, knots, values[chest_side])
+            out.append(torch.where(use_chest, b, a))
+        return out[0], out[1]
 
     @staticmethod
     def _tail_scale(sorted_scores: Tensor) -> float:
@@ -143,7 +169,8 @@ class MondrianConformal(nn.Module):
         strata = self.strata(context).to(scores.device)
         out = torch.ones_like(scores)
         if self.loc.numel() == self.num_strata:  # identity (0, 1) unless fitted in normalised mode
-            scores = (scores - self.loc.to(scores.device)[strata]) / self.scale.to(scores.device)[strata]
+            loc, scale = self._location_scale(context.to(scores.device))
+            scores = (scores - loc) / scale
         cal_all = self.sorted_scores.to(scores.device)
         for s in torch.unique(strata).tolist():
             sel = strata == s
@@ -186,6 +213,16 @@ class MondrianConformal(nn.Module):
             key = prefix + name
             if key in state:
                 setattr(self, name, torch.empty_like(state[key]))
+
+
+def _interp(x: Tensor, knots: Tensor, values: Tensor) -> Tensor:
+    """Piecewise-linear interpolation of ``values`` at ``knots`` (ascending), constant beyond the ends."""
+    if knots.numel() == 1:
+        return values.expand_as(x)
+    hi = torch.searchsorted(knots, x.contiguous()).clamp(1, knots.numel() - 1)
+    lo = hi - 1
+    w = ((x - knots[lo]) / (knots[hi] - knots[lo]).clamp_min(1e-12)).clamp(0.0, 1.0)
+    return values[lo] + w * (values[hi] - values[lo])
 
 
 __all__ = ["MondrianConformal"]
