@@ -629,6 +629,8 @@ class MammographyDataModule(pl.LightningDataModule):
         max_healthy_images: use only the first N healthy images (quick runs; None = all).
         contour_edge: the contour patches are drawn from the skin line *and* the breast's border on the
             image edge (chest-wall side), not from the skin line alone (the paper's rule, the default).
+        evaluate_on: "test" (default) or "lesion_validation": which lesion set `lightning test` scores; the
+            latter picks a scoring option without looking at the test set.
         max_lesion_validation_images: score only a seeded (``data_seed``) sample of N lesion validation
             images during fit (CBIS-DDSM's train split has ~1,200 per lesion type; None = all).
         num_workers: training / validation DataLoader workers. 0 is fastest here: the memmapped cache
@@ -668,6 +670,7 @@ class MammographyDataModule(pl.LightningDataModule):
         max_lesion_validation_images: int | None = None,
         progress: bool = True,
         contour_edge: bool = False,
+        evaluate_on: str = "test",
     ) -> None:
         super().__init__()
         _check_values(source=source, test_set=test_set, pixel_spacing_mm=pixel_spacing_mm, patch_size=patch_size,
@@ -705,6 +708,9 @@ class MammographyDataModule(pl.LightningDataModule):
         self.max_lesion_validation_images = max_lesion_validation_images
         self.progress = progress
         self.contour_edge = contour_edge
+        if evaluate_on not in ("test", "lesion_validation"):
+            raise DataError(f"data.init_args.evaluate_on must be 'test' or 'lesion_validation', got {evaluate_on!r}")
+        self.evaluate_on = evaluate_on
         self._records: SourceRecords | None = None
         self._healthy: HealthyPatchDataModule | None = None
         self._evaluation: EvaluationDataModule | None = None
@@ -793,6 +799,8 @@ class MammographyDataModule(pl.LightningDataModule):
         return evaluation
 
     def test_dataloader(self) -> DataLoader:
+        if self.evaluate_on == "lesion_validation":  # choosing an option without looking at the test set
+            return self.lesion_validation_dataloader()
         return self._listed_evaluation().test_dataloader()
 
     def predict_dataloader(self) -> DataLoader:

@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("datamodules.synthetic", "write a synthetic mammogram set in the real DDSM / CBIS-DDSM formats"),
     "preview": ("datamodules.preview", "contact sheet of a data config: images, breast outline, lesions, patches"),
     "table1": ("experiments.table1", "train and evaluate every model and write the paper's Table 1"),
+    "border-study": ("experiments.border_study", "the border-aware RAT-SPN scoring options side by side"),
     "demo": ("experiments.demo", "a small end-to-end run on synthetic data"),
 }
 

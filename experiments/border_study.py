@@ -1,0 +1,177 @@
+"""`mammospn border-study`: the border-aware scoring options of the RAT-SPN stage, side by side.
+
+    mammospn table1 --profile real --data mias --data-root DIR --out OUT      # first: the CAE and CAE-RATSPN fits
+    mammospn border-study --table1 OUT --data mias --data-root DIR [--split lesion_validation]
+
+Reuses Table 1's CAE and CAE-RATSPN fits in ``OUT/runs`` and adds, each one `lightning` command:
+
+- ``suppress``: the naive fix, every patch within one patch (64 px) of the border gets the image's lowest score;
+- ``context``: the conditional RAT-SPN, -log p(z | position) (`RatSpnStage(context=True)`, a new EM fit);
+- ``mondrian`` / ``normalised``: conformal calibration by border stratum (`experiments.calibration`) of the
+  plain RAT-SPN, by rank within each stratum / by per-stratum location and scale and one pooled rank;
+- ``context+normalised`` and ``CAE+normalised`` (the autoencoder alone, calibrated the same way).
+
+Every variant is tested on ``--split`` (``test``, or ``lesion_validation`` to choose a default without
+looking at the test set) and ``border_study.md`` / ``.csv`` gather pixel AUC, interior AUC, lesion hit
+rate (all / lesions near the border / interior), FROC sensitivity, the top-1 % near-border share beside
+the border zone's, Hausdorff and the calibration check. Finished steps are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from datamodules.fileio import atomic_write, read_json, write_json
+from experiments import table1
+
+#: the calibration every calibrated variant uses (bins in px at evaluation spacing)
+CALIBRATION = ["--trainer.callbacks.bins_px", "[8,16,24,32,48,64,96]", "--trainer.callbacks.min_count", "30"]
+COLUMNS = (
+    ("pixel_auc", "pixel AUC"), ("interior_pixel_auc", "interior AUC"), ("image_auc_mean", "image AUC"),
+    ("lesion_hit_rate", "hit"), ("lesion_hit_rate_near_border", "hit (border)"),
+    ("lesion_hit_rate_interior", "hit (interior)"), ("sensitivity_at_0.5_fp", "sens@0.5"),
+    ("sensitivity_at_1_fp", "sens@1"), ("sensitivity_at_2_fp", "sens@2"),
+    ("top1_near_border_fraction_mean", "top-1% near border"), ("border_area_fraction_mean", "border zone"),
+    ("hausdorff_px_mean", "H px"), ("hausdorff_cells_mean", "H cells"),
+)
+
+
+@dataclass
+class Variant:
+    name: str
+    config: str  # model YAML
+    fit: str  # run folder whose checkpoint is scored ("cae", "cae_spn" from Table 1, or a fit of this study)
+    calibration: list[str] | None = None  # ConformalCalibration arguments; None = raw scores
+    test_overrides: tuple[str, ...] = ()
+    needs_autoencoder: bool = True
+
+
+VARIANTS = (
+    Variant("CAE", "cae.yaml", "cae", needs_autoencoder=False),
+    Variant("CAE-RATSPN", "cae_spn.yaml", "cae_spn"),
+    Variant("suppress", "cae_spn.yaml", "cae_spn", test_overrides=("--model.init_args.border_suppression_px", "64")),
+    Variant("context", "cae_spn.yaml", "border_cae_spn_context"),
+    Variant("mondrian", "cae_spn.yaml", "cae_spn", calibration=[*CALIBRATION]),
+    Variant("normalised", "cae_spn.yaml", "cae_spn", calibration=[*CALIBRATION, "--trainer.callbacks.normalise", "true"]),
+    Variant("context+normalised", "cae_spn.yaml", "border_cae_spn_context",
+            calibration=[*CALIBRATION, "--trainer.callbacks.normalise", "true"]),
+    Variant("CAE+normalised", "cae.yaml", "cae", calibration=[*CALIBRATION, "--trainer.callbacks.normalise", "true"],
+            needs_autoencoder=False),
+)
+
+
+def _slug(name: str) -> str:
+    return name.lower().replace("+", "_").replace("-", "_")
+
+
+def _base_args(args: argparse.Namespace, config: str, fit: str) -> list[str]:
+    data_first, data_last, overrides = table1._data_args(args.data, args.data_root, args.seed)
+    profile = str(table1.CONFIG_DIR / "profiles" / f"{args.profile}.yaml")
+    configs = [*data_first, str(table1.CONFIG_DIR / config), profile, *data_last,
+               *table1.profile_overlays(args.profile, fit if fit in ("cae", "cae_spn") else "cae_spn")]
+    out = [a for c in configs for a in ("--config", c)] + overrides
+    return out
+
+
+def _run(argv: list[str], log: Any) -> None:
+    from experiments import cli
+
+    log("lightning " + " ".join(argv[:1] + ["..."] + argv[-6:]))
+    try:
+        cli.run_cli(argv)
+    except SystemExit as err:
+        if err.code not in (0, None):
+            raise RuntimeError(f"border study step failed: lightning {' '.join(argv)}") from err
+
+
+def run(args: argparse.Namespace) -> int:
+    log = print
+    out = Path(args.table1)
+    runs, eval_dir = out / "runs", out / "border-eval"
+    ae_ckpt = table1.checkpoint_path(runs, "cae")
+    if not ae_ckpt.is_file() or not table1.checkpoint_path(runs, "cae_spn").is_file():
+        print(f"mammospn border-study: no CAE / CAE-RATSPN fits in {runs}; run `mammospn table1 --out {out}` first")
+        return 2
+    ae = ["--model.init_args.autoencoder_ckpt", str(ae_ckpt)]
+    # the conditional RAT-SPN: the Table 1 stage's settings plus context
+    context_fit = runs / "border_cae_spn_context"
+    if not (context_fit / "checkpoints" / "last.ckpt").is_file():
+        _run(["fit", *_base_args(args, "cae_spn.yaml", "cae_spn"), *ae, "--model.init_args.context", "true",
+              "--run.name", context_fit.name, "--run.root", str(runs), "--run.results_dir", str(eval_dir)], log)
+    split = ["--data.init_args.evaluate_on", args.split]
+    rows = []
+    for variant in VARIANTS:
+        base = _base_args(args, variant.config, variant.fit) + (ae if variant.needs_autoencoder else [])
+        ckpt = table1.checkpoint_path(runs, variant.fit, "best.ckpt" if variant.fit in ("cae",) else "last.ckpt")
+        if variant.calibration is not None:
+            calibrated = ckpt.with_name(f"calibrated-{_slug(variant.name)}.ckpt")
+            if not calibrated.is_file():
+                _run(["validate", *base, "--ckpt_path", str(ckpt), "--run.name", variant.fit, "--run.root", str(runs),
+                      "--run.results_dir", str(eval_dir), "--run.evaluate", "false",
+                      "--trainer.callbacks+=experiments.calibration.ConformalCalibration",
+                      "--trainer.callbacks.output", str(calibrated), *variant.calibration], log)
+            ckpt = calibrated
+        name = f"{_slug(variant.name)}-{args.split}"
+        metrics = eval_dir / name / "metrics.json"
+        if not metrics.is_file():
+            _run(["test", *base, *variant.test_overrides, *split, "--ckpt_path", str(ckpt), "--run.name", name,
+                  "--run.root", str(runs), "--run.results_dir", str(eval_dir)], log)
+        summary = read_json(metrics)
+        row = {"variant": variant.name, **{key: summary.get(key) for key, _ in COLUMNS}}
+        report = ckpt.with_name(f"{ckpt.stem}.calibration.json")
+        if variant.calibration is not None and report.is_file():
+            cal = read_json(report)
+            rates = dict(zip(cal["alphas"], cal["pixel_rate"]))
+            row["healthy p<0.05"] = rates.get(0.05)
+        rows.append(row)
+    write_json(out / "border_study.json", {"split": args.split, "data": args.data, "rows": rows})
+    text = format_markdown(rows, args)
+    atomic_write(out / "border_study.md", text)
+    atomic_write(out / "border_study.csv", format_csv(rows))
+    print(text)
+    return 0
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    return f"{value:.3f}" if isinstance(value, float) and abs(value) < 10 else f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+def format_markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    heads = ["variant", *[h for _, h in COLUMNS], "healthy p<0.05"]
+    lines = [f"# Border-aware scoring, {args.data} ({args.split} split, profile {args.profile}, seed {args.seed})", "",
+             "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for row in rows:
+        cells = [row["variant"], *[_cell(row.get(k)) for k, _ in COLUMNS], _cell(row.get("healthy p<0.05"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Threshold rule: each image's own 99th percentile (Hausdorff; FROC sweeps one global threshold).",
+              "hit = share of images whose highest breast pixel lies in a lesion; border = lesions whose centre lies",
+              "within one patch (64 px) of the breast border. healthy p<0.05 = share of held-out healthy validation",
+              "pixels with p < 0.05 (ideal 0.05)."]
+    return "\n".join(lines) + "\n"
+
+
+def format_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    keys = ["variant", *[k for k, _ in COLUMNS], "healthy p<0.05"]
+    writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--table1", required=True, help="a `mammospn table1 --out` folder with the CAE fits")
+    parser.add_argument("--data", default="synthetic", help="data source name or configs/data/*.yaml (as table1)")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--profile", default="quick", choices=table1.PROFILES)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", default="test", choices=("test", "lesion_validation"),
+                        help="which lesion set the variants are scored on (choose a default on lesion_validation)")
