@@ -24,6 +24,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from experiments.loggers import build_loggers, finish_wandb, wandb_mode
 from experiments.memory import keep_freed_memory
+from experiments.predict import PredictionOptions, PredictionWriter
 from lightning_modules.base import AnomalyDetector
 
 #: monitored by the default checkpoint callback; every model logs it in validation
@@ -82,32 +83,6 @@ class ConfigSaver(SaveConfigCallback):
         from experiments.evaluation import atomic_write
 
         atomic_write(self.run_dir / self.config_filename, self.parser.dump(self.config, skip_none=False))
-
-
-class AnomalyMapWriter(BasePredictionWriter):
-    """`lightning predict`: per image the anomaly map (.npy), a heatmap overlay PNG and the thresholded mask PNG."""
-
-    def __init__(self, output_dir: str | Path, percentile: float = 99.0) -> None:
-        super().__init__(write_interval="batch")
-        self.output_dir = Path(output_dir)
-        self.percentile = percentile
-        self.written: list[str] = []
-
-    def write_on_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        prediction: Any,
-        batch_indices: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        from experiments.figures import write_prediction
-
-        scores = prediction["scores"] if isinstance(prediction, dict) else prediction
-        paths = write_prediction(batch, scores, self.output_dir, percentile=self.percentile)
-        self.written.extend(str(p) for p in paths)
 
 
 def _model_name(config: Any) -> str:
@@ -169,6 +144,7 @@ class MammoCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(RunOptions, "run", fail_untyped=False)
+        parser.add_class_arguments(PredictionOptions, "prediction", fail_untyped=False)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -220,7 +196,9 @@ class MammoCLI(LightningCLI):
             )
         if self.subcommand == "predict":
             if not any(isinstance(c, BasePredictionWriter) for c in callbacks):
-                callbacks.append(AnomalyMapWriter(self.results_dir / "predictions"))
+                options = config.get("prediction") or {}
+                callbacks.append(PredictionWriter(self.results_dir / "predictions", **dict(vars(options)
+                                                  if not isinstance(options, dict) else options)))
         elif (
             run.evaluate
             and self.subcommand in (None, "fit", "validate", "test")

@@ -113,3 +113,31 @@ def finish_wandb(exit_code: int = 0) -> None:
     if wandb.run is not None:
         wandb.finish(exit_code=exit_code)
     wandb.teardown()
+
+
+def wandb_logger(trainer: Any) -> Any | None:
+    """The trainer's WandbLogger, or None when W&B is disabled for the run."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    return next((lg for lg in getattr(trainer, "loggers", []) if isinstance(lg, WandbLogger)), None)
+
+
+def log_predictions(trainer: Any, rows: list[dict[str, Any]], overlays: list[tuple[str, Path]]) -> bool:
+    """`lightning predict` to W&B: a ``predict/predictions`` table (every predictions.csv column, plus the
+    overlay as an image column for the first ``len(overlays)`` images) and the overlays as media.
+
+    Logs nothing (returns False) when the run has no W&B logger.
+    """
+    logger = wandb_logger(trainer)
+    if logger is None or not rows:
+        return False
+    import wandb
+
+    images = {image_id: wandb.Image(str(path), caption=image_id) for image_id, path in overlays}
+    columns = [*rows[0].keys(), "overlay_image"]
+    table = wandb.Table(columns=columns)
+    for row in rows:
+        table.add_data(*[row[c] if not isinstance(row[c], float) or row[c] == row[c] else None
+                         for c in rows[0]], images.get(row["image_id"]))
+    logger.experiment.log({"predict/predictions": table, "predict/overlays": list(images.values())})
+    return True
