@@ -22,7 +22,7 @@ import yaml
 from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from experiments.loggers import build_loggers, finish_wandb, wandb_mode
+from experiments.loggers import build_loggers, finish_wandb, quiet_irrelevant_messages, stage_name, wandb_mode
 from experiments.memory import keep_freed_memory
 from experiments.predict import PredictionOptions, PredictionWriter
 from lightning_modules.base import AnomalyDetector
@@ -168,14 +168,16 @@ class MammoCLI(LightningCLI):
         if trainer_cfg.get("default_root_dir") is None:
             kwargs["default_root_dir"] = str(self.run_dir)
         if trainer_cfg.get("logger") is None:
+            test_set = getattr(getattr(self, "datamodule", None), "test_set", None)
             kwargs["logger"] = build_loggers(
                 self.run_dir,
                 name=run.name,
                 project=run.project,
                 group=run.group or f"{self.model_name}-{self.data_name}",
-                job_type=run.stage or self.subcommand or "run",
+                job_type=stage_name(self.subcommand, test_set, run.stage),
                 tags=[self.model_name, self.data_name, f"seed{seed}", *(run.tags or [])],
                 config=self._flat_config(),
+                resume=self.subcommand in (None, "fit") and bool(config.get("ckpt_path")),
             )
         callbacks = trainer_cfg.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
@@ -195,7 +197,7 @@ class MammoCLI(LightningCLI):
                 )
             )
         if self.subcommand == "predict":
-            if not any(isinstance(c, BasePredictionWriter) for c in callbacks):
+            if not any(isinstance(c, BasePredictionWriter | PredictionWriter) for c in callbacks):
                 options = config.get("prediction") or {}
                 callbacks.append(PredictionWriter(self.results_dir / "predictions", **dict(vars(options)
                                                   if not isinstance(options, dict) else options)))
@@ -279,6 +281,7 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> MammoCLI:
     argv = list(sys.argv[1:] if args is None else args)
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     argv = _checkpoint_model_args(argv)
+    quiet_irrelevant_messages()
     if wandb_mode() != "disabled":
         os.environ.setdefault("WANDB_SILENT", "true")
     exit_code = 1

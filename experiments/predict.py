@@ -40,7 +40,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.callbacks import Callback
 
 from experiments import evaluation, figures
 
@@ -377,13 +377,17 @@ def skip_summary(skipped: list[dict[str, str]]) -> str:
     return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
 
 
-class PredictionWriter(BasePredictionWriter):
+class PredictionWriter(Callback):
     """`lightning predict`'s writer: per image the outputs of `write_prediction`, then predictions.csv,
-    summary.json, the summary line, and (when W&B is on) the overlays and the predictions table."""
+    summary.json, the summary line, and (when W&B is on) the overlays and the predictions table.
+
+    A plain callback, not a `BasePredictionWriter`: that one makes Lightning track batch indices, which
+    one-image batches (``batch_size=None``) do not have, and warn about it on every run.
+    """
 
     def __init__(self, output_dir: str | Path, percentile: float = 99.0, native_grid: bool = False,
                  dicom: bool = True, log_images: int = 32) -> None:
-        super().__init__(write_interval="batch")
+        super().__init__()
         self.output_dir = Path(output_dir)
         self.options = PredictionOptions(percentile, native_grid, dicom, log_images)
         self.rows: list[dict[str, Any]] = []
@@ -400,12 +404,11 @@ class PredictionWriter(BasePredictionWriter):
         self.skipped.append({"image_id": image_id, "path": path, "reason": reason})
         print(f"predict: skipped {path}: {reason}", file=sys.stderr, flush=True)
 
-    def write_on_batch_end(
+    def on_predict_batch_end(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         prediction: Any,
-        batch_indices: Any,
         batch: Any,
         batch_idx: int,
         dataloader_idx: int = 0,

@@ -565,6 +565,9 @@ def run(args: argparse.Namespace) -> int:
         notes.append(f"Wall time of the stages run: {total / 60:.1f} min (per stage in timings.json).")
     md = write_table1(rows, out_dir, f"Table 1 ({args.profile} profile, {args.data} data)", notes)
     figs = write_figures(stages, eval_dir, out_dir)
+    from experiments.loggers import log_table1
+
+    log_table1(out_dir, group, figs)
     log(md.read_text())
     log(f"wrote {md}, {out_dir / 'table1.csv'}, {len(figs)} figures, {timings_path}")
     return 0
