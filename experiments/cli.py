@@ -22,6 +22,7 @@ import yaml
 from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from experiments.configs import resolve_config_args
 from experiments.loggers import build_loggers, finish_wandb, quiet_irrelevant_messages, stage_name, wandb_mode
 from experiments.memory import keep_freed_memory
 from experiments.predict import PredictionOptions, PredictionWriter
@@ -280,7 +281,7 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> MammoCLI:
     """Runs `lightning <args>` in this process; returns the CLI so callers (Table 1, tests) can read it."""
     argv = list(sys.argv[1:] if args is None else args)
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
-    argv = _checkpoint_model_args(argv)
+    argv = _checkpoint_model_args(resolve_config_args(argv))
     quiet_irrelevant_messages()
     if wandb_mode() != "disabled":
         os.environ.setdefault("WANDB_SILENT", "true")
