@@ -23,7 +23,14 @@ from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelChe
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from experiments.configs import resolve_config_args
-from experiments.loggers import build_loggers, finish_wandb, quiet_irrelevant_messages, stage_name, wandb_mode
+from experiments.loggers import (
+    build_loggers,
+    finish_wandb,
+    progress_callback,
+    quiet_irrelevant_messages,
+    stage_name,
+    wandb_mode,
+)
 from experiments.memory import keep_freed_memory
 from experiments.predict import PredictionOptions, PredictionWriter
 from lightning_modules.base import AnomalyDetector
@@ -210,6 +217,9 @@ class MammoCLI(LightningCLI):
             callback = _evaluation_callback(self.results_dir, run.eval_every_n_epochs)
             if callback is not None:
                 callbacks.append(callback)
+        progress = progress_callback(trainer_cfg, callbacks)
+        if progress is not None:
+            callbacks.append(progress)
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 

@@ -8,14 +8,17 @@ Offline runs land in ``<run folder>/wandb/offline-run-*`` and are uploaded later
 from __future__ import annotations
 
 import logging
+import math
 import netrc
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import CSVLogger, Logger
 
 _MODES = ("online", "offline", "disabled")
@@ -264,3 +267,74 @@ def _cell(text: str) -> Any:
         return float(text)
     except ValueError:
         return text
+
+
+class PlainProgress(ProgressBar):
+    """Progress as plain lines every ``every_s`` seconds (and at each epoch's end), for logs and pipes:
+    a tqdm bar written to a file is one long line of carriage returns. Used when stdout is not a terminal."""
+
+    def __init__(self, every_s: float = 30.0) -> None:
+        super().__init__()
+        self.every_s = float(every_s)
+        self._enabled = True
+        self._last = -math.inf
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def _line(self, trainer: Any, pl_module: Any, stage: str, done: int, total: Any, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self._enabled or not trainer.is_global_zero or (not force and now - self._last < self.every_s):
+            return
+        self._last = now
+        of = f"/{int(total)}" if isinstance(total, int | float) and math.isfinite(total) else ""
+        epoch = f" epoch {trainer.current_epoch + 1}/{trainer.max_epochs}" if stage in ("train", "val") else ""
+        shown = {k: float(v) for k, v in trainer.callback_metrics.items()
+                 if "loss" in k and getattr(v, "numel", lambda: 1)() == 1}
+        values = ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items()))
+        print(f"{stage}{epoch}: batch {done}{of}" + (f", {values}" if values else ""), flush=True)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._train_done = batch_idx + 1
+        self._line(trainer, pl_module, "train", batch_idx + 1, self.total_train_batches)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._line(trainer, pl_module, "train", getattr(self, "_train_done", 0), self.total_train_batches,
+                   force=True)
+
+    def on_validation_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        if not trainer.sanity_checking:
+            self._line(trainer, pl_module, "val", batch_idx + 1, _total(trainer.num_val_batches, dataloader_idx))
+
+    def on_test_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
+                          dataloader_idx: int = 0) -> None:
+        self._line(trainer, pl_module, "test", batch_idx + 1, _total(trainer.num_test_batches, dataloader_idx))
+
+    def on_predict_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
+                             dataloader_idx: int = 0) -> None:
+        self._line(trainer, pl_module, "predict", batch_idx + 1, _total(trainer.num_predict_batches, dataloader_idx))
+
+
+def _total(counts: Any, index: int) -> Any:
+    """The batch count of one dataloader (inf when unknown)."""
+    try:
+        return counts[index]
+    except (IndexError, TypeError):
+        return math.inf
+
+
+def progress_callback(trainer_cfg: Any, callbacks: list[Any], stream: Any = None) -> Any | None:
+    """`PlainProgress` when progress is on, none is configured and ``stream`` (stdout) is not a terminal."""
+    stream = stream if stream is not None else sys.stdout
+    if (trainer_cfg.get("enable_progress_bar", True) is False or any(isinstance(c, ProgressBar) for c in callbacks)
+            or (hasattr(stream, "isatty") and stream.isatty())):
+        return None
+    return PlainProgress()

@@ -45,7 +45,9 @@ def test_a_resumed_fit_continues_its_wandb_run_and_predict_logs_its_table(
     cli.run_cli(["fit", "--config", config, "--run.name", "r", "--trainer.max_epochs", "2",
                  "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])
     records = _records(run_dir)
-    assert len(records) == 2 and all(name.endswith(run_id) for name in records)  # one W&B run, resumed
+    # one W&B run, resumed (offline, each session gets a folder offline-run-<time>-<id>; two sessions in
+    # the same second share one)
+    assert {name.rsplit("-", 1)[1] for name in records} == {run_id}
     assert all(b"r-fit" in data for data in records.values())
     cli.run_cli(["fit", "--config", config, "--run.name", "r"])  # a fresh fit is a new W&B run
     assert (run_dir / loggers.FIT_RUN_ID_FILE).read_text().strip() != run_id
@@ -130,3 +132,28 @@ def test_predict_prints_no_irrelevant_warnings(
     messages = [str(w.message) for w in caught]
     assert not [m for m in messages if "infer the batch indices" in m or "LeafSpec" in m], messages
     assert "Tip" not in caplog.text
+
+
+def test_progress_is_plain_lines_when_stdout_is_not_a_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert loggers.progress_callback({}, [], stream=Terminal()) is None
+    assert loggers.progress_callback({"enable_progress_bar": False}, [], stream=io.StringIO()) is None
+    assert isinstance(loggers.progress_callback({}, [], stream=io.StringIO()), loggers.PlainProgress)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setattr(loggers.PlainProgress, "__init__", lambda self, every_s=0.0: (
+        loggers.ProgressBar.__init__(self), setattr(self, "every_s", 0.0), setattr(self, "_enabled", True),
+        setattr(self, "_last", float("-inf")))[0])
+    config = _write(tmp_path / "a.yaml", BASE)
+    cli.run_cli(["fit", "--config", config, "--run.name", "p", "--trainer.enable_progress_bar", "true"])
+    out = capsys.readouterr().out
+    assert "train epoch 1/1: batch 3/3, train/loss" in out and "\r" not in out
+    assert "val epoch 1/1: batch 1/1" in out
