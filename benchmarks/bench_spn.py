@@ -167,7 +167,7 @@ def _patch_dataset(folder, n: int):
     data.flush()
     info = {"params": {"patch_size": 64}, "num_patches": n, "patients": [f"p{i}" for i in range(50)]}
     cache = PatchCache(folder, info, np.zeros(n, np.int64), np.arange(n) % 50, np.full((n, 2), 32), np.zeros(n, np.int64),
-                       np.zeros(n, bool))
+                       np.zeros(n, bool), np.full((n, 2), 32.0, np.float32))
     return PatchDataset(cache)
 
 

@@ -27,6 +27,7 @@ from datamodules.grids import (
     SelectionDecision,
     extract_patches,
     grid_centers,
+    patch_context,
     select_test_image,
     write_selection_report,
 )
@@ -90,7 +91,8 @@ class EvaluationDataset(Dataset):
 
     Item (contract): ``image_id``, ``patient_id``, ``image`` float32 H x W in [0, 1], ``breast_mask`` and
     ``lesion_mask`` bool H x W, ``centers`` int64 M x 2 (every ``stride`` px inside the breast), ``patches``
-    float32 M x 1 x s x s (reflect-padded), ``spacing_mm``, ``stride``, ``meta``. Images are quantised to
+    float32 M x 1 x s x s (reflect-padded), ``context`` float32 M x 2 (`grids.patch_context` of each centre),
+    ``spacing_mm``, ``stride``, ``meta``. Images are quantised to
     uint8 like the training patches, so a model sees the same grey levels in training and evaluation.
     """
 
@@ -147,6 +149,7 @@ class EvaluationDataset(Dataset):
             "skipped": reason,
             "source_path": str(path),
             "centers": torch.zeros(0, 2, dtype=torch.int64),
+            "context": torch.zeros(0, 2),
             "patches": torch.zeros(0, 1, self.patch_size, self.patch_size),
         }
 
@@ -162,6 +165,7 @@ class EvaluationDataset(Dataset):
         breast = raw["breast_mask"].astype(bool)
         centers = grid_centers(breast, self.stride)
         patches = extract_patches(image, centers, self.patch_size)
+        context = patch_context(breast, centers)
         return {
             "image_id": raw["image_id"],
             "patient_id": raw["patient_id"],
@@ -169,6 +173,7 @@ class EvaluationDataset(Dataset):
             "breast_mask": torch.from_numpy(breast),
             "lesion_mask": torch.from_numpy(raw["lesion_mask"].astype(bool)),
             "centers": torch.from_numpy(centers),
+            "context": torch.from_numpy(context),
             "patches": torch.from_numpy(patches).unsqueeze(1),
             "spacing_mm": raw["spacing_mm"],
             "stride": self.stride,
@@ -296,9 +301,11 @@ class HealthyPatchDataModule(pl.LightningDataModule):
         remove_pectoral: bool = False,
         cache_key_extra: dict[str, Any] | None = None,
         progress: bool = True,
+        contour_edge: bool = False,
     ) -> None:
         super().__init__()
         self.records = list(records)
+        self.contour_edge = contour_edge
         self.cache_dir = Path(cache_dir)
         self.pixel_spacing_mm = pixel_spacing_mm
         self.patch_size = patch_size
@@ -322,7 +329,8 @@ class HealthyPatchDataModule(pl.LightningDataModule):
         self.cache = build_patch_cache(
             self.records, self.cache_dir, spacing_mm=self.pixel_spacing_mm, patch_size=self.patch_size,
             n_inside=self.patches_inside, n_contour=self.patches_contour, seed=self.seed,
-            remove_pectoral=self.remove_pectoral, extra_key=self.cache_key_extra, progress=self.progress,
+            remove_pectoral=self.remove_pectoral, contour_edge=self.contour_edge, extra_key=self.cache_key_extra,
+            progress=self.progress,
         )
         _, val_patients = split_patients(self.cache.patients, self.val_fraction, self.seed)
         val_numbers = [i for i, p in enumerate(self.cache.patients) if p in val_patients]
@@ -548,6 +556,8 @@ class MammographyDataModule(pl.LightningDataModule):
         lesion_validation_fraction: for sources without a lesion validation split of their own, the fraction
             of lesion patients held out from the test set for validation curves.
         max_healthy_images: use only the first N healthy images (quick runs; None = all).
+        contour_edge: the contour patches are drawn from the skin line *and* the breast's border on the
+            image edge (chest-wall side), not from the skin line alone (the paper's rule, the default).
         max_lesion_validation_images: score only a seeded (``data_seed``) sample of N lesion validation
             images during fit (CBIS-DDSM's train split has ~1,200 per lesion type; None = all).
         num_workers: training / validation DataLoader workers. 0 is fastest here: the memmapped cache
@@ -586,6 +596,7 @@ class MammographyDataModule(pl.LightningDataModule):
         max_healthy_images: int | None = None,
         max_lesion_validation_images: int | None = None,
         progress: bool = True,
+        contour_edge: bool = False,
     ) -> None:
         super().__init__()
         if source not in SOURCES:
@@ -620,6 +631,7 @@ class MammographyDataModule(pl.LightningDataModule):
         self.max_healthy_images = max_healthy_images
         self.max_lesion_validation_images = max_lesion_validation_images
         self.progress = progress
+        self.contour_edge = contour_edge
         self._records: SourceRecords | None = None
         self._healthy: HealthyPatchDataModule | None = None
         self._evaluation: EvaluationDataModule | None = None
@@ -655,6 +667,7 @@ class MammographyDataModule(pl.LightningDataModule):
                 self.records.healthy, self.cache_dir, self.pixel_spacing_mm, self.patch_size,
                 self.patches_inside, self.patches_contour, self.val_fraction, self.batch_size,
                 self.num_workers, self.seed, self.remove_pectoral, self._key_extra(), self.progress,
+                self.contour_edge,
             )
         return self._healthy
 
@@ -708,6 +721,31 @@ class MammographyDataModule(pl.LightningDataModule):
     def lesion_validation_dataloader(self) -> DataLoader:
         """Evaluation items of the lesion validation set (for AUC curves during fit)."""
         return self._listed_evaluation().lesion_validation_dataloader()
+
+    def calibration_records(self, part: str = "fit") -> list[ImageRecord]:
+        """Healthy *validation* images (never training, test or lesion images) for score calibration.
+
+        The validation patients (the patch cache's patient split) are sorted and halved: ``part="fit"``
+        (even positions) fits a calibration, ``part="check"`` (odd positions) is held out to check it.
+        """
+        if part not in ("fit", "check"):
+            raise DataError(f"calibration part must be 'fit' or 'check', got {part!r}")
+        healthy = self.healthy
+        healthy.setup("validate")
+        _, val_patients = split_patients(healthy.cache.patients, self.val_fraction, self.seed)
+        ordered = sorted(val_patients)
+        chosen = set(ordered[0::2] if part == "fit" else ordered[1::2])
+        records = [r for r in self.records.healthy if r.patient_id in chosen]
+        if not records:
+            raise DataError(f"no healthy validation images for calibration part {part!r} ({len(ordered)} validation "
+                            "patient(s)); raise data.val_fraction or add healthy images")
+        return records
+
+    def calibration_dataloader(self, part: str = "fit") -> DataLoader:
+        """Evaluation items (whole grids, with ``context``) of `calibration_records` ``part``."""
+        ds = EvaluationDataset(self.calibration_records(part), stride=self.stride, patch_size=self.patch_size,
+                               spacing_mm=self.pixel_spacing_mm, kind=None, remove_pectoral=self.remove_pectoral)
+        return DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.eval_num_workers)
 
     def selection_summary(self) -> dict[str, Any]:
         """Test / lesion-validation selection summaries built so far (counts by exclusion reason)."""

@@ -14,9 +14,67 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+CONTEXT_FEATURES = ("skin_distance_px", "chest_wall_distance_px")
+
+
+def chest_wall(breast_mask: np.ndarray, tolerance_px: int = 4) -> tuple[int, int, np.ndarray]:
+    """The straight chest-wall side of a breast, where the film was cut: (column, side, line mask).
+
+    Side: -1 = left, +1 = right, 0 = none (empty mask). It is the side of the mask's bounding box that
+    more rows reach (within ``tolerance_px``): the cut is a straight vertical edge that most rows end on,
+    next to the image edge or to black padding (mini-MIAS), while the skin side reaches the bounding box
+    only at the nipple. The line mask holds the breast pixels of those rows within the tolerance of it.
+    """
+    mask = np.asarray(breast_mask, dtype=bool)
+    line = np.zeros_like(mask)
+    rows = np.flatnonzero(mask.any(1))
+    if rows.size == 0:
+        return 0, 0, line
+    cols = np.flatnonzero(mask.any(0))
+    lo, hi = int(cols[0]), int(cols[-1])
+    sub = mask[rows]
+    first = sub.argmax(1)
+    last = mask.shape[1] - 1 - sub[:, ::-1].argmax(1)
+    left, right = first <= lo + tolerance_px, last >= hi - tolerance_px
+    side, col, touching = (-1, lo, left) if left.sum() >= right.sum() else (1, hi, right)
+    band = np.zeros(mask.shape[1], dtype=bool)
+    band[max(col - tolerance_px, 0): col + tolerance_px + 1] = True
+    line[rows[touching]] = mask[rows[touching]] & band
+    return col, side, line
+
+
+def patch_context(breast_mask: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Where each patch sits in the breast: float32 M x 2 (`CONTEXT_FEATURES`), px at evaluation spacing.
+
+    Column 0: Euclidean distance of the centre to the skin line, the nearest background pixel that is not
+    across the chest wall (image edges do not count either). Column 1: horizontal distance to the
+    chest-wall line (`chest_wall`). The same function serves the training patches and the evaluation grid,
+    so both see one definition.
+    """
+    mask = np.asarray(breast_mask, dtype=bool)
+    centers = np.asarray(centers, dtype=np.int64).reshape(-1, 2)
+    h, w = mask.shape
+    col, side, line = chest_wall(mask)
+    filled = mask.copy()
+    touching = line.any(1)
+    if side < 0:
+        filled[touching, :col] = True
+    elif side > 0:
+        filled[touching, col + 1:] = True
+    # edge-replicated padding: a breast pixel on the image edge has breast beyond it, not background
+    padded = np.pad(filled.astype(np.uint8), 1, mode="edge")
+    if (padded == 0).any():
+        skin = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+    else:  # no background at all: no skin line
+        skin = np.full(mask.shape, float(np.hypot(h, w)), np.float32)
+    r, c = centers[:, 0], centers[:, 1]
+    chest = np.abs(c - col).astype(np.float32) if side else np.full(len(c), float(np.hypot(h, w)), np.float32)
+    return np.stack([skin[r, c], chest], axis=1).astype(np.float32)
 
 
 def grid_centers(breast_mask: np.ndarray, stride: int = 16, offset: int = 0) -> np.ndarray:

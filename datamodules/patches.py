@@ -27,13 +27,13 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import Dataset
 
-from datamodules.grids import extract_patches
+from datamodules.grids import chest_wall, extract_patches, patch_context
 from datamodules.preprocessing import PreprocessedImage, preprocess_record
 from datamodules.records import DataError, ImageRecord
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the cache layout or the sampling code changes meaning
+CACHE_FORMAT = 3  # bump when the cache layout or the sampling code changes meaning
 
 
 def contour_mask(breast: np.ndarray) -> np.ndarray:
@@ -49,9 +49,12 @@ def sample_centers(
     n_contour: int = 60,
     rng: np.random.Generator | None = None,
     inner_margin_px: int = 8,
+    contour_edge: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded patch centres: ``n_inside`` in the breast (at least ``inner_margin_px`` from the skin line
     where possible) and ``n_contour`` on the skin line. Returns (centres int64 K x 2, on_contour bool K).
+    ``contour_edge``: the straight chest-wall line (`grids.chest_wall`, where the film was cut, next to the
+    image edge or black padding) counts as contour too, so patches there are as common in training as at test.
     Draws without replacement unless a region has fewer pixels than asked for.
     """
     rng = rng if rng is not None else np.random.default_rng(0)
@@ -65,6 +68,8 @@ def sample_centers(
         if eroded.any():
             inner = eroded.astype(bool)
     contour = contour_mask(breast)
+    if contour_edge:
+        contour = contour | chest_wall(breast)[2]
     if not contour.any():  # the breast fills the image: no skin line, use its border instead
         contour = breast
     parts = []
@@ -89,11 +94,15 @@ def image_rng(seed: int, image_id: str) -> np.random.Generator:
 
 
 def image_patches(
-    pre: PreprocessedImage, n_inside: int = 60, n_contour: int = 60, size: int = 64, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The healthy patches of one preprocessed image: (uint8 K x size x size, centres K x 2, on_contour K)."""
-    centers, on_contour = sample_centers(pre.breast_mask, n_inside, n_contour, image_rng(seed, pre.image_id))
-    return to_uint8(extract_patches(pre.image, centers, size)), centers, on_contour
+    pre: PreprocessedImage, n_inside: int = 60, n_contour: int = 60, size: int = 64, seed: int = 0,
+    contour_edge: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The healthy patches of one preprocessed image: (uint8 K x size x size, centres K x 2, on_contour K,
+    context float32 K x 2 from `grids.patch_context`)."""
+    centers, on_contour = sample_centers(pre.breast_mask, n_inside, n_contour, image_rng(seed, pre.image_id),
+                                         contour_edge=contour_edge)
+    context = patch_context(pre.breast_mask, centers)
+    return to_uint8(extract_patches(pre.image, centers, size)), centers, on_contour, context
 
 
 def listing_fingerprint(records: Sequence[ImageRecord]) -> str:
@@ -126,6 +135,7 @@ class PatchCache:
     centers: np.ndarray
     labels: np.ndarray
     on_contour: np.ndarray
+    context: np.ndarray  # float32 N x 2, `grids.patch_context` of each patch centre
 
     @property
     def patch_size(self) -> int:
@@ -156,9 +166,9 @@ class PatchCache:
             raise DataError(f"{path}: not a complete patch cache (no DONE.json); delete it and rebuild")
         info = json.loads(done.read_text())
         with np.load(path / "index.npz") as z:
-            arrays = {k: z[k] for k in ("image", "patient", "center", "label", "on_contour")}
+            arrays = {k: z[k] for k in ("image", "patient", "center", "label", "on_contour", "context")}
         return cls(path, info, arrays["image"], arrays["patient"], arrays["center"], arrays["label"],
-                   arrays["on_contour"])
+                   arrays["on_contour"], arrays["context"])
 
 
 def _pid_alive(pid: int) -> bool:
@@ -203,6 +213,7 @@ def build_patch_cache(
     n_contour: int = 60,
     seed: int = 0,
     remove_pectoral: bool = False,
+    contour_edge: bool = False,
     extra_key: dict[str, Any] | None = None,
     progress: bool = True,
     preprocess: Callable[[ImageRecord], PreprocessedImage] | None = None,
@@ -222,6 +233,7 @@ def build_patch_cache(
         "n_contour": int(n_contour),
         "seed": int(seed),
         "remove_pectoral": bool(remove_pectoral),
+        "contour_edge": bool(contour_edge),
         "normalisation": "background-median/breast-p99.5, uint8",
         "listing": listing_fingerprint(records),
         **(extra_key or {}),
@@ -247,12 +259,13 @@ def build_patch_cache(
         patients: list[str] = []
         patient_number: dict[str, int] = {}
         skipped: list[dict[str, str]] = []
-        idx_image, idx_patient, centers_all, labels, contour_flags = [], [], [], [], []
+        idx_image, idx_patient, centers_all, labels, contour_flags, contexts = [], [], [], [], [], []
         with open(tmp / "patches.u8", "wb") as out:
             for record in _progress(records, len(records), "healthy patches", progress):
                 try:
                     pre = preprocess(record)
-                    patches, centers, on_contour = image_patches(pre, n_inside, n_contour, patch_size, seed)
+                    patches, centers, on_contour, context = image_patches(pre, n_inside, n_contour, patch_size, seed,
+                                                                      contour_edge)
                 except Exception as err:  # noqa: BLE001 - a bad file is reported and skipped, never fatal
                     log.warning("skipped unreadable image %s: %s", record.path, err)
                     skipped.append({"path": str(record.path), "error": str(err)})
@@ -267,6 +280,7 @@ def build_patch_cache(
                 centers_all.append(centers)
                 labels.append(np.full(k, int(record.label), np.int64))
                 contour_flags.append(on_contour)
+                contexts.append(context)
                 images.append(record.image_id)
         if skipped:
             log.warning("%d of %d images skipped (unreadable); see %s", len(skipped), len(records),
@@ -281,6 +295,7 @@ def build_patch_cache(
             center=np.concatenate(centers_all),
             label=np.concatenate(labels),
             on_contour=np.concatenate(contour_flags),
+            context=np.concatenate(contexts),
         )
         num = int(sum(len(a) for a in idx_image))
         info = {"key": key, "params": params, "num_patches": num, "images": images, "patients": patients,
@@ -321,7 +336,8 @@ class PatchDataset(Dataset):
     """Serves cached patches as training batches: ``__getitems__`` slices the memmap once per batch.
 
     Batch dict (contract): ``image`` float32 N x 1 x s x s in [0, 1], ``index`` int64 N (global cache
-    index), ``center`` int64 N x 2, ``patient_id`` list[str], ``label`` int64 N. Use with
+    index), ``center`` int64 N x 2, ``context`` float32 N x 2 (`grids.patch_context`: distances to the skin
+    line and the chest wall, px), ``patient_id`` list[str], ``label`` int64 N. Use with
     ``collate_fn=collate_patch_batch``.
     """
 
@@ -353,6 +369,7 @@ class PatchDataset(Dataset):
             "image": image,
             "index": torch.from_numpy(glob),
             "center": torch.from_numpy(self.cache.centers[glob]),
+            "context": torch.from_numpy(self.cache.context[glob]),
             "patient_id": [self._patient_ids[p] for p in patients],
             "label": torch.from_numpy(self.cache.labels[glob]),
         }

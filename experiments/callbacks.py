@@ -193,7 +193,8 @@ class EvaluationCallback(pl.Callback):
         scores, seen = [], 0
         for batch in dm.val_dataloader():
             images = batch["image"] if isinstance(batch, Mapping) else batch
-            scores.append(pl_module.score_grid(images).detach().cpu().numpy())
+            context = batch.get("context") if isinstance(batch, Mapping) else None
+            scores.append(pl_module.score_item({"patches": images, "context": context}).detach().cpu().numpy())
             seen += len(scores[-1])
             if seen >= self.healthy_max_patches:
                 break
@@ -363,7 +364,7 @@ class EvaluationCallback(pl.Callback):
         with torch.no_grad():
             for item in tqdm(items, total=total, desc=f"{self.monitor_prefix} (epoch {trainer.current_epoch})",
                              leave=False, disable=not show, dynamic_ncols=True):
-                acc.add(item, pl_module.score_grid(item["patches"]).detach().cpu())
+                acc.add(item, pl_module.score_item(item).detach().cpu())
         summary = acc.summary()
         summary.update(epoch=trainer.current_epoch, global_step=trainer.global_step,
                        dataset=self._dataset_name(trainer), seconds=time.perf_counter() - start,

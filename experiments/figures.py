@@ -276,3 +276,28 @@ def figure3(hist_files: Mapping[str, Path], out_path: str | Path, title: str = "
     """
     fig = figure3_figure(hist_files, title=title, thresholds=thresholds)
     return None if fig is None else save_figure(fig, out_path)
+
+
+def calibration_figure(report: Mapping[str, Any], out_path: str | Path) -> Path:
+    """Calibration plot: observed share of held-out healthy pixels (and patches) with p < alpha vs alpha,
+    as ``<out_path stem>.pdf`` and ``.png`` (returns the PNG).
+
+    ``report``: `experiments.calibration.ConformalCalibration`'s ``calibration.json`` content. Log-log axes;
+    the diagonal is perfect calibration.
+    """
+    plt = _pyplot()
+    colours = plt.get_cmap(CMAP)
+    alphas = np.asarray(report["alphas"], dtype=float)
+    with style():
+        fig, ax = plt.subplots(figsize=(3.4, 3.2), layout="constrained")
+        ax.plot(alphas, alphas, color="0.6", lw=1, ls="--", label="ideal")
+        ax.plot(alphas, report["pixel_rate"], "o-", color=colours(0.2),
+                label=f"pixels ({report.get('check_images', '?')} images)")
+        ax.plot(alphas, report["patch_rate"], "s:", ms=4, color=colours(0.7), label="grid patches")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("nominal alpha")
+        ax.set_ylabel("held-out healthy share with p < alpha")
+        ax.set_title("conformal calibration, healthy validation")
+        ax.legend()
+    return save_figure(fig, out_path)

@@ -96,9 +96,12 @@ def calibrated_threshold(model: Any) -> float | None:
 def p_value_function(model: Any) -> Callable[[np.ndarray], np.ndarray] | None:
     """Score -> p-value under healthy tissue, when the model is calibrated; None otherwise.
 
-    A model's own ``p_value(scores)`` wins; else an empirical p-value from a ``calibration_scores``
-    buffer of healthy scores: (1 + #healthy >= s) / (n + 1), never 0.
+    A model whose conformal calibrator is fitted scores -log p already (`AnomalyDetector.score_item`), so
+    p = exp(-score); else a model's own ``p_value(scores)``; else an empirical p-value from a
+    ``calibration_scores`` buffer of healthy scores: (1 + #healthy >= s) / (n + 1), never 0.
     """
+    if _calibrated_scores(model):
+        return lambda s: np.exp(-np.asarray(s, dtype=np.float64))
     method = getattr(model, "p_value", None)
     if callable(method):
         return lambda s: np.asarray(evaluation.as_numpy(method(np.asarray(s, dtype=np.float64))), dtype=np.float64)
@@ -112,8 +115,16 @@ def p_value_function(model: Any) -> Callable[[np.ndarray], np.ndarray] | None:
     return lambda s: (1.0 + ref.size - np.searchsorted(ref, np.asarray(s, np.float64), side="left")) / (ref.size + 1.0)
 
 
+def _calibrated_scores(model: Any) -> bool:
+    """True when the model's scores are conformally calibrated (-log p against healthy tissue)."""
+    calibrator = getattr(model, "calibrator", None)
+    return bool(getattr(calibrator, "fitted", False))
+
+
 def score_unit(model: Any) -> str:
     """The unit of a model's anomaly score, for colorbars (``model.score_unit`` or `SCORE_UNITS`)."""
+    if _calibrated_scores(model):
+        return "-log p, calibrated on healthy tissue (nats)"
     unit = getattr(model, "score_unit", None)
     if isinstance(unit, str) and unit:
         return unit

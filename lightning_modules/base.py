@@ -9,6 +9,8 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from lightning_modules.calibration import MondrianConformal
+
 
 def class_tag(obj: object) -> str:
     """``"<module>.<ClassName>"`` stored in every checkpoint so it loads without its config."""
@@ -28,9 +30,26 @@ class AnomalyDetector(pl.LightningModule):
     """
 
     score_batch_size: int = 512
+    #: whether `score_patches` takes the patch context (``score_patches(x, context)``, N x 2 px distances to
+    #: the skin line and the chest wall, `datamodules.grids.patch_context`); True for a conditional RAT-SPN
+    uses_context: bool = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # conformal calibration (empty until `mammospn calibrate` fits it on healthy validation images)
+        self.calibrator = MondrianConformal()
+        self.register_buffer("calibration_alpha", torch.tensor(0.0))  # 0 = no calibrated threshold
 
     def score_patches(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @property
+    def threshold(self) -> float | None:
+        """The calibrated score threshold (false-positive rate ``calibration_alpha`` on healthy tissue), or None."""
+        alpha = float(self.calibration_alpha)
+        if not self.calibrator.fitted or not 0.0 < alpha < 1.0:
+            return None
+        return self.calibrator.threshold(alpha)
 
     def _eval_call(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         """``fn(x)`` in eval mode without gradient, restoring the previous mode afterwards."""
@@ -42,23 +61,56 @@ class AnomalyDetector(pl.LightningModule):
         finally:
             self.train(was_training)
 
-    def score_grid(self, patches: Tensor) -> Tensor:
-        """Scores many patches in chunks, in eval mode, without gradient."""
+    def score_grid(self, patches: Tensor, context: Tensor | None = None) -> Tensor:
+        """Raw scores of many patches in chunks, in eval mode, without gradient."""
+        if self.uses_context and context is None:
+            raise ValueError(f"{type(self).__name__} scores patches given their context: the batch has no 'context'")
+        ctx = context.split(self.score_batch_size) if self.uses_context else None
 
         def score_all(x: Tensor) -> Tensor:
-            chunks = [
-                self.score_patches(chunk.to(self.device, non_blocking=True)).float()
-                for chunk in x.split(self.score_batch_size)
-            ]
+            chunks = []
+            for i, chunk in enumerate(x.split(self.score_batch_size)):
+                chunk = chunk.to(self.device, non_blocking=True)
+                s = self.score_patches(chunk, ctx[i].to(self.device)) if ctx is not None else self.score_patches(chunk)
+                chunks.append(s.float())
             return torch.cat(chunks) if chunks else x.new_zeros(0)
 
         return self._eval_call(score_all, patches)
 
+    def score_item(self, batch: dict) -> Tensor:
+        """Scores of an evaluation item's grid patches: calibrated (-log p) when the calibrator is fitted.
+
+        ``border_suppression_px`` (a model option, default 0) gives every patch whose centre lies closer
+        than that to the skin line or the chest wall the image's lowest score: the naive border fix,
+        kept as a comparison row (it hides lesions by the border too).
+        """
+        context = batch.get("context")
+        scores = self.score_grid(batch["patches"], context)
+        if context is not None:
+            context = context.reshape(-1, 2).to(scores.device)
+            if self.calibrator.fitted:
+                scores = self.calibrator(scores, context)
+            suppress = float(getattr(self.hparams, "border_suppression_px", 0.0) or 0.0)
+            if suppress > 0 and scores.numel():
+                near = torch.minimum(context[:, 0], context[:, 1]) < suppress
+                scores = torch.where(near, scores.min(), scores)
+        return scores
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["anomaly_model_class"] = class_tag(self)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Sizes the calibrator like the saved one; a checkpoint from before calibration loads uncalibrated."""
+        state = checkpoint.get("state_dict", {})
+        for key, value in self.state_dict().items():  # also a nested model's (the RAT-SPN stage's autoencoder)
+            if "calibrator." in key or key.rpartition(".")[2] == "calibration_alpha":
+                state.setdefault(key, value)
+        for prefix, module in self.named_modules():
+            if isinstance(module, MondrianConformal):
+                module.resize_for(state, f"{prefix}.")
+
     def test_step(self, batch: dict, batch_idx: int) -> dict:
-        return {"scores": self.score_grid(batch["patches"])}
+        return {"scores": self.score_item(batch)}
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        return {"scores": self.score_grid(batch["patches"])}
+        return {"scores": self.score_item(batch)}

@@ -105,6 +105,7 @@ class FAnoGAN(AnomalyDetector):
         checkpoint["fanogan_critic_steps"] = self._critic_steps  # a resumed run keeps the n_critic phase
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         self._critic_steps = int(checkpoint.get("fanogan_critic_steps", 0))
         self._gan_loaded = True  # the checkpoint's own generator and critic win over generator_ckpt
 

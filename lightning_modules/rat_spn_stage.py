@@ -21,6 +21,9 @@ from torch import Tensor
 from lightning_modules.base import AnomalyDetector, class_tag
 from spn import RatSpn, broadcast_module, is_distributed
 
+#: extra RAT-SPN variables of the conditional model (``context=True``): skin-line and chest-wall distance features
+CONTEXT_VARS = 2
+
 _TRAINING_COMMANDS = {
     "CAE": "lightning fit --config configs/cae.yaml",
     "BetaVAE": "lightning fit --config configs/bvae.yaml",
@@ -57,6 +60,14 @@ class RatSpnStage(AnomalyDetector):
             loader of this batch size). Lightning's per-batch cost (fetch, hooks, ~2 ms) is then paid once
             per loader batch instead of once per EM step: the paper configs load 1024 patches and take
             EM steps of 64. None = one EM step per loader batch.
+        context: model the patch's position jointly with its latents: two extra Gaussian leaf variables,
+            log(1 + d / ``context_scale_px``) of the centre's distance d to the skin line and to the
+            chest wall (`datamodules.grids.patch_context`), standardised like the latents. The score is then the
+            conditional -log p(z | context) = -(log p(z, context) - log p(context)), both terms exact (the
+            context marginal integrates the latents out): a patch is compared with healthy patches at the
+            same place in the breast, not with the interior (issue: the border trap). Gaussian leaves only.
+        border_suppression_px: the naive border fix, kept as a comparison row: patches whose centre lies
+            closer than this to the skin line or the chest wall get the image's lowest score. 0 = off.
     """
 
     def __init__(
@@ -75,8 +86,13 @@ class RatSpnStage(AnomalyDetector):
         init_batches: int = 50,
         seed: int = 0,
         em_batch_size: int | None = None,
+        context: bool = False,
+        context_scale_px: float = 16.0,
+        border_suppression_px: float = 0.0,
     ) -> None:
         super().__init__()
+        if context_scale_px <= 0:
+            raise ValueError(f"model.init_args.context_scale_px must be > 0, got {context_scale_px}")
         if em_batch_size is not None and em_batch_size < 1:
             raise ValueError(f"model.init_args.em_batch_size must be >= 1 (or null), got {em_batch_size}")
         self.save_hyperparameters()
@@ -129,7 +145,10 @@ class RatSpnStage(AnomalyDetector):
             leaf, categories = "gaussian", None
         else:
             raise ValueError(f"{class_tag(autoencoder)} serves neither encode(x) nor encode_codes(x)")
-        num_vars = self._latent_dim(autoencoder)
+        num_vars = self._latent_dim(autoencoder) + (CONTEXT_VARS if hp.context else 0)
+        if hp.context and leaf != "gaussian":
+            raise ValueError("model.init_args.context (the conditional RAT-SPN) needs Gaussian leaves: "
+                             f"{class_tag(autoencoder)} has categorical codes")
         self.spn = RatSpn(
             num_vars,
             depth=hp.depth,
@@ -154,6 +173,28 @@ class RatSpnStage(AnomalyDetector):
         with torch.no_grad():
             out = autoencoder.encode_codes(probe) if hasattr(autoencoder, "encode_codes") else autoencoder.encode(probe)
         return int(out.shape[1])
+
+    @property
+    def uses_context(self) -> bool:  # type: ignore[override]
+        return bool(self.hparams.context)
+
+    def _context_features(self, context: Tensor | None) -> Tensor:
+        """log(1 + d / scale) of the (skin, chest-wall) distances, float N x 2; an error when the batch has none."""
+        if context is None:
+            raise ValueError("model.init_args.context is set but the batch has no 'context' (patch distances to "
+                             "the skin line and chest wall): rebuild the patch cache with this version")
+        return torch.log1p(context.float().clamp_min(0) / float(self.hparams.context_scale_px))
+
+    def _inputs(self, z: Tensor, context: Tensor | None) -> Tensor:
+        """The RAT-SPN's variables: the latents, then (conditional RAT-SPN) the context features."""
+        if self.uses_context:
+            z = torch.cat([z.float(), self._context_features(context).to(z.device)], dim=1)
+        return z
+
+    def _batch_inputs(self, batch: dict) -> Tensor:
+        """Standardised RAT-SPN variables of a training / validation batch (latents cached by index)."""
+        context = batch.get("context") if isinstance(batch, dict) else None
+        return self._standardise(self._inputs(self.cached_latents(batch), context))
 
     @property
     def leaf(self) -> str:
@@ -210,7 +251,8 @@ class RatSpnStage(AnomalyDetector):
         if self._cache is None or self._cache.shape[0] < needed:
             capacity = max(needed, 2 * (0 if self._cache is None else self._cache.shape[0]), 1024)
             dtype = torch.int32 if self._require().leaf == "categorical" else torch.float32
-            cache = torch.zeros(capacity, self._require().num_vars, dtype=dtype)
+            width = self._require().num_vars - (CONTEXT_VARS if self.uses_context else 0)
+            cache = torch.zeros(capacity, width, dtype=dtype)
             cached = torch.zeros(capacity, dtype=torch.bool)
             if self._cache is not None:
                 cache[: self._cache.shape[0]] = self._cache
@@ -262,7 +304,8 @@ class RatSpnStage(AnomalyDetector):
                 if i >= self.hparams.init_batches:
                     break
                 batch = move_data_to_device(batch, self.device)
-                batches.append(self.cached_latents(batch))
+                context = batch.get("context") if isinstance(batch, dict) else None
+                batches.append(self._inputs(self.cached_latents(batch), context))
             if not batches:
                 raise RuntimeError("the training dataloader is empty: nothing to fit the RAT-SPN on")
             self.initialise(batches)
@@ -276,7 +319,7 @@ class RatSpnStage(AnomalyDetector):
         return torch.cat([w.detach().reshape(-1) for w in spn.log_weights] + [spn.log_mix.detach().reshape(-1)]).exp()
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        z = self._standardise(self.cached_latents(batch))
+        z = self._batch_inputs(batch)
         spn, max_steps = self._require(), self.trainer.max_steps
         total, count = 0.0, 0
         for chunk in z.split(self.hparams.em_batch_size or z.shape[0]):
@@ -309,7 +352,7 @@ class RatSpnStage(AnomalyDetector):
             self.log("em/leaf_mass_replaced", 1.0 - spn.leaf_log_scale.exp().mean())
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
-        z = self._standardise(self.cached_latents(batch))
+        z = self._batch_inputs(batch)
         with torch.no_grad():
             ll = self._require().log_likelihood(z)[:, 0]
         n = z.shape[0]
@@ -319,10 +362,17 @@ class RatSpnStage(AnomalyDetector):
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
-    def score_patches(self, x: Tensor) -> Tensor:
-        """-log p(z(x)) per patch (exact; higher = more anomalous)."""
-        z = self._standardise(self.encode(x))
-        return -self._require().log_likelihood(z)[:, 0].float()
+    def score_patches(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """-log p(z(x)) per patch, or -log p(z(x) | context) for the conditional RAT-SPN (exact; higher = more
+        anomalous). ``context``: N x 2 px distances of the patch centres (`datamodules.grids.patch_context`)."""
+        spn = self._require()
+        z = self._standardise(self._inputs(self.encode(x), context))
+        joint = spn.log_likelihood(z)[:, 0]
+        if not self.uses_context:
+            return -joint.float()
+        latents = torch.zeros_like(z, dtype=torch.bool)
+        latents[:, : z.shape[1] - CONTEXT_VARS] = True  # integrate the latents out: log p(context)
+        return -(joint - spn.log_likelihood(z, missing=latents)[:, 0]).float()
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -333,6 +383,7 @@ class RatSpnStage(AnomalyDetector):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Rebuilds autoencoder and SPN from the checkpoint alone when the autoencoder file is gone."""
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("state_dict", {})
         if self.spn is None:
             class_path = checkpoint.get("autoencoder_class")

@@ -72,7 +72,7 @@ def test_healthy_module_batches_and_patient_split(tmp_path) -> None:
     val_patients = set(dm.cache.patch_patient_ids()[dm.val_dataset.indices])
     assert not train_patients & val_patients and len(val_patients) == 1
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"image", "index", "center", "patient_id", "label"}
+    assert set(batch) == {"image", "index", "center", "context", "patient_id", "label"}
     assert batch["image"].shape == (64, 1, 64, 64) and batch["image"].dtype == torch.float32
     assert 0.0 <= float(batch["image"].min()) and float(batch["image"].max()) <= 1.0
     assert batch["center"].max() < 120 and (batch["label"] == 0).all()

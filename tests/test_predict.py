@@ -34,12 +34,16 @@ class BrightIsAnomalous(AnomalyDetector):
 
 
 class Calibrated(BrightIsAnomalous):
-    """The same scores with a calibrated threshold and healthy calibration scores in buffers."""
+    """The same scores with a calibrated threshold and healthy calibration scores in a buffer."""
 
     def __init__(self, threshold: float) -> None:
         super().__init__()
-        self.register_buffer("threshold", torch.tensor(threshold))
+        self._threshold = threshold
         self.register_buffer("calibration_scores", torch.linspace(0.0, 0.6, 99))
+
+    @property
+    def threshold(self) -> float:
+        return self._threshold
 
 
 def _item(h: int = 64, w: int = 80) -> dict:
@@ -171,6 +175,17 @@ def test_a_calibrated_threshold_and_p_values_are_used_when_the_model_carries_the
     # every peak is above all 99 healthy calibration scores: p = 1 / (99 + 1)
     assert [r["p_value"] for r in regions["regions"]] == [pytest.approx(0.01)] * len(regions["regions"])
     assert result.row["min_p_value"] == pytest.approx(0.01)
+
+
+def test_conformally_calibrated_scores_are_minus_log_p() -> None:
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(calibrator=SimpleNamespace(fitted=True), threshold=float(np.log(100.0)))
+    p_value = predict.p_value_function(model)
+    np.testing.assert_allclose(p_value(np.array([np.log(100.0), 0.0])), [0.01, 1.0])
+    assert predict.calibrated_threshold(model) == pytest.approx(np.log(100.0))
+    assert "calibrated" in predict.score_unit(model)
+    assert predict.p_value_function(SimpleNamespace(calibrator=SimpleNamespace(fitted=False))) is None
 
 
 def test_output_stems_keep_folders_apart_and_never_collide() -> None:
