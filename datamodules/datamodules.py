@@ -41,6 +41,7 @@ from datamodules.patches import (
     remove_stale_builds,
     split_patients,
     to_uint8,
+    with_progress,
 )
 from datamodules.preprocessing import preprocess_record
 from datamodules.records import DataError, ImageRecord
@@ -228,11 +229,7 @@ def build_evaluation_cache(
     tmp = cache_root / f".eval-{name}-{test_set}-{key}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    iterator: Any = records
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(records, total=len(records), desc=f"{name} images", unit="img")
+    iterator: Any = with_progress(records, len(records), f"{name} images", progress)
     try:
         decisions: list[SelectionDecision] = []
         files: list[str] = []

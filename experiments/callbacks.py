@@ -27,8 +27,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
-from tqdm.auto import tqdm
 
+from datamodules.patches import with_progress
 from experiments import evaluation
 
 #: scalars of the summary that are logged to every logger (prefix "test/" or ``monitor_prefix``/)
@@ -380,8 +380,7 @@ class EvaluationCallback(pl.Callback):
         show = trainer.progress_bar_callback is not None and trainer.is_global_zero
         start = time.perf_counter()
         with torch.no_grad():
-            for item in tqdm(items, total=total, desc=f"{self.monitor_prefix} (epoch {trainer.current_epoch})",
-                             leave=False, disable=not show, dynamic_ncols=True):
+            for item in with_progress(items, total, f"{self.monitor_prefix} (epoch {trainer.current_epoch})", show):
                 acc.add(item, pl_module.score_item(item).detach().cpu())
         summary = acc.summary()
         summary.update(epoch=trainer.current_epoch, global_step=trainer.global_step,
