@@ -45,6 +45,7 @@ from datamodules.patches import (
     remove_stale_builds,
     split_patients,
     to_uint8,
+    with_progress,
 )
 from datamodules.preprocessing import preprocess_record
 from datamodules.records import DataError, ImageRecord
@@ -104,6 +105,7 @@ def _item_meta(record: ImageRecord, meta: dict[str, Any], kind: str | None) -> d
         "view": meta.get("view"),
         "source_path": str(record.path),
         "has_pixel_annotation": bool(record.has_pixel_annotation and record.lesions),
+        **{k: meta[k] for k in ("native_spacing_mm", "native_shape", "spacing_source") if k in meta},
     }
 
 
@@ -125,8 +127,10 @@ class EvaluationDataset(Dataset):
         spacing_mm: float = 0.2,
         kind: str | None = None,
         remove_pectoral: bool = False,
+        skip_unreadable: bool = False,
     ) -> None:
         self.items = list(items)
+        self.skip_unreadable = skip_unreadable
         self.stride = int(stride)
         self.patch_size = int(patch_size)
         self.spacing_mm = float(spacing_mm)
@@ -160,8 +164,26 @@ class EvaluationDataset(Dataset):
                 "meta": json.loads(str(z["meta"])),
             }
 
+    def _skipped(self, entry: Path | ImageRecord, reason: str) -> dict[str, Any]:
+        """The item of an image that could not be read: no patches, ``skipped`` = the one-line reason."""
+        path = entry.path if isinstance(entry, ImageRecord) else entry
+        return {
+            "image_id": entry.image_id if isinstance(entry, ImageRecord) else Path(entry).stem,
+            "skipped": reason,
+            "source_path": str(path),
+            "centers": torch.zeros(0, 2, dtype=torch.int64),
+            "context": torch.zeros(0, 2),
+            "patches": torch.zeros(0, 1, self.patch_size, self.patch_size),
+        }
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        raw = self._load(self.items[index])
+        """One evaluation item; with ``skip_unreadable`` (predict) a `DataError` gives a skipped item instead."""
+        try:
+            raw = self._load(self.items[index])
+        except DataError as err:
+            if not self.skip_unreadable:
+                raise
+            return self._skipped(self.items[index], str(err))
         image = raw["image"].astype(np.float32) / 255.0
         breast = raw["breast_mask"].astype(bool)
         centers = grid_centers(breast, self.stride)
@@ -257,11 +279,7 @@ def build_evaluation_cache(
     tmp = cache_root / f".eval-{name}-{test_set}-{key}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    iterator: Any = records
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(records, total=len(records), desc=f"{name} images", unit="img")
+    iterator: Any = with_progress(records, len(records), f"{name} images", progress)
     try:
         decisions: list[SelectionDecision] = []
         files: list[str] = []
@@ -458,7 +476,7 @@ class EvaluationDataModule(pl.LightningDataModule):
         if name == "predict":
             if not self.predict_records:
                 raise DataError("nothing to predict: set data.predict_path to an image file or folder")
-            ds = EvaluationDataset(self.predict_records, kind=None, **common)
+            ds = EvaluationDataset(self.predict_records, kind=None, skip_unreadable=True, **common)
         elif name in ("test", "lesion_validation"):
             records = self.test_records if name == "test" else self.lesion_validation_records
             if not records:

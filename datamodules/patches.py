@@ -15,6 +15,8 @@ import json
 import logging
 import os
 import shutil
+import sys
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -240,12 +242,31 @@ def remove_stale_builds(cache_root: Path, prefix: str) -> int:
     return remove_dead_leftovers(cache_root, f".{prefix}.tmp-*", lambda name: name.rsplit("-", 1)[1])
 
 
-def _progress(iterable, total: int, desc: str, enabled: bool):
+def with_progress(iterable: Any, total: int | None, desc: str, enabled: bool = True, every_s: float = 30.0,
+             stream: Any = None) -> Any:
+    """``iterable`` with progress: a tqdm bar on a terminal; plain ``desc: k/total`` lines every ``every_s``
+    seconds and at the end otherwise (a bar written to a log file is one line of carriage returns)."""
     if not enabled:
         return iterable
-    from tqdm.auto import tqdm
+    stream = stream if stream is not None else sys.stderr
+    if hasattr(stream, "isatty") and stream.isatty():
+        from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit="img")
+        return tqdm(iterable, total=total, desc=desc, unit="img", file=stream)
+    return _plain_progress(iterable, total, desc, every_s, stream)
+
+
+def _plain_progress(iterable: Any, total: int | None, desc: str, every_s: float, stream: Any) -> Any:
+    start = last = time.monotonic()
+    done = 0
+    of = f"/{total}" if total else ""
+    for done, value in enumerate(iterable, start=1):
+        yield value
+        now = time.monotonic()
+        if now - last >= every_s:
+            last = now
+            print(f"{desc}: {done}{of} ({now - start:.0f} s)", file=stream, flush=True)
+    print(f"{desc}: {done}{of} done ({time.monotonic() - start:.0f} s)", file=stream, flush=True)
 
 
 def build_patch_cache(
@@ -310,7 +331,7 @@ def build_patch_cache(
         skipped: list[dict[str, str]] = []
         idx_image, idx_patient, centers_all, labels, contour_flags, contexts = [], [], [], [], [], []
         with open(tmp / "patches.u8", "wb") as out:
-            for record in _progress(records, len(records), "healthy patches", progress):
+            for record in with_progress(records, len(records), "healthy patches", progress):
                 try:
                     pre = preprocess(record)
                     check_patchable(pre, patch_size, record.path)

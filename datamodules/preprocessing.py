@@ -261,7 +261,8 @@ def preprocess_record(
                     f"{mammogram.shape[0]}x{mammogram.shape[1]}; check the mask file of this image"
                 )
             lesions[kind] = resample_mask(lesion, image.shape)
-    meta = {**record.meta, **mammogram.meta}
+    meta = {**record.meta, **mammogram.meta, "native_spacing_mm": float(mammogram.spacing_mm),
+            "native_shape": [int(n) for n in mammogram.shape[:2]]}
     return PreprocessedImage(
         image_id=record.image_id,
         patient_id=record.patient_id,

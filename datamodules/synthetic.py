@@ -280,8 +280,7 @@ def _write_healthy(out: Path, seed: int, scale: Scale, log: Callable[[str], None
         shapes = {view_name: image.brightness.shape for view_name, image in case.views.items()}
         _write_ics(case_dir / f"{name}.ics", name, case.density, DIGITISERS[case.letter][0], case.age,
                    case.study_date, shapes)
-        if (k + 1) % 10 == 0:
-            log(f"  healthy: {k + 1}/{scale.healthy_patients} patients")
+        log(f"  healthy: patient {k + 1}/{scale.healthy_patients} ({n_images} images written)")
     return {"patients": scale.healthy_patients, "images": n_images, "folder": "ddsm/cases/normals",
             "case_numbers": [1, scale.healthy_patients]}
 
@@ -355,8 +354,7 @@ def _write_lesion_set(out: Path, seed: int, scale: Scale, kind: str, split: str,
             scores_all.append(s)
             labels_all.append(lab)
             n_images += 1
-        if patients % 10 == 0:
-            log(f"  {kind} {split}: {n_images}/{n_target} images")
+            log(f"  {kind} {split}: image {n_images}/{n_target} ({case})")
     csv_dir = out / "cbis-ddsm" / "csv"
     csv_dir.mkdir(parents=True, exist_ok=True)
     csv_path = csv_dir / f"{kind}_case_description_{split}_set.csv"

@@ -28,9 +28,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
-from tqdm.auto import tqdm
 
 from datamodules import fileio
+from datamodules.patches import with_progress
 from datamodules.records import DataError
 from experiments import evaluation
 from experiments.checkpoints import checkpoint_info
@@ -98,6 +98,19 @@ def heatmap_panel(
     masks[lesion_mask] = 0.5 * masks[lesion_mask] + 0.5 * np.array([1.0, 0.0, 0.0])
     masks[seg] = 0.5 * masks[seg] + 0.5 * np.array([0.0, 1.0, 0.0])
     return _to_uint8(np.concatenate([gray, overlay, masks], axis=1))
+
+
+#: Height (px) of every heatmap panel logged to W&B, so panels of different images compare side by side.
+PANEL_HEIGHT = 256
+
+
+def panel_at_height(panel: np.ndarray, height: int = PANEL_HEIGHT) -> np.ndarray:
+    """``panel`` resized (area / linear) to ``height`` rows, keeping its aspect ratio."""
+    import cv2
+
+    width = max(1, round(panel.shape[1] * height / panel.shape[0]))
+    interpolation = cv2.INTER_AREA if panel.shape[0] > height else cv2.INTER_LINEAR
+    return cv2.resize(panel, (width, height), interpolation=interpolation)
 
 
 def score_distribution_image(hist: Mapping[str, np.ndarray], title: str) -> np.ndarray:
@@ -305,7 +318,8 @@ class EvaluationCallback(pl.Callback):
                 breast = evaluation.as_numpy(batch["breast_mask"]).astype(bool)
                 lesion = evaluation.as_numpy(batch["lesion_mask"]).astype(bool)
                 image = evaluation.as_numpy(batch["image"]).astype(np.float32)
-                caption = (f"{result.image_id}: AUC {result.auc:.3f}, H {result.hausdorff_px:.1f} px "
+                caption = (f"{result.image_id} | {type(pl_module).__name__}: AUC {result.auc:.3f}, "
+                           f"H {result.hausdorff_px:.1f} px "
                            f"({result.hausdorff_mm:.1f} mm), {self._acc.rule_name}")
                 self._panels.append((caption, heatmap_panel(image, breast, lesion & breast, amap, seg)))
         self._eval_seconds += time.perf_counter() - begin
@@ -364,11 +378,15 @@ class EvaluationCallback(pl.Callback):
         import wandb
 
         columns = evaluation.ImageResult.columns()
-        rows = [[getattr(r, c) for c in columns] for r in acc.results]
+        # the per-image table carries each saved image's heatmap panel, all panels at one height
+        panels = {caption.split(" | ", 1)[0]: (caption, panel_at_height(panel)) for caption, panel in self._panels}
+        rows = [[getattr(r, c) for c in columns]
+                + [wandb.Image(panels[r.image_id][1], caption=panels[r.image_id][0]) if r.image_id in panels else None]
+                for r in acc.results]
         title = f"{summary['model'].rsplit('.', 1)[-1]} on {summary['dataset']}"
         payload = {
-            "test/per_image": wandb.Table(columns=columns, data=rows),
-            "test/heatmaps": [wandb.Image(panel, caption=caption) for caption, panel in self._panels],
+            "test/per_image": wandb.Table(columns=[*columns, "heatmap"], data=rows),
+            "test/heatmaps": [wandb.Image(panel, caption=caption) for caption, panel in panels.values()],
             "test/score_distribution": wandb.Image(score_distribution_image(hist, title), caption=title),
         }
         for key in ("healthy", "lesion"):
@@ -411,8 +429,7 @@ class EvaluationCallback(pl.Callback):
         show = trainer.progress_bar_callback is not None and trainer.is_global_zero
         start = time.perf_counter()
         with torch.no_grad():
-            for item in tqdm(items, total=total, desc=f"{self.monitor_prefix} (epoch {trainer.current_epoch})",
-                             leave=False, disable=not show, dynamic_ncols=True):
+            for item in with_progress(items, total, f"{self.monitor_prefix} (epoch {trainer.current_epoch})", show):
                 acc.add(item, pl_module.score_item(item).detach().cpu())
         summary = acc.summary()
         summary.update(epoch=trainer.current_epoch, global_step=trainer.global_step,

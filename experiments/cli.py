@@ -32,8 +32,17 @@ from experiments.checkpoints import (
     load_checkpoint,
     resolve_ckpt_path,
 )
-from experiments.loggers import build_loggers, finish_wandb, wandb_mode
+from experiments.configs import resolve_config_args
+from experiments.loggers import (
+    build_loggers,
+    finish_wandb,
+    progress_callback,
+    quiet_irrelevant_messages,
+    stage_name,
+    wandb_mode,
+)
 from experiments.memory import keep_freed_memory
+from experiments.predict import PredictionOptions, PredictionWriter
 from lightning_modules.base import AnomalyDetector
 
 #: monitored by the default checkpoint callback; every model logs it in validation
@@ -90,32 +99,6 @@ class ConfigSaver(SaveConfigCallback):
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         atomic_write(self.run_dir / self.config_filename, self.parser.dump(self.config, skip_none=False))
-
-
-class AnomalyMapWriter(BasePredictionWriter):
-    """`lightning predict`: per image the anomaly map (.npy), a heatmap overlay PNG and the thresholded mask PNG."""
-
-    def __init__(self, output_dir: str | Path, percentile: float = 99.0) -> None:
-        super().__init__(write_interval="batch")
-        self.output_dir = Path(output_dir)
-        self.percentile = percentile
-        self.written: list[str] = []
-
-    def write_on_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        prediction: Any,
-        batch_indices: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        from experiments.figures import write_prediction
-
-        scores = prediction["scores"] if isinstance(prediction, dict) else prediction
-        paths = write_prediction(batch, scores, self.output_dir, percentile=self.percentile)
-        self.written.extend(str(p) for p in paths)
 
 
 def _model_name(config: Any) -> str:
@@ -215,6 +198,7 @@ class MammoCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(RunOptions, "run", fail_untyped=False)
+        parser.add_class_arguments(PredictionOptions, "prediction", fail_untyped=False)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -244,14 +228,16 @@ class MammoCLI(LightningCLI):
         if trainer_cfg.get("default_root_dir") is None:
             kwargs["default_root_dir"] = str(self.run_dir)
         if trainer_cfg.get("logger") is None:
+            test_set = getattr(getattr(self, "datamodule", None), "test_set", None)
             kwargs["logger"] = build_loggers(
                 self.run_dir,
                 name=run.name,
                 project=run.project,
                 group=run.group or f"{self.model_name}-{self.data_name}",
-                job_type=run.stage or self.subcommand or "run",
+                job_type=stage_name(self.subcommand, test_set, run.stage),
                 tags=[self.model_name, self.data_name, f"seed{seed}", *(run.tags or [])],
                 config=self._flat_config(),
+                resume=self.subcommand in (None, "fit") and bool(config.get("ckpt_path")),
             )
         callbacks = trainer_cfg.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
@@ -264,8 +250,10 @@ class MammoCLI(LightningCLI):
         if trainer_cfg.get("plugins") is None:
             kwargs["plugins"] = [AtomicCheckpointIO()]
         if self.subcommand == "predict":
-            if not any(isinstance(c, BasePredictionWriter) for c in callbacks):
-                callbacks.append(AnomalyMapWriter(self.results_dir / "predictions"))
+            if not any(isinstance(c, BasePredictionWriter | PredictionWriter) for c in callbacks):
+                options = config.get("prediction") or {}
+                callbacks.append(PredictionWriter(self.results_dir / "predictions", **dict(vars(options)
+                                                  if not isinstance(options, dict) else options)))
         elif (
             run.evaluate
             and self.subcommand in (None, "fit", "validate", "test")
@@ -274,6 +262,9 @@ class MammoCLI(LightningCLI):
             callback = _evaluation_callback(self.results_dir, run.eval_every_n_epochs)
             if callback is not None:
                 callbacks.append(callback)
+        progress = progress_callback(trainer_cfg, callbacks)
+        if progress is not None:
+            callbacks.append(progress)
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
@@ -318,7 +309,11 @@ def _default_data_args(args: list[str]) -> list[str]:
     """Merges `DEFAULT_DATA_CONFIG` first unless the first ``--config`` file with a ``data`` section names the
     data class (a model YAML's or profile's ``data.init_args`` refine a class; they do not choose one), or an
     argument names it."""
-    if not args or args[0] not in ("fit", "validate", "test", "predict"):
+    if args and args[0] in ("fit", "validate", "test", "predict"):
+        head, rest = args[:1], args[1:]
+    elif args and args[0].startswith("--config"):  # `run_cli([...], run=False)`: no subcommand
+        head, rest = [], args
+    else:
         return args
     if any(a in ("--data", "--data.class_path") or a.startswith(("--data=", "--data.class_path=")) for a in args):
         return args
@@ -329,7 +324,7 @@ def _default_data_args(args: list[str]) -> list[str]:
             if isinstance(data["data"], dict) and "class_path" in data["data"]:
                 return args
             break
-    return [args[0], "--config", str(DEFAULT_DATA_CONFIG), *args[1:]]
+    return [*head, "--config", str(DEFAULT_DATA_CONFIG), *rest]
 
 
 def _checkpoint_model_args(args: list[str]) -> list[str]:
@@ -373,7 +368,8 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> MammoCLI:
     """Runs `lightning <args>` in this process; returns the CLI so callers (Table 1, tests) can read it."""
     argv = list(sys.argv[1:] if args is None else args)
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
-    argv = _default_data_args(_checkpoint_model_args(argv))
+    argv = _default_data_args(_checkpoint_model_args(resolve_config_args(argv)))
+    quiet_irrelevant_messages()
     if wandb_mode() != "disabled":
         os.environ.setdefault("WANDB_SILENT", "true")
     exit_code = 1

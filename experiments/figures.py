@@ -1,89 +1,107 @@
-"""Pictures: prediction outputs (map .npy, heatmap overlay, thresholded mask) and the paper's Fig. 2 and Fig. 3.
+"""Figures for a paper: one shared style, the paper's Fig. 2 (heatmaps) and Fig. 3 (score distributions).
 
-Fig. 2 (`figure2`): per test set, the scan, its ground truth, then per model the heatmap and the
-thresholded mask with its Hausdorff distance, read from the evaluation callback's ``maps/<image_id>.npz``.
-Fig. 3 (`figure3`): healthy vs lesion pixel score distributions per model, from ``score_hist.npz``.
+Every figure of the project goes through `style()` (fonts, one perceptually uniform colour map `CMAP`),
+`add_colorbar` (a labelled colorbar beside its axes) and `save_figure` (vector PDF + 300 dpi PNG, both
+written atomically), so a new figure (FROC, calibration) looks like the others::
+
+    with figures.style():
+        fig, ax = plt.subplots()
+        ...
+        figures.save_figure(fig, out_dir / "froc")   # froc.pdf and froc.png
+
+Fig. 2 (`figure2`): per image, the scan with the ground truth as a contour, then per model the heatmap
+(colour = the pixel's percentile rank among that image's breast pixels, one scale shared by every model
+of the row because raw scores of different models have different units) and the thresholded mask with
+its Hausdorff distance in px and mm; read from the evaluation callback's ``maps/<image_id>.npz``.
+Fig. 3 (`figure3`): healthy vs lesion pixel score distributions per model, from ``score_hist.npz``,
+with the calibrated threshold when one is known.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from datamodules.fileio import atomic_write_with
 from experiments import evaluation
 
-
-def _as_numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
-    return np.asarray(value)
-
-
-def normalise_map(anomaly_map: np.ndarray) -> np.ndarray:
-    """Scores scaled to [0, 1] by the 1st and 99.9th percentile of the finite values (0 elsewhere)."""
-    finite = np.isfinite(anomaly_map)
-    out = np.zeros(anomaly_map.shape, dtype=np.float32)
-    if not finite.any():
-        return out
-    lo, hi = np.percentile(anomaly_map[finite], [1.0, 99.9])
-    scale = hi - lo if hi > lo else 1.0
-    out[finite] = np.clip((anomaly_map[finite] - lo) / scale, 0.0, 1.0)
-    return out
-
-
-def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """uint8 RGB: the grey scan with a jet heatmap blended in where the map is finite (inside the breast)."""
-    grey = (np.clip(_as_numpy(image).astype(np.float32), 0.0, 1.0) * 255).astype(np.uint8)
-    rgb = np.repeat(grey[..., None], 3, axis=2)
-    heat = cv2.applyColorMap((normalise_map(anomaly_map) * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
-    inside = np.isfinite(anomaly_map)
-    blended = rgb.copy()
-    blended[inside] = (alpha * heat[inside] + (1 - alpha) * rgb[inside]).astype(np.uint8)
-    return blended
+#: The one colour map of every figure and overlay: perceptually uniform, readable in grey and by
+#: colour-blind readers.
+CMAP = "viridis"
+#: Raster resolution of the PNG copy of every figure.
+PNG_DPI = 300
+_RC = {
+    "font.size": 8,
+    "axes.titlesize": 8,
+    "axes.labelsize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+    "image.cmap": CMAP,
+    "pdf.fonttype": 42,  # TrueType in the PDF: text stays text (editable, searchable)
+    "savefig.bbox": "tight",
+}
 
 
-def _write_atomic_png(path: Path, image: np.ndarray) -> None:
-    data = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
-    atomic_write_with(path, lambda tmp: cv2.imwrite(str(tmp), data))
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
-def _write_atomic_npy(path: Path, array: np.ndarray) -> None:
-    atomic_write_with(path, lambda tmp: np.save(tmp, array))
+@contextlib.contextmanager
+def style() -> Iterator[None]:
+    """Context in which figures take the project's style (font sizes, `CMAP`, PDF fonts as text)."""
+    plt = _pyplot()
+    with plt.rc_context(_RC):
+        yield
 
 
-def write_prediction(
-    item: Mapping[str, Any], scores: Any, output_dir: str | Path, percentile: float = 99.0
-) -> list[Path]:
-    """Writes ``<id>_map.npy`` (float32, NaN outside the breast), ``<id>_overlay.png`` and ``<id>_mask.png``.
+def add_colorbar(fig: Any, ax: Any, mappable: Any, label: str, **kwargs: Any) -> Any:
+    """A colorbar beside ``ax`` (or a list of axes) for ``mappable``, labelled with its quantity and unit."""
+    colorbar = fig.colorbar(mappable, ax=ax, fraction=kwargs.pop("fraction", 0.046), pad=kwargs.pop("pad", 0.02),
+                            **kwargs)
+    colorbar.set_label(label)
+    return colorbar
 
-    Map and mask are those of the evaluation (bilinear grid map; pixels above the image's own percentile).
+
+def save_figure(fig: Any, path_stem: str | Path, formats: Sequence[str] = ("pdf", "png")) -> Path:
+    """Writes ``<path_stem>.pdf`` (vector) and ``<path_stem>.png`` (300 dpi), atomically; closes ``fig``.
+
+    A suffix on ``path_stem`` is dropped. Returns the PNG path (the first format when PNG is not asked for).
     """
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    image = _as_numpy(item["image"]).astype(np.float32)
-    image = image.reshape(image.shape[-2:])
-    breast = item.get("breast_mask")
-    breast = _as_numpy(breast).astype(bool).reshape(image.shape) if breast is not None else None
-    breast = breast if breast is not None else np.ones(image.shape, dtype=bool)
-    stride = int(_as_numpy(item.get("stride", 16)))
-    anomaly_map = evaluation.anomaly_map(scores, item["centers"], breast, stride)
-    threshold = evaluation.image_percentile_threshold(anomaly_map, breast, percentile)
-    mask = evaluation.segment(anomaly_map, breast, threshold)
-    stem = evaluation.safe_file_stem(item.get("image_id", "image"))
-    paths = [output_dir / f"{stem}_map.npy", output_dir / f"{stem}_overlay.png", output_dir / f"{stem}_mask.png"]
-    _write_atomic_npy(paths[0], anomaly_map)
-    _write_atomic_png(paths[1], heatmap_overlay(image, anomaly_map))
-    _write_atomic_png(paths[2], mask.astype(np.uint8) * 255)
-    return paths
+    plt = _pyplot()
+    stem = Path(path_stem)
+    stem = stem.with_suffix("") if stem.suffix.lower() in (".png", ".pdf", ".svg") else stem
+    written: dict[str, Path] = {}
+    try:
+        for fmt in formats:
+            target = stem.with_name(f"{stem.name}.{fmt}")
+            written[fmt] = atomic_write_with(target, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=PNG_DPI))
+    finally:
+        plt.close(fig)
+    return written.get("png", next(iter(written.values())))
 
 
-# --- Table 1 figures -----------------------------------------------------------------------------
+def percentile_rank(amap: np.ndarray, breast: np.ndarray) -> np.ndarray:
+    """Each breast pixel's score as its percentile rank (0-100) among the image's breast pixels; NaN outside.
+
+    Scores of different models have different units (MSE, -log p); their ranks share one scale.
+    """
+    out = np.full(amap.shape, np.nan, dtype=np.float32)
+    inside = breast & np.isfinite(amap)
+    values = amap[inside].astype(np.float64)
+    if values.size:
+        order = np.sort(values)
+        out[inside] = 100.0 * np.searchsorted(order, values, side="right") / values.size
+    return out
 
 
 def _pick(data: Mapping[str, Any], *names: str) -> np.ndarray | None:
@@ -93,14 +111,11 @@ def _pick(data: Mapping[str, Any], *names: str) -> np.ndarray | None:
     return None
 
 
-def _save_figure(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    try:
-        atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
-    finally:
-        plt.close(fig)
-    return path
+def _finite_scalar(value: np.ndarray | None) -> float | None:
+    if value is None or np.size(value) != 1:
+        return None
+    number = float(value)
+    return number if np.isfinite(number) else None
 
 
 def common_image_ids(map_dirs: Sequence[Path]) -> list[str]:
@@ -109,121 +124,174 @@ def common_image_ids(map_dirs: Sequence[Path]) -> list[str]:
     return sorted(set.intersection(*sets)) if sets else []
 
 
-def figure2(
-    map_dirs: Mapping[str, Path], out_path: str | Path, image_id: str | None = None, title: str = ""
-) -> Path | None:
-    """Fig. 2: scan, ground truth, then per model heatmap and thresholded mask (H in the title).
+def hausdorff_title(h_px: float | None, h_mm: float | None) -> str:
+    """``H = 30.1 px (6.0 mm)``, or ``H = n/a`` when undefined (an empty mask)."""
+    if h_px is None:
+        return "H = n/a"
+    return f"H = {h_px:.1f} px" + (f" ({h_mm:.1f} mm)" if h_mm is not None else "")
 
-    ``map_dirs`` maps model name -> its evaluation ``maps/`` folder; the image shown is ``image_id`` or
-    the first image every model has a map for. Returns None when no image is shared by all models.
+
+def figure2_figure(map_dirs: Mapping[str, Path], image_ids: Sequence[str], title: str = "") -> Any:
+    """The Fig. 2 matplotlib figure: two rows per image (heatmaps, thresholded masks), a column per model.
+
+    Row 1: the scan with the ground truth contour (red), then per model its heatmap over the scan, all on
+    one shared scale (percentile rank within the breast, `percentile_rank`) with one colorbar.
+    Row 2: the ground-truth mask, then per model the thresholded mask, the ground truth contoured on it
+    and the Hausdorff distance in px and mm in the title.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     dirs = {k: Path(v) for k, v in map_dirs.items()}
-    ids = common_image_ids(list(dirs.values()))
+    ncols = 1 + len(dirs)
+    with style():
+        fig, axes = plt.subplots(2 * len(image_ids), ncols, figsize=(1.9 * ncols + 0.6, 4.0 * len(image_ids)),
+                                 squeeze=False, layout="constrained")
+        for r, image_id in enumerate(image_ids):
+            loaded = {name: dict(np.load(d / f"{image_id}.npz", allow_pickle=False)) for name, d in dirs.items()}
+            first = next(iter(loaded.values()))
+            scan = _pick(first, "image", "scan")
+            truth = _pick(first, "lesion_mask", "ground_truth", "gt")
+            heat_ax, mask_ax = axes[2 * r], axes[2 * r + 1]
+            shape = scan.shape if scan is not None else next(
+                np.asarray(_pick(d, "anomaly_map", "map")).shape for d in loaded.values())
+            scan_img = scan.astype(np.float32) if scan is not None else np.zeros(shape, np.float32)
+            truth = truth.astype(bool) if truth is not None else np.zeros(shape, bool)
+            heat_ax[0].imshow(scan_img, cmap="gray", vmin=0, vmax=1)
+            if truth.any():
+                heat_ax[0].contour(truth, levels=[0.5], colors="red", linewidths=0.8)
+            heat_ax[0].set_title(f"{image_id}\nscan, ground truth (red)")
+            mask_ax[0].imshow(truth, cmap="gray", vmin=0, vmax=1)
+            mask_ax[0].set_title("ground truth")
+            image = None
+            for k, (name, data) in enumerate(loaded.items(), start=1):
+                amap = _pick(data, "anomaly_map", "map", "scores")
+                amap = np.full(shape, np.nan, np.float32) if amap is None else amap.astype(np.float32)
+                breast = _pick(data, "breast_mask")
+                breast = breast.astype(bool) if breast is not None else np.isfinite(amap)
+                seg = _pick(data, "segmentation", "threshold_mask", "pred_mask", "mask")
+                if seg is None:
+                    seg = evaluation.segment(amap, breast, evaluation.image_percentile_threshold(amap, breast))
+                ranks = np.ma.masked_invalid(percentile_rank(amap, breast))
+                heat_ax[k].imshow(scan_img, cmap="gray", vmin=0, vmax=1)
+                image = heat_ax[k].imshow(ranks, cmap=CMAP, vmin=0.0, vmax=100.0, alpha=0.75)
+                if truth.any():
+                    heat_ax[k].contour(truth, levels=[0.5], colors="red", linewidths=0.6)
+                heat_ax[k].set_title(name)
+                mask_ax[k].imshow(seg.astype(bool), cmap="gray", vmin=0, vmax=1)
+                if truth.any():
+                    mask_ax[k].contour(truth, levels=[0.5], colors="red", linewidths=0.6)
+                h_px = _finite_scalar(_pick(data, "hausdorff_px", "hausdorff", "H"))
+                h_mm = _finite_scalar(_pick(data, "hausdorff_mm"))
+                mask_ax[k].set_title(hausdorff_title(h_px, h_mm))
+            if image is not None:
+                add_colorbar(fig, list(heat_ax), image, "score percentile within the breast (%)\n"
+                             "(one scale for every model of the row)")
+        for ax in axes.ravel():
+            ax.set_xticks([])
+            ax.set_yticks([])
+        if title:
+            fig.suptitle(title)
+    return fig
+
+
+def figure2(
+    map_dirs: Mapping[str, Path], out_path: str | Path, image_id: str | Sequence[str] | None = None, title: str = ""
+) -> Path | None:
+    """Fig. 2 as ``<out_path stem>.pdf`` and ``.png``; returns the PNG path, or None without a shared image.
+
+    ``map_dirs`` maps model name -> its evaluation ``maps/`` folder; the images shown are ``image_id``
+    (one id or several) or the first image every model has a map for.
+    """
+    dirs = {k: Path(v) for k, v in map_dirs.items()}
     if image_id is None:
+        ids = common_image_ids(list(dirs.values()))
         if not ids:
             return None
-        image_id = ids[0]
-    loaded = {name: dict(np.load(d / f"{image_id}.npz", allow_pickle=False)) for name, d in dirs.items()}
-    first = next(iter(loaded.values()))
-    scan = _pick(first, "image", "scan")
-    truth = _pick(first, "lesion_mask", "ground_truth", "gt")
-    ncols = 1 + len(loaded)
-    fig, axes = plt.subplots(2, ncols, figsize=(2.0 * ncols, 5.0), squeeze=False)
-    scan_img = scan if scan is not None else np.zeros((2, 2))
-    axes[0, 0].imshow(scan_img, cmap="gray")
-    axes[0, 0].set_title("scan", fontsize=8)
-    axes[1, 0].imshow(truth if truth is not None else np.zeros((2, 2)), cmap="gray")
-    axes[1, 0].set_title("ground truth", fontsize=8)
-    for k, (name, data) in enumerate(loaded.items(), start=1):
-        amap = _pick(data, "anomaly_map", "map", "scores")
-        amap = np.zeros((2, 2), np.float32) if amap is None else amap.astype(np.float32)
-        seg = _pick(data, "segmentation", "threshold_mask", "pred_mask", "mask")
-        if seg is None:
-            finite = np.isfinite(amap)
-            seg = evaluation.segment(amap, finite, evaluation.image_percentile_threshold(amap, finite))
-        h = _pick(data, "hausdorff_px", "hausdorff", "H")
-        h_text = f"H={float(h):.1f} px" if h is not None and np.size(h) == 1 and np.isfinite(float(h)) else "H=n/a"
-        if scan is not None and scan.shape == amap.shape:
-            axes[0, k].imshow(scan_img, cmap="gray")
-        heat = np.ma.masked_where(~np.isfinite(amap), normalise_map(amap))
-        axes[0, k].imshow(heat, cmap="jet", vmin=0, vmax=1, alpha=0.6 if scan is not None else 1.0)
-        axes[0, k].set_title(name, fontsize=8)
-        axes[1, k].imshow(seg, cmap="gray")
-        axes[1, k].set_title(h_text, fontsize=8)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(title or f"{image_id}", fontsize=9)
-    return _save_figure(fig, Path(out_path))
+        image_ids: list[str] = ids[:1]
+    else:
+        image_ids = [image_id] if isinstance(image_id, str) else list(image_id)
+    return save_figure(figure2_figure(dirs, image_ids, title=title), out_path)
 
 
-def figure3(hist_files: Mapping[str, Path], out_path: str | Path, title: str = "") -> Path | None:
-    """Fig. 3: healthy vs lesion pixel score distributions of one model, one panel per test set.
+def _hist_threshold(data: Mapping[str, Any]) -> float | None:
+    return _finite_scalar(_pick(data, "calibrated_threshold", "threshold"))
 
-    ``hist_files`` maps test-set name -> ``score_hist.npz`` holding bin ``edges`` and ``healthy`` /
-    ``lesion`` counts (or raw score samples under the same names). Returns None when none exist.
+
+def figure3_figure(hist_files: Mapping[str, Path], title: str = "",
+                   thresholds: Mapping[str, float] | None = None) -> Any | None:
+    """The Fig. 3 figure (one panel per test set), or None when no histogram file exists.
+
+    The calibrated threshold is drawn as a dashed line when ``thresholds[set]`` or the file's
+    ``calibrated_threshold`` gives one.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     files = {k: Path(v) for k, v in hist_files.items() if Path(v).is_file()}
     if not files:
         return None
-    fig, axes = plt.subplots(1, len(files), figsize=(4.2 * len(files), 3.0), squeeze=False)
-    for ax, (set_name, path) in zip(axes[0], files.items()):
-        data = dict(np.load(path, allow_pickle=False))
-        edges = _pick(data, "edges", "bin_edges", "bins")
-        for label, keys, color in (
-            ("healthy", ("healthy", "healthy_counts", "normal"), "tab:blue"),
-            ("lesion", ("lesion", "lesion_counts", "anomalous", "anomaly"), "tab:red"),
-        ):
-            values = _pick(data, *keys)
-            if values is None:
-                continue
-            if edges is not None and values.size == edges.size - 1:
-                total = values.sum()
-                density = values / (total * np.diff(edges)) if total > 0 else values
-                ax.stairs(density, edges, label=label, color=color, fill=True, alpha=0.4)
-            else:
-                ax.hist(values.ravel(), bins=50, density=True, alpha=0.4, label=label, color=color)
-        ax.set_title(f"{title} {set_name}".strip(), fontsize=9)
-        ax.set_xlabel("anomaly score")
-        ax.set_ylabel("density")
-        ax.legend(fontsize=8)
-    return _save_figure(fig, Path(out_path))
+    colours = plt.get_cmap(CMAP)
+    with style():
+        fig, axes = plt.subplots(1, len(files), figsize=(3.4 * len(files), 2.6), squeeze=False, layout="constrained")
+        for ax, (set_name, path) in zip(axes[0], files.items()):
+            data = dict(np.load(path, allow_pickle=False))
+            edges = _pick(data, "edges", "bin_edges", "bins")
+            for label, keys, colour in (
+                ("healthy", ("healthy", "healthy_counts", "normal"), colours(0.15)),
+                ("lesion", ("lesion", "lesion_counts", "anomalous", "anomaly"), colours(0.8)),
+            ):
+                values = _pick(data, *keys)
+                if values is None:
+                    continue
+                if edges is not None and values.size == edges.size - 1:
+                    total = values.sum()
+                    density = values / (total * np.diff(edges)) if total > 0 else values
+                    ax.stairs(density, edges, label=f"{label} pixels", color=colour, fill=True, alpha=0.45)
+                else:
+                    ax.hist(values.ravel(), bins=50, density=True, alpha=0.45, label=f"{label} pixels", color=colour)
+            threshold = (thresholds or {}).get(set_name)
+            threshold = threshold if threshold is not None else _hist_threshold(data)
+            if threshold is not None:
+                ax.axvline(threshold, color="black", linestyle="--", linewidth=0.9,
+                           label=f"calibrated threshold {threshold:.3g}")
+            ax.set_title(f"{title} {set_name}".strip())
+            ax.set_xlabel("anomaly score")
+            ax.set_ylabel("density")
+            ax.legend()
+    return fig
+
+
+def figure3(hist_files: Mapping[str, Path], out_path: str | Path, title: str = "",
+            thresholds: Mapping[str, float] | None = None) -> Path | None:
+    """Fig. 3 as ``<out_path stem>.pdf`` and ``.png``; returns the PNG path, or None when no file exists.
+
+    ``hist_files`` maps test-set name -> ``score_hist.npz`` holding bin ``edges`` and ``healthy`` /
+    ``lesion`` counts (or raw score samples under the same names).
+    """
+    fig = figure3_figure(hist_files, title=title, thresholds=thresholds)
+    return None if fig is None else save_figure(fig, out_path)
 
 
 def calibration_figure(report: Mapping[str, Any], out_path: str | Path) -> Path:
-    """Calibration plot: observed share of held-out healthy pixels (and patches) with p < alpha vs alpha.
+    """Calibration plot: observed share of held-out healthy pixels (and patches) with p < alpha vs alpha,
+    as ``<out_path stem>.pdf`` and ``.png`` (returns the PNG).
 
     ``report``: `experiments.calibration.ConformalCalibration`'s ``calibration.json`` content. Log-log axes;
     the diagonal is perfect calibration.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
+    colours = plt.get_cmap(CMAP)
     alphas = np.asarray(report["alphas"], dtype=float)
-    fig, ax = plt.subplots(figsize=(4.2, 4.0), dpi=150)
-    ax.plot(alphas, alphas, color="0.6", lw=1, ls="--", label="ideal")
-    ax.plot(alphas, report["pixel_rate"], "o-", label=f"pixels ({report.get('check_images', '?')} images)")
-    ax.plot(alphas, report["patch_rate"], "s:", ms=4, label="grid patches")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("nominal alpha")
-    ax.set_ylabel("held-out healthy share with p < alpha")
-    ax.set_title("conformal calibration, healthy validation")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _save_figure(fig, Path(out_path))
+    with style():
+        fig, ax = plt.subplots(figsize=(3.4, 3.2), layout="constrained")
+        ax.plot(alphas, alphas, color="0.6", lw=1, ls="--", label="ideal")
+        ax.plot(alphas, report["pixel_rate"], "o-", color=colours(0.2),
+                label=f"pixels ({report.get('check_images', '?')} images)")
+        ax.plot(alphas, report["patch_rate"], "s:", ms=4, color=colours(0.7), label="grid patches")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("nominal alpha")
+        ax.set_ylabel("held-out healthy share with p < alpha")
+        ax.set_title("conformal calibration, healthy validation")
+        ax.legend()
+    return save_figure(fig, out_path)
 
 
 def froc_figure(metrics_files: Mapping[str, Path], out_path: str | Path, title: str = "FROC") -> Path | None:
@@ -235,11 +303,7 @@ def froc_figure(metrics_files: Mapping[str, Path], out_path: str | Path, title: 
     """
     import json
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     curves = {}
     for model, path in metrics_files.items():
         path = Path(path)
@@ -251,19 +315,21 @@ def froc_figure(metrics_files: Mapping[str, Path], out_path: str | Path, title: 
             curves[model] = (fp[order], sens[order])
     if not curves:
         return None
-    fig, ax = plt.subplots(figsize=(5.0, 3.6))
-    for model, (fp, sens) in curves.items():
-        ax.plot(fp, sens, marker=".", label=model)
-    for rate in (0.5, 1.0, 2.0):
-        ax.axvline(rate, color="grey", lw=0.6, ls=":")
-    ax.set_xscale("symlog", linthresh=0.1)
-    ax.set_xlim(0, max(8.0, max(float(np.nanmax(c[0])) for c in curves.values())))
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("false-positive regions per image")
-    ax.set_ylabel("lesion sensitivity")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
-    return _save_figure(fig, Path(out_path))
+    colours = plt.get_cmap(CMAP)
+    with style():
+        fig, ax = plt.subplots(figsize=(5.0, 3.6), layout="constrained")
+        for k, (model, (fp, sens)) in enumerate(curves.items()):
+            ax.plot(fp, sens, marker=".", label=model, color=colours(k / max(len(curves) - 1, 1)))
+        for rate in (0.5, 1.0, 2.0):
+            ax.axvline(rate, color="grey", lw=0.6, ls=":")
+        ax.set_xscale("symlog", linthresh=0.1)
+        ax.set_xlim(0, max(8.0, max(float(np.nanmax(c[0])) for c in curves.values())))
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("false-positive regions per image")
+        ax.set_ylabel("lesion sensitivity")
+        ax.set_title(title)
+        ax.legend(loc="lower right")
+    return save_figure(fig, out_path)
 
 
 def val_loss_figure(curves: Mapping[str, Mapping[int, float]], out_path: str | Path) -> Path | None:
@@ -271,11 +337,7 @@ def val_loss_figure(curves: Mapping[str, Mapping[int, float]], out_path: str | P
 
     ``curves`` maps fit name -> {epoch: val/loss}. Returns None when there is no curve.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     curves = {name: c for name, c in curves.items() if c}
     if not curves:
         return None
@@ -292,5 +354,4 @@ def val_loss_figure(curves: Mapping[str, Mapping[int, float]], out_path: str | P
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_ylabel("val/loss", fontsize=8)
-    fig.tight_layout()
-    return _save_figure(fig, Path(out_path))
+    return save_figure(fig, out_path)

@@ -783,6 +783,10 @@ def _run_seed(args: argparse.Namespace, seed: int, out_dir: Path, pairs_only: bo
     curves = figures.val_loss_figure({r["fit"]: r["curve"] for r in training}, out_dir / "val_loss.png")
     if curves:
         figs.append(curves)
+
+    from experiments.loggers import log_table1
+
+    log_table1(out_dir, group, figs)
     log(md.read_text())
     log(f"wrote {md}, {out_dir / 'table1.csv'}, {len(figs)} figures, {timings_path}")
     return rows

@@ -174,8 +174,15 @@ def test_wandb_offline_logs_table_and_uint8_images(tmp_path, monkeypatch) -> Non
     table = payload["test/per_image"]
     assert isinstance(table, wandb.Table) and len(table.data) == 3
     assert table.columns[0] == "image_id" and "hausdorff_mm" in table.columns
+    # the table's heatmap column holds the panel of each image that has one (the first two), else None
+    assert table.columns[-1] == "heatmap"
+    assert [isinstance(row[-1], wandb.Image) for row in table.data] == [True, True, False]
     assert len(payload["test/heatmaps"]) == 2
     assert all(isinstance(img, wandb.Image) for img in payload["test/heatmaps"])
+    assert all(" | MeanIntensity: AUC " in caption and " px (" in caption for caption, _ in callback._panels)
+    from experiments.callbacks import PANEL_HEIGHT, panel_at_height
+
+    assert panel_at_height(callback._panels[0][1]).shape == (PANEL_HEIGHT, 3 * 192, 3)  # one height, same aspect
     assert isinstance(payload["test/score_distribution"], wandb.Image)
     assert isinstance(payload["test/score_histogram_lesion"], wandb.Histogram)
     assert all(panel.dtype == np.uint8 for _, panel in callback._panels)

@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -16,7 +17,7 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from experiments import cli, figures, loggers
+from experiments import cli, loggers
 from lightning_modules.base import AnomalyDetector
 
 
@@ -216,26 +217,35 @@ def test_default_run_name_from_model_data_and_seed(workdir: Path) -> None:
     assert run.run_dir == Path("runs/tinydetector-tiny-s3")
 
 
-def test_predict_writes_map_overlay_and_mask(workdir: Path) -> None:
+def test_predict_writes_map_overlay_mask_and_predictions_csv(workdir: Path, capsys: pytest.CaptureFixture) -> None:
     config = _write(workdir / "a.yaml", BASE)
     cli.run_cli(["fit", "--config", config, "--run.name", "p"])
     ckpt = str(workdir / "runs" / "p" / "checkpoints" / "best.ckpt")
-    cli.run_cli(["predict", "--config", config, "--run.name", "p", "--ckpt_path", ckpt])
+    cli.run_cli(["predict", "--config", config, "--run.name", "p", "--ckpt_path", ckpt,
+                 "--prediction.percentile", "98"])
     out = workdir / "results" / "p" / "predictions"
     for k in range(2):
         amap = np.load(out / f"img{k}_map.npy")
         assert amap.shape == (96, 80) and amap.dtype == np.float32
         assert np.isnan(amap[:, 64:]).all() and np.isfinite(amap[:, :64]).all()
-        overlay = figures.cv2.imread(str(out / f"img{k}_overlay.png"))
-        assert overlay.shape == (96, 80, 3)
-        mask = figures.cv2.imread(str(out / f"img{k}_mask.png"), figures.cv2.IMREAD_GRAYSCALE)
-        # the mask is exactly the in-breast pixels above the image's 99th percentile
+        overlay = cv2.imread(str(out / f"img{k}_overlay.png"))
+        assert overlay.shape[1] > 80 and overlay.shape[2] == 3  # a figure: scan plus colorbar and labels
+        mask = cv2.imread(str(out / f"img{k}_mask.png"), cv2.IMREAD_GRAYSCALE)
+        # the mask is exactly the in-breast pixels above the image's 98th percentile (the option given)
         # (or, when the top is a plateau with nothing strictly above, the plateau)
-        level = np.percentile(amap[:, :64], 99.0)
+        level = np.percentile(amap[:, :64], 98.0)
         scores = np.nan_to_num(amap, nan=-np.inf)
         expected = scores > level if (scores > level).any() else scores >= level
         assert np.array_equal(mask > 0, expected)
         assert (mask > 0).any() and not (mask[:, 64:] > 0).any()
+    with open(out / "predictions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["image_id"] for r in rows] == ["img0", "img1"]
+    for k, row in enumerate(rows):
+        amap = np.load(out / f"img{k}_map.npy")
+        assert float(row["image_score"]) == pytest.approx(float(np.nanmax(amap)), rel=1e-6)
+        assert row["threshold_rule"] == "image 98th percentile" and row["model"] == "TinyDetector"
+    assert "predict: scored 2, skipped 0" in capsys.readouterr().out
 
 
 def test_wandb_offline_run_records_keys_and_disabled_writes_nothing(

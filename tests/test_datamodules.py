@@ -145,9 +145,16 @@ def test_mammography_module_predict_on_files_and_errors(tmp_path) -> None:
                                progress=False)
     dm.setup("predict")
     items = list(dm.predict_dataloader())
+    # image files carry no spacing and none was given: each is a skipped item asking for spacing_mm
     assert len(items) == 2 and {i["image_id"] for i in items} == {"a", "b"}
+    assert all("spacing_mm" in i["skipped"] and len(i["patches"]) == 0 for i in items)
+    told = MammographyDataModule(source="manifest", root=str(tmp_path / "none.csv"),
+                                 predict_path=str(tmp_path / "files"), predict_options={"spacing_mm": 0.2},
+                                 cache_dir=str(tmp_path / "cache"), progress=False)
+    items = list(told.predict_dataloader())
     assert not items[0]["lesion_mask"].any() and items[0]["patches"].shape[1:] == (1, 64, 64)
-    assert items[0]["image"].shape == (240, 160)  # files taken as 0.2 mm unless told otherwise
+    assert items[0]["image"].shape == (240, 160)
+    assert items[0]["meta"]["spacing_source"] == "configured spacing_mm"
     finer = MammographyDataModule(source="manifest", root=str(tmp_path / "none.csv"),
                                   predict_path=str(tmp_path / "files"), predict_options={"spacing_mm": 0.1},
                                   cache_dir=str(tmp_path / "cache"), progress=False)

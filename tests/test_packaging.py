@@ -45,3 +45,84 @@ def test_mammospn_lists_its_subcommands() -> None:
     ).stdout
     for name in ("synth", "preview", "table1"):
         assert name in out
+
+
+def test_configs_are_found_by_name_or_path_and_lightning_pytorch_paths_are_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from experiments import configs
+
+    monkeypatch.chdir(tmp_path)  # not in the checkout: names and configs/... paths come from the package
+
+    assert configs.config_path("bvae_spn") == configs.CONFIG_DIR / "bvae_spn.yaml"
+    assert configs.config_path("smoke") == configs.CONFIG_DIR / "profiles" / "smoke.yaml"
+    assert configs.config_path("configs/data/mias.yaml") == configs.CONFIG_DIR / "data" / "mias.yaml"
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.EarlyStopping\n")
+    args = configs.resolve_config_args(["fit", "--config", "cae", "-c", str(mine),
+                                        "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor"])
+    assert args[2] == str(configs.CONFIG_DIR / "cae.yaml")
+    assert "pytorch_lightning.callbacks.EarlyStopping" in Path(args[4]).read_text()
+    assert args[5] == "--trainer.callbacks+=pytorch_lightning.callbacks.LearningRateMonitor"
+    with pytest.raises(FileNotFoundError, match="'nope'.*packaged: .*bvae_spn"):
+        configs.resolve_config_args(["fit", "--config", "nope"])
+
+
+def test_a_packaged_config_name_and_a_lightning_pytorch_callback_parse(tmp_path: Path) -> None:
+    from experiments import cli
+
+    mine = tmp_path / "cb.yaml"
+    mine.write_text("trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.EarlyStopping\n"
+                    "      init_args: {monitor: val/loss}\n")
+    parsed = cli.run_cli(["--config", "cae", "--config", "smoke", "--config", str(mine)], run=False)
+    assert type(parsed.model).__name__ == "CAE"
+    assert any(type(c).__module__.startswith("pytorch_lightning") and type(c).__name__ == "EarlyStopping"
+               for c in parsed.trainer.callbacks)
+
+
+def _build_wheel(out: Path) -> Path:
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(out), str(ROOT)], check=True, capture_output=True, cwd=out)
+    [wheel] = out.glob("mammospn-*.whl")
+    return wheel
+
+
+def test_the_wheel_ships_every_config(tmp_path: Path) -> None:
+    import zipfile
+
+    names = set(zipfile.ZipFile(_build_wheel(tmp_path)).namelist())
+    wanted = {f"configs/{p.relative_to(ROOT / 'configs')}" for p in (ROOT / "configs").rglob("*.yaml")}
+    assert wanted and wanted <= names
+    assert "experiments/predict.py" in names and "experiments/dicom_out.py" in names
+
+
+@pytest.mark.slow
+def test_pip_install_in_a_fresh_venv_runs_table1_outside_the_checkout(tmp_path: Path) -> None:
+    """A fresh venv sees this environment's third-party packages (a .pth, no network here) but not the
+    checkout: the project comes from the wheel, and `mammospn table1 --profile smoke` runs in another folder."""
+    import site
+    import venv
+
+    env = tmp_path / "venv"
+    venv.create(env, with_pip=False)
+    bin_dir = env / "bin"
+    env_python = bin_dir / "python"
+    env_site = Path(subprocess.run([str(env_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                   capture_output=True, text=True, check=True).stdout.strip())
+    (env_site / "host.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    wheel = _build_wheel(tmp_path)
+    subprocess.run([str(env_python), "-m", "pip", "install", "--no-deps", "-q", "--target", str(env_site), str(wheel)],
+                   check=True, capture_output=True)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    code = (
+        "import sys, experiments, configs; from experiments.tools import main;"
+        f"assert not experiments.__file__.startswith({str(ROOT)!r}), experiments.__file__;"
+        "sys.exit(main(['table1', '--profile', 'smoke', '--out', 'out']))"
+    )
+    env_vars = {"PATH": f"{bin_dir}:/usr/bin:/bin", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+                "HOME": str(tmp_path)}
+    done = subprocess.run([str(env_python), "-c", code], cwd=work, capture_output=True, text=True, env=env_vars,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (work / "out" / "table1.csv").is_file() and (work / "out" / "table1.md").is_file()

@@ -162,3 +162,17 @@ def test_cache_format_version_is_in_key(tmp_path, monkeypatch) -> None:
                           preprocess=fake_preprocess)
     assert a.path != b.path
     assert json.loads((b.path / "DONE.json").read_text())["params"]["format"] == 999
+
+
+def test_progress_is_plain_lines_off_a_terminal() -> None:
+    import io
+
+    from datamodules.patches import with_progress
+
+    stream = io.StringIO()
+    assert list(with_progress(range(3), 3, "healthy patches", every_s=0.0, stream=stream)) == [0, 1, 2]
+    lines = stream.getvalue().splitlines()
+    assert lines[:3] == [f"healthy patches: {k}/3 (0 s)" for k in (1, 2, 3)] and lines[3].startswith(
+        "healthy patches: 3/3 done")
+    assert "\r" not in stream.getvalue()
+    assert list(with_progress(range(2), 2, "x", enabled=False)) == [0, 1]

@@ -97,7 +97,7 @@ def test_mini_ddsm_overlay_polygons_match_the_outline_masks(shared_data):
 
 def test_ddsm_normals_pngs_and_label_maps_read_right(shared_data):
     root = shared_data / "ddsm-normals" / "segmentation_data"
-    records = list_source("images", root)
+    records = list_source("images", root, spacing_mm=0.2)  # the PNGs carry no spacing; it is never guessed
     assert len(records) == 66
     assert all("label_map_path" in r.meta for r in records)
     assert sum(r.patient_id.startswith(("A_", "D_")) for r in records) == 53 + 1  # D_4595 is not in the index

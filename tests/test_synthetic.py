@@ -24,10 +24,23 @@ from datamodules.synthetic_anatomy import add_calcification_cluster, add_mass, b
 SEED = 0
 
 
+PROGRESS: list[str] = []
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny set (seed 0) shared by the tests of this module."""
-    return synthetic.ensure_synthetic(tmp_path_factory.mktemp("synth") / "tiny", seed=SEED, scale="tiny")
+    """One tiny set (seed 0) shared by the tests of this module; its progress lines go to PROGRESS."""
+    return synthetic.ensure_synthetic(tmp_path_factory.mktemp("synth") / "tiny", seed=SEED, scale="tiny",
+                                      log=PROGRESS.append)
+
+
+def test_generation_reports_progress_per_patient_and_per_lesion_image(tiny: Path) -> None:
+    spec = synthetic.SCALES["tiny"]
+    healthy = [line for line in PROGRESS if line.startswith("  healthy: patient")]
+    assert len(healthy) == spec.healthy_patients and healthy[-1].startswith(
+        f"  healthy: patient {spec.healthy_patients}/{spec.healthy_patients}")
+    mass_test = [line for line in PROGRESS if line.startswith("  mass test: image")]
+    assert len(mass_test) == spec.mass_test and mass_test[-1].startswith(f"  mass test: image {spec.mass_test}/")
 
 
 def _digest_tree(root: Path) -> dict[str, str]:

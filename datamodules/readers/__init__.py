@@ -48,7 +48,8 @@ SOURCES = ("ddsm", "cbis_ddsm", "mini_ddsm", "mias", "manifest", "images")
 #: Valid values of ``ImageRecord.reader``.
 READERS = ("dicom", "image", "ddsm")
 #: Mammogram.meta keys that describe the decoded pixels; these always come from the decoder.
-_DECODER_KEYS = ("value_range", "photometric", "bits_stored", "spacing_from_header", "source_path")
+_DECODER_KEYS = ("value_range", "photometric", "bits_stored", "spacing_from_header", "spacing_source",
+                 "source_path")
 
 
 def _lister(name: str) -> Callable[..., list[ImageRecord]]:

@@ -7,6 +7,7 @@ every reader returns the MONOCHROME2 convention (bright = dense tissue).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,17 @@ def _stored_pixels(ds: pydicom.Dataset, path: Path) -> np.ndarray:
     return pixels
 
 
-def _spacing(ds: pydicom.Dataset) -> tuple[float, float] | None:
+#: Sources whose DICOMs carry no spacing, recognised by their PatientID, and their documented spacing.
+#: CBIS-DDSM (PatientID / file name ``Mass-Test_P_00016_LEFT_CC``): DDSM film at 42-50 um, see cbis_ddsm.py;
+#: mini-MIAS (``mdb001``): 200 um, see mias.py.
+DOCUMENTED_SPACING = (
+    (re.compile(r"^(Mass|Calc)-(Training|Test)_P_\d+", re.IGNORECASE), 0.05, "CBIS-DDSM"),
+    (re.compile(r"^mdb\d{3}", re.IGNORECASE), 0.2, "mini-MIAS"),
+)
+
+
+def _spacing(ds: pydicom.Dataset) -> tuple[tuple[float, float], str] | None:
+    """(row, col) spacing in mm and the tag it came from: PixelSpacing, else ImagerPixelSpacing."""
     for key in ("PixelSpacing", "ImagerPixelSpacing"):
         value = ds.get(key)
         if value is not None:
@@ -109,12 +120,41 @@ def _spacing(ds: pydicom.Dataset) -> tuple[float, float] | None:
             except (TypeError, ValueError):
                 continue
             if row > 0 and col > 0:
-                return row, col
+                return (row, col), key
     return None
 
 
+def documented_spacing(identifier: str) -> tuple[float, str] | None:
+    """The documented spacing (mm) and source name for an image of a known source, by PatientID / name."""
+    for pattern, spacing, source in DOCUMENTED_SPACING:
+        if pattern.match(str(identifier or "")):
+            return spacing, source
+    return None
+
+
+def resolve_spacing(ds: pydicom.Dataset, path: Path, default_spacing_mm: float | None) -> tuple[float, str]:
+    """The pixel spacing of a DICOM and where it came from; never a silent guess.
+
+    Order: the header (PixelSpacing, then ImagerPixelSpacing), the caller's configured ``spacing_mm``,
+    the documented spacing of a recognised source (CBIS-DDSM: 0.05 mm); else a one-line `DataError`.
+    """
+    header = _spacing(ds)
+    if header is not None:
+        (row, col), key = header
+        return float(np.mean((row, col))), key
+    if default_spacing_mm is not None:
+        return float(default_spacing_mm), "configured spacing_mm"
+    known = documented_spacing(str(ds.get("PatientID", "")))
+    if known is not None:
+        return known[0], f"{known[1]} documented default"
+    raise DataError(
+        f"{path} has neither PixelSpacing nor ImagerPixelSpacing and is from no source with a documented "
+        f"spacing; set spacing_mm (e.g. --data.init_args.predict_options '{{spacing_mm: 0.05}}')"
+    )
+
+
 def read_dicom(path: str | Path, default_spacing_mm: float | None = None) -> Mammogram:
-    """Decode one DICOM mammogram to pixels (bright = dense) with its spacing from the header or the default.
+    """Decode one DICOM mammogram to pixels (bright = dense) with its spacing (see `resolve_spacing`).
 
     Integer output keeps the stored dtype; a non-identity RescaleSlope/Intercept gives float32.
     ``meta['value_range']`` is the (low, high) the values can take, for normalisation downstream.
@@ -143,21 +183,13 @@ def read_dicom(path: str | Path, default_spacing_mm: float | None = None) -> Mam
         pixels = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
         ends = sorted((low * slope + intercept, high * slope + intercept))
         low, high = ends[0], ends[1]
-    spacing_rc = _spacing(ds)
-    if spacing_rc is not None:
-        spacing = float(np.mean(spacing_rc))
-    elif default_spacing_mm is not None:
-        spacing = float(default_spacing_mm)
-    else:
-        raise DataError(
-            f"{path} has neither PixelSpacing nor ImagerPixelSpacing and the source gives no default "
-            f"spacing; set spacing_mm for this source"
-        )
+    spacing, spacing_source = resolve_spacing(ds, path, default_spacing_mm)
     meta: dict[str, Any] = {
         "photometric": photometric,
         "bits_stored": bits_stored,
         "value_range": (float(low), float(high)),
-        "spacing_from_header": spacing_rc is not None,
+        "spacing_from_header": spacing_source in ("PixelSpacing", "ImagerPixelSpacing"),
+        "spacing_source": spacing_source,
         "source_path": str(path),
     }
     for key, tag in (("side", "ImageLaterality"), ("view", "ViewPosition"), ("patient_id", "PatientID")):

@@ -118,12 +118,19 @@ def _label_map_for(path: Path) -> Path | None:
     return sibling if sibling.is_file() else None
 
 
-def list_images(root: str | Path, spacing_mm: float = 0.2, include_annotations: bool = False) -> list[ImageRecord]:
+def list_images(
+    root: str | Path, spacing_mm: float | None = None, include_annotations: bool = False
+) -> list[ImageRecord]:
     """Every DICOM/PNG/JPEG/PGM/TIFF under ``root`` (a file or a folder, recursively), unannotated.
 
-    Images without spacing in the file get ``spacing_mm`` (default 0.2 mm = already at evaluation
-    spacing). Label maps and lesion masks (``*_LI``, ``*_Mask*``) are left out unless asked for.
+    Spacing is never guessed: a DICOM's header wins; files without one take ``spacing_mm`` when given,
+    else their source's documented spacing when the name (or DICOM PatientID) identifies it (CBIS-DDSM
+    0.05 mm, mini-MIAS 0.2 mm); any other file fails on reading with a one-line error asking for
+    ``spacing_mm``. ``meta['spacing_source']`` says which rule applied. Label maps and lesion masks
+    (``*_LI``, ``*_Mask*``) are left out unless asked for.
     """
+    from datamodules.readers.dicom import documented_spacing
+
     root = Path(root)
     if root.is_file():
         files = [root]
@@ -147,14 +154,22 @@ def list_images(root: str | Path, spacing_mm: float = 0.2, include_annotations: 
             meta["label_map_path"] = str(label_map)
         rel = path.relative_to(root) if root.is_dir() else Path(path.name)
         image_id = str(rel.with_suffix("")).replace("\\", "/")
+        is_dicom = path.suffix.lower() in DICOM_SUFFIXES
+        spacing = None if spacing_mm is None else float(spacing_mm)
+        known = None if is_dicom or spacing is not None else documented_spacing(path.stem)
+        if known is not None:
+            spacing = known[0]
+            meta["spacing_source"] = f"{known[1]} documented default (file name)"
+        elif spacing is not None and not is_dicom:
+            meta["spacing_source"] = "configured spacing_mm"
         records.append(
             ImageRecord(
                 image_id=image_id,
                 patient_id=facts.get("patient_id", image_id),
                 path=path,
-                reader="dicom" if path.suffix.lower() in DICOM_SUFFIXES else "image",
+                reader="dicom" if is_dicom else "image",
                 label=0,
-                spacing_mm=float(spacing_mm),
+                spacing_mm=spacing,
                 meta=meta,
             )
         )
