@@ -144,7 +144,7 @@ class RatSpnStage(AnomalyDetector):
             max_var=hp.max_var,
             pseudo_count=hp.pseudo_count,
         )
-        if leaf == "gaussian":
+        if not self.spn.leaves.discrete:
             self.latent_mean = torch.zeros(num_vars)
             self.latent_std = torch.ones(num_vars)
 
@@ -189,12 +189,12 @@ class RatSpnStage(AnomalyDetector):
         """Raw latents of the frozen autoencoder: float N x D, or LongTensor N x 64 codes (VQ-VAE)."""
         spn = self._require()
         ae = self.autoencoder
-        if spn.leaf == "categorical":
+        if spn.leaves.discrete:
             return ae.encode_codes(x).long()
         return ae.encode(x).float()
 
     def _standardise(self, z: Tensor) -> Tensor:
-        if self._require().leaf == "categorical":
+        if self._require().leaves.discrete:
             return z
         return (z - self.latent_mean) / self.latent_std
 
@@ -209,7 +209,7 @@ class RatSpnStage(AnomalyDetector):
         needed = int(index.max()) + 1 if index.numel() else 0
         if self._cache is None or self._cache.shape[0] < needed:
             capacity = max(needed, 2 * (0 if self._cache is None else self._cache.shape[0]), 1024)
-            dtype = torch.int32 if self._require().leaf == "categorical" else torch.float32
+            dtype = torch.int32 if self._require().leaves.discrete else torch.float32
             cache = torch.zeros(capacity, self._require().num_vars, dtype=dtype)
             cached = torch.zeros(capacity, dtype=torch.bool)
             if self._cache is not None:
@@ -222,7 +222,7 @@ class RatSpnStage(AnomalyDetector):
             self._cache[index[new]] = fresh.to("cpu", self._cache.dtype)
             self._cached[index[new]] = True
         z = self._cache[index].to(self.device)
-        return z.long() if self._require().leaf == "categorical" else z
+        return z.long() if self._require().leaves.discrete else z
 
     def _all_reduce(self, t: Tensor) -> Tensor:
         if is_distributed():
@@ -235,7 +235,7 @@ class RatSpnStage(AnomalyDetector):
         """Standardisation statistics (summed over processes) and data-driven leaves, broadcast from rank 0."""
         spn = self._require()
         z = torch.cat(batches).to(self.device)
-        if spn.leaf == "gaussian":
+        if not spn.leaves.discrete:
             zf = z.double()
             sums = self._all_reduce(torch.stack([zf.new_full(zf.shape[1:], zf.shape[0]), zf.sum(0), (zf * zf).sum(0)]))
             count, total, squares = sums
@@ -266,9 +266,7 @@ class RatSpnStage(AnomalyDetector):
             if not batches:
                 raise RuntimeError("the training dataloader is empty: nothing to fit the RAT-SPN on")
             self.initialise(batches)
-        self._init_snapshot = {"weights": self._sum_weights()}
-        if spn.leaf == "gaussian":
-            self._init_snapshot["mean"] = spn.leaf_mean.detach().clone()
+        self._init_snapshot = {"weights": self._sum_weights(), "leaves": spn.leaves.snapshot()}
 
     def _sum_weights(self) -> Tensor:
         """Every sum weight of the RAT-SPN (all levels and the mixing over repetitions) as a flat probability vector."""
@@ -302,11 +300,8 @@ class RatSpnStage(AnomalyDetector):
         if not self._init_snapshot:
             return
         self.log("em/weight_distance_from_init", (self._sum_weights() - self._init_snapshot["weights"]).abs().mean())
-        if "mean" in self._init_snapshot:
-            moved = (spn.leaf_mean.detach() - self._init_snapshot["mean"]).abs().sum()
-            self.log("em/leaf_mean_distance_from_init", moved / (spn.slot_valid.sum() * spn.num_input_distributions))
-        else:  # categorical: share of each leaf's probability mass EM has rewritten since initialisation
-            self.log("em/leaf_mass_replaced", 1.0 - spn.leaf_log_scale.exp().mean())
+        for name, value in spn.leaves.distance_from(self._init_snapshot["leaves"]).items():
+            self.log(f"em/{name}", value)  # e.g. leaf_mean_distance_from_init, leaf_mass_replaced
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
         z = self._standardise(self.cached_latents(batch))
