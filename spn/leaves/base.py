@@ -50,8 +50,10 @@ class LeafLayout:
             [[int(v) for v in local[graph.permutation[r, a : a + z]] if v >= 0] for a, z in zip(graph.starts, graph.sizes)]
             for r in range(R)
         ]
-        smax = max(1, max(len(m) for rep in members for m in rep))
         n = len(variables)
+        # the most a region can hold, not what this graph happens to give: parameter shapes must not
+        # depend on the seed (a state dict of another seed loads; for all variables: the largest region)
+        smax = max(1, min(n, max(graph.sizes)))
         slot_var = torch.full((R, G * smax), n, dtype=torch.long)
         slot_of = torch.empty(n, R, dtype=torch.long)
         for r, rep in enumerate(members):
