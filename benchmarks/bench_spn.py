@@ -23,6 +23,7 @@ import statistics
 import time
 
 NUM_VARS, DEPTH, REPS, INPUTS, K = 64, 1, 50, 45, 512
+CONTEXT = 2  # Gaussian context variables of the composite case
 EPOCH_LATENTS, EPOCHS = 300_000, 50
 STEP = 1e-4  # the paper's online-EM step size
 CHUNK = 256  # the reference processes large batches in chunks of this many rows (else it needs ~10 GB)
@@ -120,9 +121,15 @@ def _case(leaf: str, batch: int, impl: str, repeats: int, threads: int = 1, tune
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     kwargs = {"leaf": "categorical", "num_categories": K} if leaf == "categorical" else {}
-    model = RatSpn(NUM_VARS, DEPTH, REPS, INPUTS, seed=0, **kwargs)
+    num_vars = NUM_VARS
+    if leaf == "composite":  # the codes plus CONTEXT Gaussian context variables (issue 9's p(z | context))
+        num_vars = NUM_VARS + CONTEXT
+        kwargs = {"leaf": [("categorical", range(NUM_VARS)), ("gaussian", range(NUM_VARS, num_vars))], "num_categories": K}
+    model = RatSpn(num_vars, DEPTH, REPS, INPUTS, seed=0, **kwargs)
     if leaf == "categorical":
         data = torch.randint(0, K, (4096, NUM_VARS), generator=gen)
+    elif leaf == "composite":
+        data = torch.cat([torch.randint(0, K, (4096, NUM_VARS), generator=gen).float(), torch.randn(4096, CONTEXT, generator=gen)], 1)
     else:
         data = torch.randn(4096, NUM_VARS, generator=gen)
     model.init_from_data(data)
@@ -289,6 +296,14 @@ def main() -> None:
             two[(leaf, impl)] = r = _run_case((leaf, 64, impl, 3 if impl == "reference" else 15, 2))
             print(f"  {leaf:<12}{impl:<10} EM step {1000 * r['em_s']:8.2f} ms", flush=True)
         print(f"  {'':<12}ratio     EM step x{two[(leaf, 'reference')]['em_s'] / two[(leaf, 'ours')]['em_s']:.1f} faster")
+
+    print(f"\ncomposite leaves: {NUM_VARS} categorical codes + {CONTEXT} Gaussian context variables, 1 thread, wall time:")
+    for batch in (64, 4096):
+        comp = _run_case(("composite", batch, "ours", 15 if batch == 64 else 3))
+        cat = results[("categorical", batch, "ours")]
+        print(f"  batch {batch:>4}: forward {batch / comp['forward_s']:>9,.0f} samp/s, EM step {1000 * comp['em_s']:8.2f} ms; "
+              f"cost vs categorical alone: forward x{comp['forward_s'] / cat['forward_s']:.2f}, "
+              f"EM step x{comp['em_s'] / cat['em_s']:.2f}", flush=True)
 
     print("\nbatch 64 with the entry points' allocator setting (freed memory kept, no page faults):")
     tuned = {}

@@ -126,17 +126,36 @@ class VectorQuantizer(nn.Module):
     """Codebook of K x D vectors: nearest-code lookup, codebook + commitment loss (eq. 2), straight-through.
 
     Distances are computed in fp32 even under autocast, so the argmin does not depend on precision.
-    ``usage`` is an exponential moving average of how often each code is picked (for dead-code revival)."""
+    ``usage`` is an exponential moving average of how often each code is picked (for dead-code revival).
 
-    def __init__(self, num_embeddings: int = 512, embedding_dim: int = LATENT_DIM, commitment: float = 0.25):
+    ``ema_decay`` > 0: the codebook is not learnt by gradient but follows the encoder outputs as an
+    exponential moving average of each code's assigned vectors (van den Oord et al. 2017, appendix A.1;
+    online k-means), and the loss is the commitment term alone. A gradient-trained codebook moves by about
+    the learning rate per step while the encoder's outputs can move much faster; the codes are then left
+    behind and everything maps to a few of them (the collapse of issue 9). ``ema_count`` is the moving
+    count per code; a code with (near) zero count keeps its vector."""
+
+    def __init__(self, num_embeddings: int = 512, embedding_dim: int = LATENT_DIM, commitment: float = 0.25, ema_decay: float = 0.0):
         super().__init__()
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.commitment = commitment
+        self.ema_decay = ema_decay
         self.embedding = nn.Embedding(num_embeddings, embedding_dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / num_embeddings, 1.0 / num_embeddings)
+        if ema_decay > 0:
+            self.embedding.weight.requires_grad_(False)
         self.register_buffer("usage", torch.ones(num_embeddings))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("ema_count", torch.zeros(num_embeddings))
+        self.register_load_state_dict_pre_hook(VectorQuantizer._add_missing_ema_count)
+
+    @staticmethod
+    def _add_missing_ema_count(module: VectorQuantizer, state_dict: dict, prefix: str, *args: object) -> None:
+        """Checkpoints from before the EMA codebook have no ``ema_count``: start it at zero."""
+        state_dict.setdefault(f"{prefix}ema_count", torch.zeros_like(module.ema_count))
 
     def codes(self, z: Tensor) -> Tensor:
         """Nearest code index per position: N x D x H x W -> LongTensor N x H x W."""
@@ -153,9 +172,10 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             zf = z.float()
             q = self.embedding(idx).permute(0, 3, 1, 2)
-            codebook = (q - zf.detach()).pow(2).mean(dim=(1, 2, 3))
             commit = (zf - q.detach()).pow(2).mean(dim=(1, 2, 3))
-            loss = codebook + self.commitment * commit
+            loss = self.commitment * commit
+            if self.ema_decay == 0:  # eq. 2's codebook term (an EMA codebook is updated by ema_update instead)
+                loss = loss + (q - zf.detach()).pow(2).mean(dim=(1, 2, 3))
             q_st = zf + (q - zf).detach()
         return q_st.to(z.dtype), loss, idx
 
@@ -172,6 +192,7 @@ class VectorQuantizer(nn.Module):
         so training does not begin with all positions mapped to the one code nearest the origin."""
         self.usage.fill_(0.0)
         self.revive(z, threshold=1.0, generator=generator)
+        self.ema_count.zero_()
         self.initialized.fill_(True)
 
     @torch.no_grad()
@@ -185,13 +206,57 @@ class VectorQuantizer(nn.Module):
         noise = torch.randn(dead.numel(), self.embedding_dim, generator=generator, device="cpu").to(flat.device)
         self.embedding.weight.data[dead] = flat[pick] + 0.01 * flat.std() * noise
         self.usage[dead] = 1.0
+        self.ema_count[dead] = 0.0  # the next EMA update moves a revived code straight to what it is given
         return int(dead.numel())
+
+    @torch.no_grad()
+    def assignment_statistics(self, z: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Per code: how many encoder outputs of ``z`` it was assigned (K,) and their sum (K x D)."""
+        flat = z.detach().float().permute(0, 2, 3, 1).reshape(-1, self.embedding_dim)
+        counts = torch.bincount(idx.flatten(), minlength=self.num_embeddings).to(flat.dtype)
+        sums = flat.new_zeros(self.num_embeddings, self.embedding_dim).index_add_(0, idx.flatten(), flat)
+        return counts, sums
+
+    @torch.no_grad()
+    def ema_update(self, counts: Tensor, sums: Tensor) -> None:
+        """One EMA step of the codebook from (possibly all-reduced) :meth:`assignment_statistics`:
+        count' = d count + (1 - d) n, code' = (d count code + (1 - d) sum) / count'."""
+        d = self.ema_decay
+        weight = self.embedding.weight.data
+        new_count = self.ema_count * d + counts * (1 - d)
+        moving = new_count > 1e-6
+        total = weight * (self.ema_count * d)[:, None] + sums * (1 - d)
+        weight[moving] = total[moving] / new_count[moving][:, None]
+        self.ema_count.copy_(new_count)
 
 
 def perplexity(histogram: Tensor) -> Tensor:
     """exp(entropy) of a code histogram: the effective number of codes in use."""
     p = histogram[histogram > 0]
     return torch.exp(-(p * p.log()).sum())
+
+
+class LatentStandardizer(nn.Module):
+    """Standardises every encoder output vector over its channels (a layer norm without affine
+    parameters) before the codebook; the same in training and evaluation, nothing to synchronise.
+
+    Why: early in training one optimiser step moves all encoder outputs together by more than their
+    spread, so every position lands on the one code at the leading edge and the rest go dead (issue 9:
+    perplexity 372 -> 2 within 25 steps). Per-vector standardisation takes that common drift in offset
+    and scale out. (A batch norm does too in training, but its running statistics lag the encoder and
+    mapped every evaluation patch to one code.) ``active`` is False for checkpoints from before it."""
+
+    def __init__(self, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("active", torch.ones((), dtype=torch.bool))
+
+    def forward(self, z: Tensor) -> Tensor:
+        if not bool(self.active):
+            return z
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            out = F.layer_norm(z.float().movedim(1, -1), z.shape[1:2], eps=self.eps).movedim(-1, 1)
+        return out.to(z.dtype)
 
 
 class VQAutoencoder(nn.Module):
@@ -206,6 +271,8 @@ class VQAutoencoder(nn.Module):
         widths: Sequence[int] = ENCODER_WIDTHS,
         num_residual_blocks: int = 6,
         commitment: float = 0.25,
+        ema_decay: float = 0.0,
+        standardize_latents: bool = False,
     ):
         super().__init__()
         c = widths[-1]
@@ -217,19 +284,31 @@ class VQAutoencoder(nn.Module):
             nn.ReLU(),
             nn.Conv2d(c, embedding_dim, 1),
         )
-        self.quantizer = VectorQuantizer(num_embeddings, embedding_dim, commitment)
+        self.latent_norm = LatentStandardizer()
+        self.latent_norm.active.fill_(standardize_latents)
+        self.quantizer = VectorQuantizer(num_embeddings, embedding_dim, commitment, ema_decay)
+        self.register_load_state_dict_pre_hook(VQAutoencoder._without_standardizer_if_absent)
         self.post_quant = nn.Sequential(nn.Conv2d(embedding_dim, c, 1), *[ResidualBlock(c) for _ in range(n_dec)], nn.ReLU())
         self.decoder = ConvDecoder(widths)
 
+    @staticmethod
+    def _without_standardizer_if_absent(module: VQAutoencoder, state_dict: dict, prefix: str, *args: object) -> None:
+        """A checkpoint from before the latent standardisation: the model it holds had none (exactly)."""
+        state_dict.setdefault(f"{prefix}latent_norm.active", torch.zeros((), dtype=torch.bool))
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Pre-quantisation latents N x D x 8 x 8 (standardised when so configured)."""
+        return self.latent_norm(self.encoder(x))
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Returns (reconstruction, vq loss per sample, code indices N x 8 x 8, pre-quantisation z)."""
-        z = self.encoder(x)
+        z = self.encode(x)
         q, vq_loss, idx = self.quantizer(z)
         return self.decoder(self.post_quant(q)), vq_loss, idx, z
 
     def encode_codes(self, x: Tensor) -> Tensor:
         """Code indices flattened row-major: LongTensor N x 64."""
-        return self.quantizer.codes(self.encoder(x)).flatten(1)
+        return self.quantizer.codes(self.encode(x)).flatten(1)
 
 
 class Generator(nn.Module):

@@ -65,7 +65,8 @@ class RatSpnStage(AnomalyDetector):
             chest wall (`datamodules.grids.patch_context`), standardised like the latents. The score is then the
             conditional -log p(z | context) = -(log p(z, context) - log p(context)), both terms exact (the
             context marginal integrates the latents out): a patch is compared with healthy patches at the
-            same place in the breast, not with the interior (issue: the border trap). Gaussian leaves only.
+            same place in the breast, not with the interior (issue: the border trap). With a VQ-VAE the
+            codes keep categorical leaves and the context gets Gaussian ones (`spn.leaves` composite).
         border_suppression_px: the naive border fix, kept as a comparison row: patches whose centre lies
             closer than this to the skin line or the chest wall get the image's lowest score. 0 = off.
     """
@@ -99,6 +100,7 @@ class RatSpnStage(AnomalyDetector):
         self.automatic_optimization = False
         self.autoencoder: torch.nn.Module | None = None
         self.spn: RatSpn | None = None
+        self._discrete_latents = False  # a VQ-VAE's codes (set by _build)
         self.register_buffer("latent_mean", torch.zeros(0))
         self.register_buffer("latent_std", torch.ones(0))
         self.register_buffer("initialized", torch.tensor(False))
@@ -145,10 +147,11 @@ class RatSpnStage(AnomalyDetector):
             leaf, categories = "gaussian", None
         else:
             raise ValueError(f"{class_tag(autoencoder)} serves neither encode(x) nor encode_codes(x)")
-        num_vars = self._latent_dim(autoencoder) + (CONTEXT_VARS if hp.context else 0)
-        if hp.context and leaf != "gaussian":
-            raise ValueError("model.init_args.context (the conditional RAT-SPN) needs Gaussian leaves: "
-                             f"{class_tag(autoencoder)} has categorical codes")
+        latent_dim = self._latent_dim(autoencoder)
+        num_vars = latent_dim + (CONTEXT_VARS if hp.context else 0)
+        self._discrete_latents = leaf == "categorical"
+        if hp.context and self._discrete_latents:  # codes: categorical leaves; the context: Gaussian ones
+            leaf = [("categorical", list(range(latent_dim))), ("gaussian", list(range(latent_dim, num_vars)))]
         self.spn = RatSpn(
             num_vars,
             depth=hp.depth,
@@ -163,9 +166,17 @@ class RatSpnStage(AnomalyDetector):
             max_var=hp.max_var,
             pseudo_count=hp.pseudo_count,
         )
-        if leaf == "gaussian":
+        if self._first_continuous() < num_vars:
             self.latent_mean = torch.zeros(num_vars)
             self.latent_std = torch.ones(num_vars)
+
+    def _first_continuous(self) -> int:
+        """Index of the first standardised RAT-SPN variable: 0 for continuous latents, after the codes otherwise
+        (a VQ-VAE's codes are categorical; only a conditional model's context columns are standardised)."""
+        spn = self._require()
+        if not self._discrete_latents:
+            return 0
+        return spn.num_vars - (CONTEXT_VARS if self.uses_context else 0)
 
     @staticmethod
     def _latent_dim(autoencoder: torch.nn.Module) -> int:
@@ -228,16 +239,19 @@ class RatSpnStage(AnomalyDetector):
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
         """Raw latents of the frozen autoencoder: float N x D, or LongTensor N x 64 codes (VQ-VAE)."""
-        spn = self._require()
+        self._require()
         ae = self.autoencoder
-        if spn.leaf == "categorical":
+        if self._discrete_latents:
             return ae.encode_codes(x).long()
         return ae.encode(x).float()
 
     def _standardise(self, z: Tensor) -> Tensor:
-        if self._require().leaf == "categorical":
+        start = self._first_continuous()
+        if start >= z.shape[1]:
             return z
-        return (z - self.latent_mean) / self.latent_std
+        if start == 0:
+            return (z - self.latent_mean) / self.latent_std
+        return torch.cat([z[:, :start], (z[:, start:] - self.latent_mean[start:]) / self.latent_std[start:]], dim=1)
 
     @torch.no_grad()
     def cached_latents(self, batch: dict) -> Tensor:
@@ -250,7 +264,7 @@ class RatSpnStage(AnomalyDetector):
         needed = int(index.max()) + 1 if index.numel() else 0
         if self._cache is None or self._cache.shape[0] < needed:
             capacity = max(needed, 2 * (0 if self._cache is None else self._cache.shape[0]), 1024)
-            dtype = torch.int32 if self._require().leaf == "categorical" else torch.float32
+            dtype = torch.int32 if self._discrete_latents else torch.float32
             width = self._require().num_vars - (CONTEXT_VARS if self.uses_context else 0)
             cache = torch.zeros(capacity, width, dtype=dtype)
             cached = torch.zeros(capacity, dtype=torch.bool)
@@ -264,7 +278,7 @@ class RatSpnStage(AnomalyDetector):
             self._cache[index[new]] = fresh.to("cpu", self._cache.dtype)
             self._cached[index[new]] = True
         z = self._cache[index].to(self.device)
-        return z.long() if self._require().leaf == "categorical" else z
+        return z.long() if self._discrete_latents else z
 
     def _all_reduce(self, t: Tensor) -> Tensor:
         if is_distributed():
@@ -277,12 +291,14 @@ class RatSpnStage(AnomalyDetector):
         """Standardisation statistics (summed over processes) and data-driven leaves, broadcast from rank 0."""
         spn = self._require()
         z = torch.cat(batches).to(self.device)
-        if spn.leaf == "gaussian":
+        start = self._first_continuous()
+        if start < z.shape[1]:
             zf = z.double()
             sums = self._all_reduce(torch.stack([zf.new_full(zf.shape[1:], zf.shape[0]), zf.sum(0), (zf * zf).sum(0)]))
             count, total, squares = sums
             mean = total / count
             std = (squares / count - mean * mean).clamp_min(1e-12).sqrt()
+            mean[:start], std[:start] = 0.0, 1.0  # the codes stay codes
             self.latent_mean = mean.float()
             self.latent_std = std.float().clamp_min(1e-6)
         spn.init_from_data(self._standardise(z), seed=self.hparams.seed + 1)
@@ -309,9 +325,7 @@ class RatSpnStage(AnomalyDetector):
             if not batches:
                 raise RuntimeError("the training dataloader is empty: nothing to fit the RAT-SPN on")
             self.initialise(batches)
-        self._init_snapshot = {"weights": self._sum_weights()}
-        if spn.leaf == "gaussian":
-            self._init_snapshot["mean"] = spn.leaf_mean.detach().clone()
+        self._init_snapshot = {"weights": self._sum_weights(), "leaves": spn.leaves.snapshot()}
 
     def _sum_weights(self) -> Tensor:
         """Every sum weight of the RAT-SPN (all levels and the mixing over repetitions) as a flat probability vector."""
@@ -345,11 +359,8 @@ class RatSpnStage(AnomalyDetector):
         if not self._init_snapshot:
             return
         self.log("em/weight_distance_from_init", (self._sum_weights() - self._init_snapshot["weights"]).abs().mean())
-        if "mean" in self._init_snapshot:
-            moved = (spn.leaf_mean.detach() - self._init_snapshot["mean"]).abs().sum()
-            self.log("em/leaf_mean_distance_from_init", moved / (spn.slot_valid.sum() * spn.num_input_distributions))
-        else:  # categorical: share of each leaf's probability mass EM has rewritten since initialisation
-            self.log("em/leaf_mass_replaced", 1.0 - spn.leaf_log_scale.exp().mean())
+        for name, value in spn.leaves.distance_from(self._init_snapshot["leaves"]).items():
+            self.log(f"em/{name}", value)  # e.g. leaf_mean_distance_from_init, leaf_mass_replaced
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
         z = self._batch_inputs(batch)

@@ -1,7 +1,12 @@
 """VQ-VAE (paper eq. 2): reconstruction MSE + codebook loss + 0.25 x commitment loss, straight-through
 gradients; anomaly score = reconstruction MSE. The 8 x 8 code indices are the 64 discrete latents of
-the SPN stage. Codebook health is logged (perplexity, dead codes) and dead codes are re-seeded from
-encoder outputs every ``revive_every`` steps so that K = 512 does not collapse to a handful."""
+the SPN stage. The encoder outputs are standardised per channel before the codebook
+(``standardize_latents``: their early common drift is what left the codes behind), the codebook
+starts from the first batch's encoder outputs and follows them as an
+exponential moving average (``codebook_ema_decay``; 0 = eq. 2's gradient-trained codebook, which falls
+behind the encoder and collapses within a few dozen steps at the quick profile's learning rate); codes
+unused for a while are re-seeded from encoder outputs every ``revive_every`` steps. Codebook health is
+logged (perplexity, share of codes used per batch, dead and revived codes)."""
 
 from __future__ import annotations
 
@@ -25,9 +30,11 @@ class VQVAE(ReconstructionDetector):
         embedding_dim: int = LATENT_DIM,
         commitment: float = 0.25,
         num_residual_blocks: int = 6,
-        revive_every: int = 100,
+        revive_every: int = 1,
         dead_threshold: float = 0.03,
-        usage_decay: float = 0.99,
+        usage_decay: float = 0.5,
+        codebook_ema_decay: float = 0.99,
+        standardize_latents: bool = True,
         seed: int = 0,
     ):
         super().__init__()
@@ -37,6 +44,8 @@ class VQVAE(ReconstructionDetector):
             embedding_dim=embedding_dim,
             num_residual_blocks=num_residual_blocks,
             commitment=commitment,
+            ema_decay=codebook_ema_decay,
+            standardize_latents=standardize_latents,
         )
         self._last_z: Tensor | None = None
 
@@ -61,13 +70,21 @@ class VQVAE(ReconstructionDetector):
         x = batch_images(batch)
         mse, vq_loss, idx, z = self._losses(x)
         loss = (mse + vq_loss).mean()
-        hist = self.net.quantizer.update_usage(idx, self.hparams.usage_decay)
+        quantizer = self.net.quantizer
+        hist = quantizer.update_usage(idx, self.hparams.usage_decay)
+        if quantizer.ema_decay > 0:
+            counts, sums = quantizer.assignment_statistics(z, idx)
+            if dist.is_available() and dist.is_initialized():  # every rank takes the same codebook step
+                dist.all_reduce(counts)
+                dist.all_reduce(sums)
+            quantizer.ema_update(counts, sums)
         n = x.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/mse", mse.mean().detach(), batch_size=n)
         self.log("train/vq_loss", vq_loss.mean().detach(), batch_size=n)
         self.log("train/perplexity", perplexity(hist), prog_bar=True, batch_size=n)
-        dead = (self.net.quantizer.usage < self.hparams.dead_threshold).sum().float()
+        self.log("train/codebook_usage", (hist > 0).float().mean(), batch_size=n)  # share of codes used
+        dead = (quantizer.usage < self.hparams.dead_threshold).sum().float()
         self.log("train/dead_codes", dead, batch_size=n)
         self._last_z = z.detach()
         return loss
@@ -81,6 +98,7 @@ class VQVAE(ReconstructionDetector):
         self.log("val/mse", mse.mean(), sync_dist=True, batch_size=n)
         hist = torch.bincount(idx.flatten(), minlength=self.num_embeddings).float()
         self.log("val/perplexity", perplexity(hist / hist.sum()), sync_dist=True, batch_size=n)
+        self.log("val/codebook_usage", (hist > 0).float().mean(), sync_dist=True, batch_size=n)
         return loss
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -89,7 +107,7 @@ class VQVAE(ReconstructionDetector):
         if bool(quantizer.initialized):
             return
         with torch.no_grad():
-            z = self.net.encoder(batch_images(batch).to(self.device))
+            z = self.net.encode(batch_images(batch).to(self.device))
         quantizer.init_from(z, torch.Generator().manual_seed(int(self.hparams.seed)))
         self._sync_codebook()
 
@@ -97,6 +115,7 @@ class VQVAE(ReconstructionDetector):
         if dist.is_available() and dist.is_initialized():
             dist.broadcast(self.net.quantizer.embedding.weight.data, src=0)
             dist.broadcast(self.net.quantizer.usage, src=0)
+            dist.broadcast(self.net.quantizer.ema_count, src=0)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Every ``revive_every`` optimiser steps, re-seeds dead codes (identically on every DDP rank)."""

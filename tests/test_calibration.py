@@ -203,3 +203,26 @@ def test_calibrated_checkpoint_loads_and_scores_minus_log_p(tmp_path):
     scores = suppressed.score_item(item)
     near = ctx[:32, 0] < 10.0
     assert bool(near.any()) and torch.allclose(scores[near], scores.min().expand(int(near.sum())))
+
+
+def test_conditional_rat_spn_on_codes_keeps_them_categorical_and_standardises_only_the_context(tmp_path):
+    from tests.test_rat_spn_stage import TinyVQ
+
+    pl.seed_everything(0)
+    ae_path = _save_autoencoder(TinyVQ(), tmp_path, "vq")
+    stage = RatSpnStage(str(ae_path), num_repetitions=4, num_input_distributions=5, step_size=0.05,
+                        init_batches=8, context=True)
+    train = DataLoader(ContextPatchSet(256, 1), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
+    _trainer(tmp_path / "fitvq", 2).fit(stage, train, DataLoader(ContextPatchSet(64, 2, offset=256), batch_size=64))
+    assert stage.spn.num_vars == 16 + 2
+    # codes are neither shifted nor scaled; the two context columns are standardised
+    assert torch.equal(stage.latent_mean[:16], torch.zeros(16)) and torch.equal(stage.latent_std[:16], torch.ones(16))
+    assert float(stage.latent_std[16:].min()) > 0 and not torch.equal(stage.latent_mean[16:], torch.zeros(2))
+    patches = _images(8, seed=3)
+    ctx = _context(8, 2.0)
+    z = stage._standardise(stage._inputs(stage.encode(patches), ctx))
+    assert torch.equal(z[:, :16], stage.encode(patches).float())
+    missing = torch.zeros_like(z, dtype=torch.bool)
+    missing[:, :16] = True
+    expected = -(stage.spn.log_likelihood(z)[:, 0] - stage.spn.log_likelihood(z, missing=missing)[:, 0])
+    torch.testing.assert_close(stage.score_grid(patches, ctx), expected)

@@ -173,7 +173,7 @@ def test_vqvae_first_batch_seeds_the_codebook(data) -> None:
     model.on_train_batch_start(batch, 0)
     assert bool(model.net.quantizer.initialized)
     with torch.no_grad():
-        z = model.net.encoder(batch["image"]).permute(0, 2, 3, 1).reshape(-1, 64)
+        z = model.net.encode(batch["image"]).permute(0, 2, 3, 1).reshape(-1, 64)
     nearest = torch.cdist(model.net.quantizer.embedding.weight.detach(), z).min(1).values
     assert float(nearest.max()) < 0.05 * float(z.norm(dim=1).mean())
 

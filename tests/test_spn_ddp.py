@@ -107,5 +107,5 @@ def test_em_statistics_are_summed_across_ddp_ranks(tmp_path):
         assert torch.equal(rank0[key], rank1[key]), key  # replicas never drift apart
         torch.testing.assert_close(rank0[key], union[key], atol=1e-5, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
     # and the check has teeth: rank 0's own batches alone give different parameters
-    assert not torch.allclose(rank0["gaussian.leaf_mean"], alone["gaussian.leaf_mean"], atol=1e-4)
-    assert not torch.allclose(rank0["categorical.leaf_table"], alone["categorical.leaf_table"], atol=1e-4)
+    assert not torch.allclose(rank0["gaussian.leaves.mean"], alone["gaussian.leaves.mean"], atol=1e-4)
+    assert not torch.allclose(rank0["categorical.leaves.table"], alone["categorical.leaves.table"], atol=1e-4)
