@@ -832,7 +832,8 @@ class MammographyDataModule(pl.LightningDataModule):
         """Healthy *validation* images (never training, test or lesion images) for score calibration.
 
         The validation patients (the patch cache's patient split) are sorted and halved: ``part="fit"``
-        (even positions) fits a calibration, ``part="check"`` (odd positions) is held out to check it.
+        (even positions) fits a calibration, ``part="check"`` (odd positions) is held out to check it. With a
+        single validation patient her images alternate instead (with a warning).
         """
         if part not in ("fit", "check"):
             raise DataError(f"calibration part must be 'fit' or 'check', got {part!r}")
@@ -840,8 +841,14 @@ class MammographyDataModule(pl.LightningDataModule):
         healthy.setup("validate")
         _, val_patients = split_patients(healthy.cache.patients, self.val_fraction, self.seed)
         ordered = sorted(val_patients)
-        chosen = set(ordered[0::2] if part == "fit" else ordered[1::2])
-        records = [r for r in self.records.healthy if r.patient_id in chosen]
+        if len(ordered) >= 2:
+            chosen = set(ordered[0::2] if part == "fit" else ordered[1::2])
+            records = [r for r in self.records.healthy if r.patient_id in chosen]
+        else:  # one validation patient: her images alternate (held out by image, not by patient)
+            mine = [r for r in self.records.healthy if r.patient_id in val_patients]
+            records = mine[0::2] if part == "fit" else mine[1::2]
+            rank_zero_warn(f"calibration: one healthy validation patient, so its {part!r} half is held out by image, "
+                           "not by patient; raise data.val_fraction for a patient-level check")
         if not records:
             raise DataError(f"no healthy validation images for calibration part {part!r} ({len(ordered)} validation "
                             "patient(s)); raise data.val_fraction or add healthy images")

@@ -9,7 +9,8 @@ Reuses Table 1's CAE and CAE-RATSPN fits in ``OUT/runs`` and adds, each one `lig
 - ``context``: the conditional RAT-SPN, -log p(z | position) (`RatSpnStage(context=True)`, a new EM fit);
 - ``mondrian`` / ``normalised``: conformal calibration by border stratum (`experiments.calibration`) of the
   plain RAT-SPN, by rank within each stratum / by per-stratum location and scale and one pooled rank;
-- ``context+normalised`` and ``CAE+normalised`` (the autoencoder alone, calibrated the same way).
+- ``context+mondrian``, ``context+normalised`` and ``CAE+mondrian`` (the autoencoder alone, calibrated the
+  same way).
 
 Every variant is tested on ``--split`` (``test``, or ``lesion_validation`` to choose a default without
 looking at the test set) and ``border_study.md`` / ``.csv`` gather pixel AUC, interior AUC, lesion hit
@@ -30,8 +31,11 @@ from typing import Any
 from datamodules.fileio import atomic_write, read_json, write_json
 from experiments import table1
 
-#: the calibration every calibrated variant uses (bins in px at evaluation spacing)
-CALIBRATION = ["--trainer.callbacks.bins_px", "[8,16,24,32,48,64,96]", "--trainer.callbacks.min_count", "30"]
+#: rank within each stratum: the callback's default strata (16 / 32 / 64 px, at least 50 patches each)
+MONDRIAN = ["--trainer.callbacks.bins_px", "[16,32,64]", "--trainer.callbacks.min_count", "50"]
+#: location / scale per stratum, interpolated in distance, one pooled rank: finer strata are affordable
+NORMALISED = ["--trainer.callbacks.bins_px", "[8,16,24,32,48,64,96]", "--trainer.callbacks.min_count", "30",
+              "--trainer.callbacks.normalise", "true"]
 COLUMNS = (
     ("pixel_auc", "pixel AUC"), ("interior_pixel_auc", "interior AUC"), ("image_auc_mean", "image AUC"),
     ("lesion_hit_rate", "hit"), ("lesion_hit_rate_near_border", "hit (border)"),
@@ -57,12 +61,11 @@ VARIANTS = (
     Variant("CAE-RATSPN", "cae_spn.yaml", "cae_spn"),
     Variant("suppress", "cae_spn.yaml", "cae_spn", test_overrides=("--model.init_args.border_suppression_px", "64")),
     Variant("context", "cae_spn.yaml", "border_cae_spn_context"),
-    Variant("mondrian", "cae_spn.yaml", "cae_spn", calibration=[*CALIBRATION]),
-    Variant("normalised", "cae_spn.yaml", "cae_spn", calibration=[*CALIBRATION, "--trainer.callbacks.normalise", "true"]),
-    Variant("context+normalised", "cae_spn.yaml", "border_cae_spn_context",
-            calibration=[*CALIBRATION, "--trainer.callbacks.normalise", "true"]),
-    Variant("CAE+normalised", "cae.yaml", "cae", calibration=[*CALIBRATION, "--trainer.callbacks.normalise", "true"],
-            needs_autoencoder=False),
+    Variant("mondrian", "cae_spn.yaml", "cae_spn", calibration=MONDRIAN),
+    Variant("normalised", "cae_spn.yaml", "cae_spn", calibration=NORMALISED),
+    Variant("context+mondrian", "cae_spn.yaml", "border_cae_spn_context", calibration=MONDRIAN),
+    Variant("context+normalised", "cae_spn.yaml", "border_cae_spn_context", calibration=NORMALISED),
+    Variant("CAE+mondrian", "cae.yaml", "cae", calibration=MONDRIAN, needs_autoencoder=False),
 )
 
 

@@ -1,0 +1,37 @@
+"""`mammospn border-study` on the smoke profile: every border-aware variant fitted, calibrated, tested, tabled."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from experiments import border_study, tools
+
+
+@pytest.mark.slow
+def test_border_study_runs_every_variant_on_a_smoke_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "results"
+    synth = str(tmp_path / "synth")
+    assert tools.main(["border-study", "--table1", str(out), "--profile", "smoke"]) == 2  # no Table 1 yet
+    assert tools.main(["table1", "--profile", "smoke", "--out", str(out), "--data-root", synth]) == 0
+    args = ["border-study", "--table1", str(out), "--profile", "smoke", "--data-root", synth]
+    assert tools.main(args) == 0
+    rows = list(csv.DictReader((out / "border_study.csv").open()))
+    assert [r["variant"] for r in rows] == [v.name for v in border_study.VARIANTS]
+    for r in rows:
+        assert 0.0 <= float(r["pixel_auc"]) <= 1.0 and 0.0 <= float(r["lesion_hit_rate"]) <= 1.0
+    calibrated = {v.name for v in border_study.VARIANTS if v.calibration is not None}
+    assert all((r["healthy p<0.05"] != "") == (r["variant"] in calibrated) for r in rows)
+    # the CAE-RATSPN row is Table 1's own test of the same checkpoint: the same pixel AUC
+    table = {r["model"]: r for r in csv.DictReader((out / "table1.csv").open()) if r["test_set"] == "mass"}
+    assert float(rows[1]["pixel_auc"]) == pytest.approx(float(table["CAE-RATSPN"]["pixel_auc"]), abs=1e-6)
+    assert (out / "runs" / "cae_spn" / "checkpoints" / "calibrated-mondrian.calibration.png").is_file()
+    md = (out / "border_study.md").read_text()
+    assert md.count("\n| ") == 1 + len(border_study.VARIANTS)
+    # a second run reuses every step and also scores the lesion validation set
+    assert tools.main([*args, "--split", "lesion_validation"]) == 0
+    assert (out / "border-eval" / "mondrian-lesion_validation" / "metrics.json").is_file()
