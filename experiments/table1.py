@@ -23,10 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
-
 from datamodules.fileio import atomic_write, write_json
-from lightning_modules.base import AnomalyDetector
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "configs"
@@ -39,19 +36,6 @@ MODEL_ORDER = ("CAE", "CAE-RATSPN", "bVAE", "bVAE-RATSPN", "VQVAE", "VQVAE-RATSP
 #: AE -> its RAT-SPN extension, compared by a paired Wilcoxon signed-rank test on per-image AUCs
 PAIRS = (("CAE", "CAE-RATSPN"), ("bVAE", "bVAE-RATSPN"), ("VQVAE", "VQVAE-RATSPN"))
 ALPHA = 0.01
-
-
-class IntensityBaseline(AnomalyDetector):
-    """Table 1's `Intensity` row: score = mean patch intensity; nothing is trained.
-
-    It shows what brightness alone achieves (masses are denser, hence brighter, than their surroundings).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-
-    def score_patches(self, x: Tensor) -> Tensor:
-        return x.float().flatten(1).mean(1)
 
 
 # --- the stages --------------------------------------------------------------------------------
@@ -192,7 +176,7 @@ def build_stages(
             test_overrides = list(data_overrides) + ["--data.init_args.test_set", test_set]
             if model == "Intensity":
                 configs = [*data_first, profile_yaml, *data_last]
-                test_overrides = ["--model", f"{__name__}.IntensityBaseline", *test_overrides]
+                test_overrides = ["--model", "lightning_modules.IntensityBaseline", *test_overrides]
                 source = None
             else:
                 spec = tested[model]

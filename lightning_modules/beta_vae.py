@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lightning_modules.cae import ReconstructionDetector
 from lightning_modules.networks import LATENT_DIM, PATCH_SIZE, DenseAutoencoder
+from lightning_modules.reconstruction import ReconstructionDetector
 
 
 def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:

@@ -222,18 +222,11 @@ class RatSpnStage(AnomalyDetector):
             self.autoencoder.eval()  # frozen: BatchNorm / dropout always in inference mode
         return self
 
+    def _check_built(self) -> None:
+        self._require()
+
     # A checkpoint given to fit/test/predict is restored after setup(), so the check waits until then.
-    def on_fit_start(self) -> None:
-        self._require()
-
-    def on_test_start(self) -> None:
-        self._require()
-
-    def on_predict_start(self) -> None:
-        self._require()
-
-    def on_validation_start(self) -> None:
-        self._require()
+    on_fit_start = on_test_start = on_predict_start = on_validation_start = _check_built
 
     # ------------------------------------------------------------------ latents
     @torch.no_grad()

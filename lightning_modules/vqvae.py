@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_modules.cae import ReconstructionDetector, batch_images
 from lightning_modules.networks import LATENT_DIM, VQAutoencoder, perplexity
+from lightning_modules.reconstruction import ReconstructionDetector, batch_images
 
 
 class VQVAE(ReconstructionDetector):

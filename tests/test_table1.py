@@ -14,6 +14,7 @@ import torch
 from scipy import stats
 
 from experiments import evaluation, table1, tools
+from lightning_modules import IntensityBaseline
 
 
 def _result(test_set: str, model: str, aucs: dict[str, float], pixel: float = 0.7) -> table1.ModelResult:
@@ -145,7 +146,7 @@ def test_stage_plan_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert enc_args[enc_args.index("--model.init_args.generator_ckpt") + 1].endswith("fanogan_gan/checkpoints/last.ckpt")
     intensity = next(s for s in tests if s.model == "Intensity")
     args = table1.stage_args(intensity, tmp_path / "runs", tmp_path / "eval", "g")
-    assert "experiments.table1.IntensityBaseline" in args and "--ckpt_path" not in args
+    assert "lightning_modules.IntensityBaseline" in args and "--ckpt_path" not in args
     assert args[args.index("--data.init_args.seed") + 1] == "3"
     assert tools.main(["table1", "--profile", "smoke", "--dry-run", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
@@ -157,7 +158,7 @@ def test_stage_plan_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 def test_intensity_baseline_scores_mean_patch_intensity() -> None:
     x = torch.stack([torch.full((1, 64, 64), 0.25), torch.linspace(0, 1, 64 * 64).view(1, 64, 64)])
-    scores = table1.IntensityBaseline().score_grid(x)
+    scores = IntensityBaseline().score_grid(x)
     assert scores.tolist() == pytest.approx([0.25, 0.5])
 
 
@@ -260,7 +261,7 @@ def test_every_stage_parses_with_the_real_configs(
             assert config["model"]["init_args"]["em_batch_size"] == 64
             assert config["data"]["init_args"]["batch_size"] == (64 if profile == "quick" else 1024)
         if stage.model == "Intensity":
-            assert config["model"]["class_path"] == "experiments.table1.IntensityBaseline"
+            assert config["model"]["class_path"] == "lightning_modules.IntensityBaseline"
 
 
 @pytest.mark.parametrize("data", table1.DATA_CHOICES)

@@ -1,0 +1,65 @@
+"""`ReconstructionDetector`: the thin Lightning shell the three autoencoders (CAE, beta-VAE, VQ-VAE) share:
+train/val steps on ``batch["image"]``, Adam, scoring in eval mode, the checkpoint class tag."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_modules.base import AnomalyDetector
+
+
+def batch_images(batch: Any) -> Tensor:
+    """The patch tensor of a training batch: ``batch["image"]`` (the data contract) or a bare tensor."""
+    if isinstance(batch, dict):
+        if "image" not in batch:
+            raise KeyError(f"training batch has no 'image' key (keys: {sorted(batch)})")
+        return batch["image"]
+    if isinstance(batch, (list, tuple)):
+        return batch[0]
+    return batch
+
+
+class ReconstructionDetector(AnomalyDetector):
+    """Shared shell of CAE / beta-VAE / VQ-VAE: subclasses define ``per_sample_loss(x) -> (Tensor[N], logs)``
+    and ``reconstruct(x)``; the loss averaged over the batch is trained on, the per-sample value scored."""
+
+    lr: float
+
+    def per_sample_loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def reconstruct(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x = batch_images(batch)
+        per_sample, logs = self.per_sample_loss(x)
+        loss = per_sample.mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        for key, value in logs.items():
+            self.log(f"train/{key}", value, batch_size=x.shape[0])
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x = batch_images(batch)
+        per_sample, _ = self.per_sample_loss(x)
+        loss = per_sample.mean()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+    def score_patches(self, x: Tensor) -> Tensor:
+        """Per-patch anomaly score (the model's per-sample loss), eval mode, no gradient."""
+        return self._eval_call(lambda t: self.per_sample_loss(t)[0].float(), x)
+
+    def residual_map(self, x: Tensor) -> Tensor:
+        """Per-pixel squared reconstruction error N x 1 x 64 x 64 (for figures)."""
+        return self._eval_call(lambda t: (t.float() - self.reconstruct(t).float()).pow(2), x)
+
+
+__all__ = ["ReconstructionDetector", "batch_images"]
