@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from lightning_modules.base import AnomalyDetector
-from lightning_modules.reconstruction import batch_images
 from lightning_modules.networks import Critic, GanEncoder, Generator, gradient_penalty
+from lightning_modules.reconstruction import batch_images
 
 STAGES = ("gan", "encoder")
 
