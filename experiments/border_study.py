@@ -52,14 +52,14 @@ class Variant:
     config: str  # model YAML
     fit: str  # run folder whose checkpoint is scored ("cae", "cae_spn" from Table 1, or a fit of this study)
     calibration: list[str] | None = None  # ConformalCalibration arguments; None = raw scores
-    test_overrides: tuple[str, ...] = ()
+    hparams: tuple[tuple[str, Any], ...] = ()  # scoring options written into a copy of the checkpoint
     needs_autoencoder: bool = True
 
 
 VARIANTS = (
     Variant("CAE", "cae.yaml", "cae", needs_autoencoder=False),
     Variant("CAE-RATSPN", "cae_spn.yaml", "cae_spn"),
-    Variant("suppress", "cae_spn.yaml", "cae_spn", test_overrides=("--model.init_args.border_suppression_px", "64")),
+    Variant("suppress", "cae_spn.yaml", "cae_spn", hparams=(("border_suppression_px", 64.0),)),
     Variant("context", "cae_spn.yaml", "border_cae_spn_context"),
     Variant("mondrian", "cae_spn.yaml", "cae_spn", calibration=MONDRIAN),
     Variant("normalised", "cae_spn.yaml", "cae_spn", calibration=NORMALISED),
@@ -79,6 +79,21 @@ def _base_args(args: argparse.Namespace, config: str, fit: str) -> list[str]:
     configs = [*data_first, str(table1.CONFIG_DIR / config), profile, *data_last,
                *table1.profile_overlays(args.profile, fit if fit in ("cae", "cae_spn") else "cae_spn")]
     out = [a for c in configs for a in ("--config", c)] + overrides
+    return out
+
+
+def with_hparams(ckpt: Path, out: Path, hparams: dict[str, Any]) -> Path:
+    """A copy of ``ckpt`` whose saved hyper-parameters carry ``hparams``: LightningCLI instantiates a model
+    tested with ``--ckpt_path`` from the checkpoint's hyper-parameters, over any ``--model.init_args`` given,
+    so a scoring option travels in the checkpoint, like the calibrator does."""
+    import torch
+
+    if not out.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state.setdefault("hyper_parameters", {}).update(hparams)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write(out, buffer.getvalue())
     return out
 
 
@@ -120,10 +135,12 @@ def run(args: argparse.Namespace) -> int:
                       "--trainer.callbacks+=experiments.calibration.ConformalCalibration",
                       "--trainer.callbacks.output", str(calibrated), *variant.calibration], log)
             ckpt = calibrated
+        if variant.hparams:
+            ckpt = with_hparams(ckpt, ckpt.with_name(f"{_slug(variant.name)}.ckpt"), dict(variant.hparams))
         name = f"{_slug(variant.name)}-{args.split}"
         metrics = eval_dir / name / "metrics.json"
         if not metrics.is_file():
-            _run(["test", *base, *variant.test_overrides, *split, "--ckpt_path", str(ckpt), "--run.name", name,
+            _run(["test", *base, *split, "--ckpt_path", str(ckpt), "--run.name", name,
                   "--run.root", str(runs), "--run.results_dir", str(eval_dir)], log)
         summary = read_json(metrics)
         row = {"variant": variant.name, **{key: summary.get(key) for key, _ in COLUMNS}}

@@ -32,6 +32,8 @@ def test_border_study_runs_every_variant_on_a_smoke_table(tmp_path: Path, monkey
     assert (out / "runs" / "cae_spn" / "checkpoints" / "calibrated-mondrian.calibration.png").is_file()
     md = (out / "border_study.md").read_text()
     assert md.count("\n| ") == 1 + len(border_study.VARIANTS)
+    # suppression really applied: fewer of the top pixels by the border than the same checkpoint unsuppressed
+    assert float(rows[2]["top1_near_border_fraction_mean"]) < float(rows[1]["top1_near_border_fraction_mean"])
     # a second run reuses every step and also scores the lesion validation set
     assert tools.main([*args, "--split", "lesion_validation"]) == 0
     assert (out / "border-eval" / "mondrian-lesion_validation" / "metrics.json").is_file()
