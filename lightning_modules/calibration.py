@@ -162,12 +162,17 @@ class MondrianConformal(nn.Module):
 
     @torch.no_grad()
     def p_value(self, scores: Tensor, context: Tensor) -> Tensor:
-        """Conformal p-value of each score within its stratum, float N in (0, 1]."""
+        """Conformal p-value of each score within its stratum, float N in [0, 1] (far tails underflow to 0;
+        `forward` gives -log p without that loss)."""
+        return torch.exp(-self(scores, context))
+
+    def _minus_log_p(self, scores: Tensor, context: Tensor) -> Tensor:
+        """-log of the conformal p-value of each score within its stratum, float N >= 0, finite."""
         if not self.fitted:
             raise RuntimeError("the calibrator is not fitted: run `mammospn calibrate` on a checkpoint first")
         scores = scores.reshape(-1).float()
         strata = self.strata(context).to(scores.device)
-        out = torch.ones_like(scores)
+        out = torch.zeros_like(scores)
         if self.loc.numel() == self.num_strata:  # identity (0, 1) unless fitted in normalised mode
             loc, scale = self._location_scale(context.to(scores.device))
             scores = (scores - loc) / scale
@@ -175,12 +180,13 @@ class MondrianConformal(nn.Module):
         for s in torch.unique(strata).tolist():
             sel = strata == s
             cal = cal_all[int(self.offsets[s]): int(self.offsets[s + 1])]
-            out[sel] = self._survival(scores[sel], cal, float(self.tail_scale[s]))
+            out[sel] = self._minus_log_survival(scores[sel], cal, float(self.tail_scale[s]))
         return out
 
     @staticmethod
-    def _survival(x: Tensor, cal: Tensor, tail: float) -> Tensor:
-        """(1 + #{cal >= x}) / (n + 1), linear in the rank between calibration scores, exponential past the max."""
+    def _minus_log_survival(x: Tensor, cal: Tensor, tail: float) -> Tensor:
+        """-log of (1 + #{cal >= x}) / (n + 1), linear in the rank between calibration scores, exponential past
+        the max (there in log space: log(n + 1) + (x - max) / tail, which never overflows)."""
         n = cal.numel()
         if n == 1:
             rank = torch.zeros_like(x)
@@ -193,12 +199,12 @@ class MondrianConformal(nn.Module):
         p = (n - rank) / (n + 1)
         p = torch.where(x < cal[0], torch.ones_like(p), p)
         beyond = x > cal[-1]
-        tail_p = torch.exp(-(x - cal[-1]) / tail) / (n + 1)
-        return torch.where(beyond, tail_p, p).clamp(1e-300, 1.0)
+        past_max = math.log(n + 1) + (x - cal[-1]) / tail
+        return torch.where(beyond, past_max, -torch.log(p.clamp_min(1.0 / (n + 1))))
 
     def forward(self, scores: Tensor, context: Tensor) -> Tensor:
         """Calibrated score -log p (higher = more anomalous), float N."""
-        return -torch.log(self.p_value(scores, context))
+        return self._minus_log_p(scores, context)
 
     @staticmethod
     def threshold(alpha: float) -> float:

@@ -98,6 +98,9 @@ def test_conformal_p_values_follow_the_formula_and_are_uniform_per_stratum():
     xs = torch.linspace(-5, 30, 200)
     s = cal(xs, _context(200, 3.0))
     assert bool((s[1:] >= s[:-1]).all()) and float(s[-1]) > float(s[-2]) > math.log(401)
+    # far past every healthy score -log p stays finite and ordered (its p underflows float32)
+    far = cal(torch.tensor([1e4, 2e4]), _context(2, 3.0))
+    assert bool(torch.isfinite(far).all()) and float(far[1]) > float(far[0]) > 80
 
 
 def test_sparse_strata_fall_back_to_the_pool_and_a_fitted_state_round_trips():
