@@ -122,6 +122,8 @@ def _case(leaf: str, batch: int, impl: str, repeats: int, threads: int = 1, tune
     gen = torch.Generator().manual_seed(0)
     kwargs = {"leaf": "categorical", "num_categories": K} if leaf == "categorical" else {}
     num_vars = NUM_VARS
+    if leaf == "gaussian_context":  # CAE / bVAE latents plus CONTEXT context variables, all Gaussian
+        num_vars = NUM_VARS + CONTEXT
     if leaf == "composite":  # the codes plus CONTEXT Gaussian context variables (issue 9's p(z | context))
         num_vars = NUM_VARS + CONTEXT
         kwargs = {"leaf": [("categorical", range(NUM_VARS)), ("gaussian", range(NUM_VARS, num_vars))], "num_categories": K}
@@ -131,15 +133,20 @@ def _case(leaf: str, batch: int, impl: str, repeats: int, threads: int = 1, tune
     elif leaf == "composite":
         data = torch.cat([torch.randint(0, K, (4096, NUM_VARS), generator=gen).float(), torch.randn(4096, CONTEXT, generator=gen)], 1)
     else:
-        data = torch.randn(4096, NUM_VARS, generator=gen)
+        data = torch.randn(4096, num_vars, generator=gen)
     model.init_from_data(data)
     x = data[: min(batch, REFERENCE_ROWS)] if impl == "reference" else data[:batch]
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if impl == "ours":
+        conditional = leaf in ("gaussian_context", "composite")
+        latents = torch.zeros_like(x, dtype=torch.bool)
+        latents[:, :NUM_VARS] = True
 
-        def forward():
+        def forward():  # a conditional model scores -(log p(z, c) - log p(c)): two passes
             with torch.no_grad():
                 model.log_likelihood(x)
+                if conditional:
+                    model.log_likelihood(x, missing=latents)
 
         def em():
             model.em_update(x, step_size=1e-4)
@@ -304,6 +311,16 @@ def main() -> None:
         print(f"  batch {batch:>4}: forward {batch / comp['forward_s']:>9,.0f} samp/s, EM step {1000 * comp['em_s']:8.2f} ms; "
               f"cost vs categorical alone: forward x{comp['forward_s'] / cat['forward_s']:.2f}, "
               f"EM step x{comp['em_s'] / cat['em_s']:.2f}", flush=True)
+
+    print(f"\nconditional RAT-SPN (RatSpnStage context=True): {NUM_VARS} + {CONTEXT} Gaussian variables, scoring "
+          "= joint + context marginal, 1 thread, next to the plain Gaussian model, run alternately:")
+    for batch in (64, 4096):
+        pairs = [(_run_case(("gaussian", batch, "ours", 15 if batch == 64 else 3)),
+                  _run_case(("gaussian_context", batch, "ours", 15 if batch == 64 else 3))) for _ in range(3)]
+        plain = sorted(pairs, key=lambda p: p[0]["em_s"])[1]
+        print(f"  batch {batch:>4}: EM step x{sorted(c['em_s'] / p['em_s'] for p, c in pairs)[1]:.2f}, "
+              f"scoring x{sorted(c['forward_s'] / p['forward_s'] for p, c in pairs)[1]:.2f} the plain model's "
+              f"({1000 * plain[0]['em_s']:.2f} ms / {batch / plain[0]['forward_s']:,.0f} samp/s)", flush=True)
 
     print("\nbatch 64 with the entry points' allocator setting (freed memory kept, no page faults):")
     tuned = {}
