@@ -82,15 +82,12 @@ class PredictionOptions:
 
 
 def calibrated_threshold(model: Any) -> float | None:
-    """The model's calibrated score threshold (``threshold`` attribute or buffer), None when absent or not finite."""
-    value = getattr(model, "threshold", None)
-    if value is None or callable(value):
-        return None
+    """The model's calibrated score threshold (`evaluation.model_threshold`), None when absent or not fitted:
+    predict then falls back to the percentile rule instead of refusing."""
     try:
-        number = float(evaluation.as_numpy(value).reshape(-1)[0])
+        return evaluation.model_threshold(model)
     except (TypeError, ValueError, IndexError):
         return None
-    return number if math.isfinite(number) else None
 
 
 def p_value_function(model: Any) -> Callable[[np.ndarray], np.ndarray] | None:
