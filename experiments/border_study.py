@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.fileio import atomic_write, read_json, write_json
-from experiments import table1
+from experiments import table1_stages
 
 #: rank within each stratum: the callback's default strata (16 / 32 / 64 px, at least 50 patches each)
 MONDRIAN = ["--trainer.callbacks.bins_px", "[16,32,64]", "--trainer.callbacks.min_count", "50"]
@@ -74,10 +74,10 @@ def _slug(name: str) -> str:
 
 
 def _base_args(args: argparse.Namespace, config: str, fit: str) -> list[str]:
-    data_first, data_last, overrides = table1._data_args(args.data, args.data_root, args.seed)
-    profile = str(table1.CONFIG_DIR / "profiles" / f"{args.profile}.yaml")
-    configs = [*data_first, str(table1.CONFIG_DIR / config), profile, *data_last,
-               *table1.profile_overlays(args.profile, fit if fit in ("cae", "cae_spn") else "cae_spn")]
+    data_first, data_last, overrides = table1_stages.data_args(args.data, args.data_root, args.seed)
+    profile = str(table1_stages.CONFIG_DIR / "profiles" / f"{args.profile}.yaml")
+    configs = [*data_first, str(table1_stages.CONFIG_DIR / config), profile, *data_last,
+               *table1_stages.profile_overlays(args.profile, fit if fit in ("cae", "cae_spn") else "cae_spn")]
     out = [a for c in configs for a in ("--config", c)] + overrides
     return out
 
@@ -112,8 +112,8 @@ def run(args: argparse.Namespace) -> int:
     log = print
     out = Path(args.table1)
     runs, eval_dir = out / "runs", out / "border-eval"
-    ae_ckpt = table1.checkpoint_path(runs, "cae")
-    if not ae_ckpt.is_file() or not table1.checkpoint_path(runs, "cae_spn").is_file():
+    ae_ckpt = table1_stages.checkpoint_path(runs, "cae")
+    if not ae_ckpt.is_file() or not table1_stages.checkpoint_path(runs, "cae_spn").is_file():
         print(f"mammospn border-study: no CAE / CAE-RATSPN fits in {runs}; run `mammospn table1 --out {out}` first")
         return 2
     ae = ["--model.init_args.autoencoder_ckpt", str(ae_ckpt)]
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for variant in VARIANTS:
         base = _base_args(args, variant.config, variant.fit) + (ae if variant.needs_autoencoder else [])
-        ckpt = table1.checkpoint_path(runs, variant.fit, "best.ckpt" if variant.fit in ("cae",) else "last.ckpt")
+        ckpt = table1_stages.checkpoint_path(runs, variant.fit, "best.ckpt" if variant.fit in ("cae",) else "last.ckpt")
         if variant.calibration is not None:
             calibrated = ckpt.with_name(f"calibrated-{_slug(variant.name)}.ckpt")
             if not calibrated.is_file():
@@ -191,7 +191,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--table1", required=True, help="a `mammospn table1 --out` folder with the CAE fits")
     parser.add_argument("--data", default="synthetic", help="data source name or configs/data/*.yaml (as table1)")
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--profile", default="quick", choices=table1.PROFILES)
+    parser.add_argument("--profile", default="quick", choices=table1_stages.PROFILES)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", default="test", choices=("test", "lesion_validation"),
                         help="which lesion set the variants are scored on (choose a default on lesion_validation)")

@@ -23,7 +23,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from experiments import evaluation
+from experiments import anomaly_maps, evaluation_results
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class ConformalCalibration(pl.Callback):
         out = self._output(trainer)
         out.parent.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(out)
-        evaluation.write_metrics_json(out.with_name(f"{out.stem}.calibration.json"), report)
+        evaluation_results.write_metrics_json(out.with_name(f"{out.stem}.calibration.json"), report)
         from experiments.figures import calibration_figure
 
         calibration_figure(report, out.with_name(f"{out.stem}.calibration.png"))
@@ -119,7 +119,7 @@ class ConformalCalibration(pl.Callback):
             raw, context = _item_scores(pl_module, item)
             calibrated = calibrator(raw.to(pl_module.device), context.to(pl_module.device)).cpu()
             patch_p.append(torch.exp(-calibrated).numpy())
-            amap = evaluation.anomaly_map(calibrated.numpy(), item["centers"], item["breast_mask"], int(item["stride"]))
+            amap = anomaly_maps.anomaly_map(calibrated.numpy(), item["centers"], item["breast_mask"], int(item["stride"]))
             pixel_p.append(np.exp(-amap[np.isfinite(amap)]))
             n_images += 1
         patches = np.concatenate(patch_p) if patch_p else np.zeros(0)

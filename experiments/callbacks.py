@@ -32,7 +32,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from datamodules import fileio
 from datamodules.patches import with_progress
 from datamodules.records import DataError
-from experiments import evaluation
+from experiments import anomaly_maps, evaluation, evaluation_results, metrics
 from experiments.checkpoints import checkpoint_info
 
 #: scalars of the summary that are logged to every logger (prefix "test/" or ``monitor_prefix``/)
@@ -173,9 +173,9 @@ class EvaluationCallback(pl.Callback):
         histogram_bins: int = 100,
     ) -> None:
         super().__init__()
-        if threshold not in evaluation.THRESHOLD_RULES:
+        if threshold not in anomaly_maps.THRESHOLD_RULES:
             raise ValueError(
-                f"EvaluationCallback.threshold={threshold!r} unknown; choose one of {evaluation.THRESHOLD_RULES}"
+                f"EvaluationCallback.threshold={threshold!r} unknown; choose one of {anomaly_maps.THRESHOLD_RULES}"
             )
         if threshold == "fixed" and threshold_value is None:
             raise ValueError("EvaluationCallback.threshold='fixed' needs threshold_value")
@@ -195,7 +195,7 @@ class EvaluationCallback(pl.Callback):
         self.histogram_bins = int(histogram_bins)
         self.last_summary: dict[str, Any] = {}
         self.last_fit_summary: dict[str, Any] = {}
-        self._acc: evaluation.EvaluationAccumulator | None = None
+        self._acc: evaluation_results.EvaluationAccumulator | None = None
         self._panels: list[tuple[str, np.ndarray]] = []
         self._maps_written = 0
         self._eval_seconds = 0.0
@@ -242,22 +242,22 @@ class EvaluationCallback(pl.Callback):
             raise RuntimeError("EvaluationCallback: the healthy validation set is empty; no threshold")
         return float(np.percentile(np.concatenate(scores)[: self.healthy_max_patches], self.percentile))
 
-    def _new_accumulator(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> evaluation.EvaluationAccumulator:
+    def _new_accumulator(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> evaluation_results.EvaluationAccumulator:
         value = self.threshold_value
         if self.threshold == "healthy_percentile":
             value = self._healthy_threshold(trainer, pl_module)
         elif self.threshold == "calibrated":
-            value = evaluation.model_threshold(pl_module)
-        return evaluation.EvaluationAccumulator(self.threshold, self.percentile, value,
+            value = anomaly_maps.model_threshold(pl_module)
+        return evaluation_results.EvaluationAccumulator(self.threshold, self.percentile, value,
                                                 keep_image_tables=trainer.world_size > 1)
 
-    def _gather(self, trainer: pl.Trainer, acc: evaluation.EvaluationAccumulator) -> evaluation.EvaluationAccumulator:
+    def _gather(self, trainer: pl.Trainer, acc: evaluation_results.EvaluationAccumulator) -> evaluation_results.EvaluationAccumulator:
         """Under DDP, every rank gets the union of all ranks' images (duplicates dropped by image_id)."""
         if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
             return acc
         states: list[Any] = [None] * trainer.world_size
         torch.distributed.all_gather_object(states, acc.state())
-        merged = evaluation.EvaluationAccumulator(acc.threshold_rule, acc.percentile, acc.threshold_value,
+        merged = evaluation_results.EvaluationAccumulator(acc.threshold_rule, acc.percentile, acc.threshold_value,
                                                   keep_image_tables=True)
         for state in states:
             merged.merge_state(state)
@@ -309,15 +309,16 @@ class EvaluationCallback(pl.Callback):
                 "'lesion_mask', ...; DataLoader batch_size=None)"
             )
         begin = time.perf_counter()
-        result, amap, seg = self._acc.add(batch, scores)
+        ev = self._acc.add(batch, scores)
+        result, amap, seg = ev.result, ev.anomaly_map, ev.segmentation
         if trainer.is_global_zero and self._maps_written < self.save_maps:
-            out = self._staging / "maps" / f"{evaluation.safe_file_stem(result.image_id)}.npz"
-            evaluation.write_map(out, batch, amap, seg, result)
+            out = self._staging / "maps" / f"{evaluation_results.safe_file_stem(result.image_id)}.npz"
+            evaluation_results.write_map(out, batch, amap, seg, result)
             self._maps_written += 1
             if any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
-                breast = evaluation.as_numpy(batch["breast_mask"]).astype(bool)
-                lesion = evaluation.as_numpy(batch["lesion_mask"]).astype(bool)
-                image = evaluation.as_numpy(batch["image"]).astype(np.float32)
+                breast = metrics.as_numpy(batch["breast_mask"]).astype(bool)
+                lesion = metrics.as_numpy(batch["lesion_mask"]).astype(bool)
+                image = metrics.as_numpy(batch["image"]).astype(np.float32)
                 caption = (f"{result.image_id} | {type(pl_module).__name__}: AUC {result.auc:.3f}, "
                            f"H {result.hausdorff_px:.1f} px "
                            f"({result.hausdorff_mm:.1f} mm), {self._acc.rule_name}")
@@ -353,9 +354,9 @@ class EvaluationCallback(pl.Callback):
         if trainer.is_global_zero:
             out, staging = self.resolve_output_dir(trainer), self._staging
             hist = acc.score_histogram(self.histogram_bins)
-            evaluation.write_metrics_json(staging / "metrics.json", summary)
-            evaluation.write_per_image_csv(staging / "per_image.csv", acc.results)
-            evaluation.write_npz(staging / "score_hist.npz", threshold_rule=np.array(summary["threshold_rule"]),
+            evaluation_results.write_metrics_json(staging / "metrics.json", summary)
+            evaluation_results.write_per_image_csv(staging / "per_image.csv", acc.results)
+            evaluation_results.write_npz(staging / "score_hist.npz", threshold_rule=np.array(summary["threshold_rule"]),
                                  model=np.array(summary["model"]), **hist)
             fileio.publish_entries(staging, out, marker="metrics.json")
             self._staging = None
@@ -370,7 +371,7 @@ class EvaluationCallback(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._discard_staging()  # a crashed test publishes nothing; the earlier results stay whole
 
-    def _log_wandb(self, trainer: pl.Trainer, acc: evaluation.EvaluationAccumulator,
+    def _log_wandb(self, trainer: pl.Trainer, acc: evaluation_results.EvaluationAccumulator,
                    summary: Mapping[str, Any], hist: Mapping[str, np.ndarray]) -> None:
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         if not loggers:
@@ -437,8 +438,8 @@ class EvaluationCallback(pl.Callback):
                        model=f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
                        **_skipped_images(trainer, "lesion_validation"))
         out = self.resolve_output_dir(trainer) / self.monitor_prefix
-        evaluation.write_metrics_json(out / "metrics.json", summary)
-        evaluation.write_per_image_csv(out / "per_image.csv", acc.results)
+        evaluation_results.write_metrics_json(out / "metrics.json", summary)
+        evaluation_results.write_per_image_csv(out / "per_image.csv", acc.results)
         return summary
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

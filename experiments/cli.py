@@ -189,7 +189,7 @@ class MammoCLI(LightningCLI):
             super()._run_subcommand(subcommand)
         except DataError as err:
             if subcommand == "test":
-                from experiments.evaluation import retire_results
+                from experiments.evaluation_results import retire_results
 
                 stale = retire_results(self.results_dir, f"lightning test failed: {err}")
                 if stale is not None:

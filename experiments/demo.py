@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from experiments.table1 import CONFIG_DIR
+from experiments.table1_stages import CONFIG_DIR
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pydicom
 
-from experiments import evaluation
+from datamodules.fileio import atomic_write
 
 MANUFACTURER = "mammospn"
 SOFTWARE_VERSION = "0.1.0"
@@ -140,5 +140,5 @@ def _write(source: pydicom.Dataset, seg: np.ndarray, overlay_rgb: np.ndarray, ba
     for key, dataset in (("segmentation_dcm", seg_ds), ("overlay_dcm", sc)):
         buffer = io.BytesIO()
         dataset.save_as(buffer, enforce_file_format=True)
-        evaluation.atomic_write(paths[key], buffer.getvalue())
+        atomic_write(paths[key], buffer.getvalue())
     return paths

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from datamodules.fileio import atomic_write_with
-from experiments import evaluation
+from experiments import anomaly_maps
 
 #: The one colour map of every figure and overlay: perceptually uniform, readable in grey and by
 #: colour-blind readers.
@@ -169,7 +169,7 @@ def figure2_figure(map_dirs: Mapping[str, Path], image_ids: Sequence[str], title
                 breast = breast.astype(bool) if breast is not None else np.isfinite(amap)
                 seg = _pick(data, "segmentation", "threshold_mask", "pred_mask", "mask")
                 if seg is None:
-                    seg = evaluation.segment(amap, breast, evaluation.image_percentile_threshold(amap, breast))
+                    seg = anomaly_maps.segment(amap, breast, anomaly_maps.image_percentile_threshold(amap, breast))
                 ranks = np.ma.masked_invalid(percentile_rank(amap, breast))
                 heat_ax[k].imshow(scan_img, cmap="gray", vmin=0, vmax=1)
                 image = heat_ax[k].imshow(ranks, cmap=CMAP, vmin=0.0, vmax=100.0, alpha=0.75)
@@ -298,7 +298,7 @@ def froc_figure(metrics_files: Mapping[str, Path], out_path: str | Path, title: 
     """FROC of one test set: lesion sensitivity against false-positive regions per image, one line per model.
 
     ``metrics_files`` maps model name -> its evaluation ``metrics.json`` (the ``froc`` curve written by
-    `experiments.evaluation.EvaluationAccumulator`); the 0.5 / 1 / 2 FP-per-image operating points of
+    `experiments.evaluation_results.EvaluationAccumulator`); the 0.5 / 1 / 2 FP-per-image operating points of
     Table 1 are marked by vertical lines. Returns None when no file holds a curve.
     """
     import json

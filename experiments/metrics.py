@@ -52,11 +52,16 @@ FROC_FP_RATES = (0.5, 1.0, 2.0)
 CONNECTIVITY = np.ones((3, 3), dtype=bool)
 
 
-def _as_numpy(x: object) -> np.ndarray:
-    """Tensor or array-like -> numpy array (detached, on the CPU)."""
+def as_numpy(x: object) -> np.ndarray:
+    """Tensor (any device) or array-like -> numpy array (detached, on the CPU): what every metric and map takes."""
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()  # type: ignore[union-attr]
     return np.asarray(x)
+
+
+def as_float(x: object) -> float:
+    """The first element of a tensor, array or number as a Python float (a batch's 0-d or 1-element fields)."""
+    return float(as_numpy(x).reshape(-1)[0])
 
 
 def value_counts(values: object) -> tuple[np.ndarray, np.ndarray]:
@@ -66,7 +71,7 @@ def value_counts(values: object) -> tuple[np.ndarray, np.ndarray]:
     number of distinct values rather than the number of samples. float32 scores stay float32 (every
     comparison is exact either way, and the table is a third smaller); other types become float64.
     """
-    arr = _as_numpy(values).ravel()
+    arr = as_numpy(values).ravel()
     if arr.dtype != np.float32:
         arr = arr.astype(np.float64)
     if arr.size and not np.all(np.isfinite(arr)):
@@ -119,8 +124,8 @@ def auc(scores: object, labels: object) -> float:
 
     Equal to ``sklearn.metrics.roc_auc_score``; NaN when only one class is present.
     """
-    s = _as_numpy(scores).ravel()
-    y = _as_numpy(labels).ravel().astype(bool)
+    s = as_numpy(scores).ravel()
+    y = as_numpy(labels).ravel().astype(bool)
     if s.shape != y.shape:
         raise ValueError(f"scores ({s.shape}) and labels ({y.shape}) differ in size")
     return auc_from_counts(*value_counts(s[y]), *value_counts(s[~y]))
@@ -152,8 +157,8 @@ class ExactAUC:
 
     def update(self, scores: object, labels: object) -> None:
         """Adds samples: ``scores`` (any shape) with boolean ``labels`` of the same size."""
-        s = _as_numpy(scores).ravel()
-        y = _as_numpy(labels).ravel().astype(bool)
+        s = as_numpy(scores).ravel()
+        y = as_numpy(labels).ravel().astype(bool)
         if s.shape != y.shape:
             raise ValueError(f"scores ({s.shape}) and labels ({y.shape}) differ in size")
         for cls, part in ((True, s[y]), (False, s[~y])):
@@ -201,8 +206,8 @@ def pixel_auc(
     """Pixel-wise AUC: the breast pixels of all images pooled, lesion pixels positive (exact)."""
     acc = ExactAUC()
     for score_map, lesion, breast in zip(maps, lesion_masks, breast_masks, strict=True):
-        breast = _as_numpy(breast).astype(bool)
-        acc.update(_as_numpy(score_map)[breast], _as_numpy(lesion).astype(bool)[breast])
+        breast = as_numpy(breast).astype(bool)
+        acc.update(as_numpy(score_map)[breast], as_numpy(lesion).astype(bool)[breast])
     return acc.compute()
 
 
@@ -225,8 +230,8 @@ def image_auc(
     """
     per_image = []
     for score_map, lesion, breast in zip(maps, lesion_masks, breast_masks, strict=True):
-        breast = _as_numpy(breast).astype(bool)
-        per_image.append(auc(_as_numpy(score_map)[breast], _as_numpy(lesion).astype(bool)[breast]))
+        breast = as_numpy(breast).astype(bool)
+        per_image.append(auc(as_numpy(score_map)[breast], as_numpy(lesion).astype(bool)[breast]))
     mean, std, _ = mean_std(per_image)
     return mean, std, per_image
 
@@ -240,8 +245,8 @@ def hausdorff_distance(
     mm when ``spacing_mm`` (isotropic pixel size) is given. Empty-mask policy: if either mask is empty
     the distance is undefined and NaN is returned (see ``HAUSDORFF_EMPTY_POLICY``; callers count it).
     """
-    a = _as_numpy(mask_a).astype(bool)
-    b = _as_numpy(mask_b).astype(bool)
+    a = as_numpy(mask_a).astype(bool)
+    b = as_numpy(mask_b).astype(bool)
     if a.shape != b.shape:
         raise ValueError(f"masks differ in shape: {a.shape} vs {b.shape}")
     if not a.any() or not b.any():
@@ -296,17 +301,17 @@ def lesion_hit(score_map: object, lesion_mask: object, breast_mask: object) -> f
     lesion (the expected hit of a random tie-break), so a constant map never scores a sure hit. NaN when
     the breast is empty.
     """
-    breast = _as_numpy(breast_mask).astype(bool)
+    breast = as_numpy(breast_mask).astype(bool)
     if not breast.any():
         return math.nan
-    values = _as_numpy(score_map).astype(np.float64)
+    values = as_numpy(score_map).astype(np.float64)
     top = breast & (values == values[breast].max())
-    return float(_as_numpy(lesion_mask).astype(bool)[top].mean())
+    return float(as_numpy(lesion_mask).astype(bool)[top].mean())
 
 
 def label_lesions(lesion_mask: object) -> tuple[np.ndarray, int]:
     """Connected lesions of a binary mask (8-connectivity): int32 label image (0 = background) and their number."""
-    labels, n = ndimage.label(_as_numpy(lesion_mask).astype(bool), structure=CONNECTIVITY)
+    labels, n = ndimage.label(as_numpy(lesion_mask).astype(bool), structure=CONNECTIVITY)
     return labels.astype(np.int32, copy=False), int(n)
 
 
@@ -320,9 +325,9 @@ def froc_counts(
     (label j + 1 in ``lesion_labels``) is found when some candidate's peak lies inside it; a candidate
     whose peak lies outside every lesion is a false positive. scipy.ndimage labels and finds the peaks.
     """
-    values = _as_numpy(score_map).astype(np.float64)
-    breast = _as_numpy(breast_mask).astype(bool)
-    labels = _as_numpy(lesion_labels)
+    values = as_numpy(score_map).astype(np.float64)
+    breast = as_numpy(breast_mask).astype(bool)
+    labels = as_numpy(lesion_labels)
     if values.shape != breast.shape or labels.shape != breast.shape:
         raise ValueError(f"score map {values.shape}, lesion labels {labels.shape} and breast mask "
                          f"{breast.shape} differ in shape")
@@ -408,8 +413,8 @@ def sensitivity_at_fp(
     0.0 when no point is that strict (the empty candidate set, 0 FP and 0 found, is always attainable);
     NaN when the sensitivity is undefined (no lesion).
     """
-    fp = _as_numpy(fp_per_image).astype(np.float64).reshape(-1)
-    sens = _as_numpy(sensitivity).astype(np.float64).reshape(-1)
+    fp = as_numpy(fp_per_image).astype(np.float64).reshape(-1)
+    sens = as_numpy(sensitivity).astype(np.float64).reshape(-1)
     if sens.size and np.all(np.isnan(sens)):
         return {float(r): math.nan for r in rates}
     out = {}
@@ -425,10 +430,10 @@ def interior_mask(breast_mask: object, distance_px: float, border_dist: object |
     ``border_dist`` may pass a precomputed distance map (e.g. the evaluation's OpenCV transform); otherwise
     scipy's exact Euclidean distance transform of the zero-padded mask is used.
     """
-    breast = _as_numpy(breast_mask).astype(bool)
+    breast = as_numpy(breast_mask).astype(bool)
     if border_dist is None:
         border_dist = ndimage.distance_transform_edt(np.pad(breast, 1))[1:-1, 1:-1]
-    return breast & (_as_numpy(border_dist) > distance_px)
+    return breast & (as_numpy(border_dist) > distance_px)
 
 
 def interior_pixel_auc(
@@ -442,5 +447,5 @@ def interior_pixel_auc(
     acc = ExactAUC()
     for score_map, lesion, breast in zip(maps, lesion_masks, breast_masks, strict=True):
         inner = interior_mask(breast, distance_px)
-        acc.update(_as_numpy(score_map)[inner], _as_numpy(lesion).astype(bool)[inner])
+        acc.update(as_numpy(score_map)[inner], as_numpy(lesion).astype(bool)[inner])
     return acc.compute()

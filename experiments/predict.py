@@ -42,7 +42,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
 from datamodules.fileio import atomic_write, write_json
-from experiments import evaluation, figures
+from experiments import anomaly_maps, evaluation_results, figures, metrics
 
 #: Score unit per model class, for the overlay's colorbar (a model may declare ``score_unit`` itself).
 SCORE_UNITS = {
@@ -82,10 +82,10 @@ class PredictionOptions:
 
 
 def calibrated_threshold(model: Any) -> float | None:
-    """The model's calibrated score threshold (`evaluation.model_threshold`), None when absent or not fitted:
+    """The model's calibrated score threshold (`anomaly_maps.model_threshold`), None when absent or not fitted:
     predict then falls back to the percentile rule instead of refusing."""
     try:
-        return evaluation.model_threshold(model)
+        return anomaly_maps.model_threshold(model)
     except (TypeError, ValueError, IndexError):
         return None
 
@@ -101,11 +101,11 @@ def p_value_function(model: Any) -> Callable[[np.ndarray], np.ndarray] | None:
         return lambda s: np.exp(-np.asarray(s, dtype=np.float64))
     method = getattr(model, "p_value", None)
     if callable(method):
-        return lambda s: np.asarray(evaluation.as_numpy(method(np.asarray(s, dtype=np.float64))), dtype=np.float64)
+        return lambda s: np.asarray(metrics.as_numpy(method(np.asarray(s, dtype=np.float64))), dtype=np.float64)
     healthy = getattr(model, "calibration_scores", None)
     if healthy is None:
         return None
-    ref = np.sort(evaluation.as_numpy(healthy).astype(np.float64).ravel())
+    ref = np.sort(metrics.as_numpy(healthy).astype(np.float64).ravel())
     ref = ref[np.isfinite(ref)]
     if ref.size == 0:
         return None
@@ -139,7 +139,7 @@ def overlay_rgb(image: np.ndarray, amap: np.ndarray, breast: np.ndarray, thresho
 
     grey = (np.clip(np.asarray(image, np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     rgb = np.repeat(grey[..., None], 3, axis=2)
-    hot = evaluation.segment(amap, breast, threshold) if math.isfinite(threshold) else np.zeros(breast.shape, bool)
+    hot = anomaly_maps.segment(amap, breast, threshold) if math.isfinite(threshold) else np.zeros(breast.shape, bool)
     if hot.any():
         top = float(np.nanmax(amap[hot])) if vmax is None else float(vmax)
         span = top - threshold if top > threshold else 1.0
@@ -272,24 +272,24 @@ def write_prediction(
     """Writes every per-image output of the module docstring for one evaluation item and its patch scores."""
     options = options or PredictionOptions()
     output_dir = Path(output_dir)
-    image = evaluation.as_numpy(item["image"]).astype(np.float32)
+    image = metrics.as_numpy(item["image"]).astype(np.float32)
     image = image.reshape(image.shape[-2:])
     breast_value = item.get("breast_mask")
-    breast = (evaluation.as_numpy(breast_value).astype(bool).reshape(image.shape) if breast_value is not None
+    breast = (metrics.as_numpy(breast_value).astype(bool).reshape(image.shape) if breast_value is not None
               else np.ones(image.shape, dtype=bool))
-    stride = int(evaluation.as_numpy(item.get("stride", 16)))
-    spacing = float(evaluation.as_numpy(item.get("spacing_mm", 0.2)))
+    stride = int(metrics.as_numpy(item.get("stride", 16)))
+    spacing = float(metrics.as_numpy(item.get("spacing_mm", 0.2)))
     meta = dict(item.get("meta") or {})
     image_id = str(item.get("image_id", "image"))
-    stem = stem or evaluation.safe_file_stem(image_id)
-    amap = evaluation.anomaly_map(scores, item["centers"], breast, stride)
+    stem = stem or evaluation_results.safe_file_stem(image_id)
+    amap = anomaly_maps.anomaly_map(scores, item["centers"], breast, stride)
     calibrated = calibrated_threshold(model)
     if calibrated is not None:
         threshold, rule = calibrated, "calibrated threshold"
     else:
-        threshold = evaluation.image_percentile_threshold(amap, breast, options.percentile)
+        threshold = anomaly_maps.image_percentile_threshold(amap, breast, options.percentile)
         rule = f"image {options.percentile:g}th percentile"
-    seg = evaluation.segment(amap, breast, threshold)
+    seg = anomaly_maps.segment(amap, breast, threshold)
     p_value = p_value_function(model)
     native_spacing = meta.get("native_spacing_mm")
     regions = candidate_regions(amap, seg, spacing, native_spacing, p_value)
@@ -350,7 +350,7 @@ def write_prediction(
 def output_stem(image_id: str, source_path: str, used: set[str]) -> str:
     """A relative output stem that keeps the input's folders (``a/scan`` and ``b/scan`` stay apart), each
     part made file-safe; a stem already taken (``scan.png`` beside ``scan.dcm``) gets the source's hash."""
-    parts = [evaluation.safe_file_stem(p) for p in str(image_id).replace("\\", "/").split("/") if p not in ("", ".", "..")]
+    parts = [evaluation_results.safe_file_stem(p) for p in str(image_id).replace("\\", "/").split("/") if p not in ("", ".", "..")]
     stem = "/".join(parts) or "image"
     if stem in used:
         stem = f"{stem}_{hashlib.sha1(str(source_path).encode()).hexdigest()[:8]}"
@@ -452,7 +452,7 @@ class PredictionWriter(Callback):
         summary = {"scored": len(self.rows), "skipped": self.skipped, "model": type(pl_module).__name__,
                    "threshold": calibrated_threshold(pl_module), "percentile": self.options.percentile,
                    "predictions_csv": str(csv_path)}
-        evaluation.write_metrics_json(self.output_dir / "summary.json", summary)
+        evaluation_results.write_metrics_json(self.output_dir / "summary.json", summary)
         reasons = f" ({skip_summary(self.skipped)})" if self.skipped else ""
         line = (f"predict: scored {len(self.rows)}, skipped {len(self.skipped)}{reasons}; maps, overlays, "
                 f"regions{' and DICOMs' if any(r['segmentation_dcm'] for r in self.rows) else ''} in "

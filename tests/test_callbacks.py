@@ -15,7 +15,7 @@ from pytorch_lightning.loggers import CSVLogger
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 
-from experiments import evaluation
+from experiments import anomaly_maps, evaluation_results
 from experiments.callbacks import EvaluationCallback, heatmap_panel
 from lightning_modules.base import AnomalyDetector
 
@@ -81,7 +81,7 @@ def expected_pixel_auc(items: list[dict]) -> float:
         if not it["lesion_mask"].any():
             continue
         s = it["patches"].mean(dim=(1, 2, 3)).numpy()
-        amap = evaluation.anomaly_map(s, it["centers"].numpy(), it["breast_mask"].numpy(), STRIDE)
+        amap = anomaly_maps.anomaly_map(s, it["centers"].numpy(), it["breast_mask"].numpy(), STRIDE)
         breast = it["breast_mask"].numpy()
         scores.append(amap[breast])
         labels.append(it["lesion_mask"].numpy()[breast])
@@ -264,8 +264,8 @@ def test_distributed_gather_pools_ranks_and_drops_padding_duplicates(monkeypatch
     from types import SimpleNamespace
 
     items = [make_item(i) for i in range(3)]
-    rank0 = evaluation.EvaluationAccumulator(keep_image_tables=True)
-    rank1 = evaluation.EvaluationAccumulator(keep_image_tables=True)
+    rank0 = evaluation_results.EvaluationAccumulator(keep_image_tables=True)
+    rank1 = evaluation_results.EvaluationAccumulator(keep_image_tables=True)
     for it in (items[0], items[2]):
         rank0.add(it, it["patches"].mean(dim=(1, 2, 3)))
     for it in (items[1], items[0]):  # the padded repeat

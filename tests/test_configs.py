@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from experiments import cli, table1
+from experiments import cli, table1, table1_stages
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -57,15 +57,15 @@ def test_model_yamls_hold_model_and_trainer_settings_only(path: Path) -> None:
 
 
 def test_profiles_are_overlays_of_known_fits() -> None:
-    fits = {spec.name for spec in table1.FITS}
-    for profile in table1.PROFILES:
+    fits = {spec.name for spec in table1_stages.FITS}
+    for profile in table1_stages.PROFILES:
         base = strict_load(CONFIGS / "profiles" / f"{profile}.yaml")
         assert "class_path" not in base.get("data", {}), profile  # refines the data class, never picks one
         overlays = {p.stem for p in (CONFIGS / "profiles" / profile).glob("*.yaml")}
         assert overlays <= fits, profile
         for stem in overlays:
             assert "class_path" not in strict_load(CONFIGS / "profiles" / profile / f"{stem}.yaml").get("model", {})
-    assert not hasattr(table1, "PROFILE_OVERRIDES")
+    assert not hasattr(table1, "PROFILE_OVERRIDES") and not hasattr(table1_stages, "PROFILE_OVERRIDES")
 
 
 def test_cli_merges_the_synthetic_data_config_when_none_is_given() -> None:

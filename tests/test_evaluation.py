@@ -11,7 +11,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from datamodules.fileio import json_safe
-from experiments import evaluation, metrics
+from experiments import anomaly_maps, evaluation, evaluation_results, metrics
 
 
 def _grid(breast: np.ndarray, stride: int, origin: tuple[int, int] = (8, 8)) -> np.ndarray:
@@ -29,7 +29,7 @@ def test_linear_field_interpolated_exactly_and_masked_outside_breast() -> None:
     centers = _grid(np.ones((h, w), bool), stride)
     field = lambda r, c: 0.5 + 0.01 * r - 0.02 * c  # noqa: E731
     scores = field(centers[:, 0], centers[:, 1])
-    amap = evaluation.anomaly_map(scores, centers, breast, stride)
+    amap = anomaly_maps.anomaly_map(scores, centers, breast, stride)
     assert amap.dtype == np.float32 and amap.shape == (h, w)
     rr, cc = np.mgrid[:h, :w]
     inside = (rr >= 8) & (rr <= centers[:, 0].max()) & (cc >= 8) & (cc <= centers[:, 1].max()) & breast
@@ -46,18 +46,18 @@ def test_missing_grid_cells_take_nearest_score() -> None:
     centers = _grid(breast, stride)
     scores = np.where(centers[:, 1] == 8, 1.0, 3.0)
     full_breast = np.ones((h, w), bool)
-    amap = evaluation.anomaly_map(scores, centers, full_breast, stride)
+    amap = anomaly_maps.anomaly_map(scores, centers, full_breast, stride)
     np.testing.assert_allclose(amap[:, 24:], 3.0, atol=1e-6)  # filled from the column-24 nodes
     np.testing.assert_allclose(amap[:, 16], 2.0, atol=1e-6)  # halfway between 8 and 24
 
 
 def test_anomaly_map_errors_and_empty() -> None:
     breast = np.ones((32, 32), bool)
-    assert np.isnan(evaluation.anomaly_map(np.zeros(0), np.zeros((0, 2)), breast, 16)).all()
+    assert np.isnan(anomaly_maps.anomaly_map(np.zeros(0), np.zeros((0, 2)), breast, 16)).all()
     with pytest.raises(ValueError, match="scores for"):
-        evaluation.anomaly_map(np.zeros(3), np.zeros((2, 2)), breast, 16)
+        anomaly_maps.anomaly_map(np.zeros(3), np.zeros((2, 2)), breast, 16)
     with pytest.raises(ValueError, match="one grid"):
-        evaluation.anomaly_map(np.zeros(2), np.array([[8, 8], [9, 24]]), breast, 16)
+        anomaly_maps.anomaly_map(np.zeros(2), np.array([[8, 8], [9, 24]]), breast, 16)
 
 
 def _item(image_id: str, lesion_center: tuple[int, int] | None, has_annotation: bool = True) -> dict:
@@ -89,9 +89,10 @@ def _scores(item: dict) -> np.ndarray:
     return 1.0 / (1.0 + d / 16.0)
 
 
-def test_evaluate_image_metrics_and_exclusions() -> None:
+def test_evaluate_scan_metrics_and_exclusions() -> None:
     item = _item("a", (40, 60))
-    result, amap, seg = evaluation.evaluate_image(item, _scores(item))
+    ev = evaluation.evaluate_scan(item, _scores(item))
+    result, amap, seg = ev.result, ev.anomaly_map, ev.segmentation
     breast, lesion = item["breast_mask"], item["lesion_mask"]
     assert result.auc == pytest.approx(roc_auc_score(lesion[breast], amap[breast]))
     assert result.auc > 0.95
@@ -101,19 +102,20 @@ def test_evaluate_image_metrics_and_exclusions() -> None:
     assert result.hausdorff_px == pytest.approx(metrics.hausdorff_distance(seg, lesion))
     assert result.hausdorff_mm == pytest.approx(0.2 * result.hausdorff_px)
     assert result.excluded == "" and result.density == "2" and result.n_patches == len(item["centers"])
-    assert result.top1_near_border_fraction == pytest.approx(evaluation.top_fraction_near_border(amap, breast))
+    assert result.top1_near_border_fraction == pytest.approx(anomaly_maps.top_fraction_near_border(amap, breast))
     assert 0.0 <= result.top1_near_border_fraction <= 1.0
 
     healthy = _item("h", None)
-    res_h, _, _ = evaluation.evaluate_image(healthy, _scores(healthy))
+    res_h = evaluation.evaluate_scan(healthy, _scores(healthy)).result
     assert res_h.excluded == "no_lesion_in_breast" and math.isnan(res_h.auc)
     unannotated = _item("u", (40, 60), has_annotation=False)
-    assert evaluation.evaluate_image(unannotated, _scores(unannotated))[0].excluded == "no_pixel_annotation"
-    fixed, _, seg_fixed = evaluation.evaluate_image(item, _scores(item), "fixed", threshold_value=0.5)
+    assert evaluation.evaluate_scan(unannotated, _scores(unannotated)).result.excluded == "no_pixel_annotation"
+    ev_fixed = evaluation.evaluate_scan(item, _scores(item), "fixed", threshold_value=0.5)
+    fixed, seg_fixed = ev_fixed.result, ev_fixed.segmentation
     assert fixed.threshold == 0.5 and seg_fixed.sum() == int((amap[breast] > 0.5).sum())
     assert fixed.top1_near_border_fraction == pytest.approx(result.top1_near_border_fraction)
     with pytest.raises(ValueError, match="unknown"):
-        evaluation.evaluate_image(item, _scores(item), "otsu")
+        evaluation.evaluate_scan(item, _scores(item), "otsu")
 
 
 def test_top_fraction_near_border_counts_border_hotspots() -> None:
@@ -121,20 +123,20 @@ def test_top_fraction_near_border_counts_border_hotspots() -> None:
     breast[20:180, 20:180] = True
     amap = np.zeros((200, 200), np.float32)
     amap[100:105, 100:105] = 1.0  # 25 hottest pixels in the centre, far (75+ px) from the border
-    assert evaluation.top_fraction_near_border(amap, breast, top_percent=0.1) == 0.0
+    assert anomaly_maps.top_fraction_near_border(amap, breast, top_percent=0.1) == 0.0
     amap2 = np.zeros((200, 200), np.float32)
     amap2[20:25, 20:25] = 1.0  # hottest at the corner
-    assert evaluation.top_fraction_near_border(amap2, breast, top_percent=0.1) == 1.0
+    assert anomaly_maps.top_fraction_near_border(amap2, breast, top_percent=0.1) == 1.0
     # The image edge counts as border too.
-    assert evaluation.border_distance(np.ones((5, 5), bool))[0, 2] == 1.0
+    assert anomaly_maps.border_distance(np.ones((5, 5), bool))[0, 2] == 1.0
 
 
 def test_accumulator_summary_histogram_and_files(tmp_path) -> None:
-    acc = evaluation.EvaluationAccumulator()
+    acc = evaluation_results.EvaluationAccumulator()
     items = [_item("a", (40, 60)), _item("b", (60, 30)), _item("h", None)]
     maps = []
     for it in items:
-        _, amap, _ = acc.add(it, _scores(it))
+        amap = acc.add(it, _scores(it)).anomaly_map
         maps.append(amap)
     s = acc.summary()
     lesion_items = items[:2]
@@ -157,12 +159,12 @@ def test_accumulator_summary_histogram_and_files(tmp_path) -> None:
     assert acc.summary()["n_images"] == 3 and acc.summary()["n_duplicates"] == 1
     assert acc.summary()["pixel_auc"] == s["pixel_auc"]
     # A summed state merges whole into an empty accumulator.
-    other = evaluation.EvaluationAccumulator()
+    other = evaluation_results.EvaluationAccumulator()
     other.merge_state(acc.state())
     assert other.summary()["pixel_auc"] == s["pixel_auc"] and other.summary()["n_images"] == 3
 
-    evaluation.write_metrics_json(tmp_path / "metrics.json", s)
-    evaluation.write_per_image_csv(tmp_path / "per_image.csv", acc.results)
+    evaluation_results.write_metrics_json(tmp_path / "metrics.json", s)
+    evaluation_results.write_per_image_csv(tmp_path / "per_image.csv", acc.results)
     loaded = json.loads((tmp_path / "metrics.json").read_text())
     assert loaded["pixel_auc"] == pytest.approx(s["pixel_auc"])
     rows = list(csv.DictReader((tmp_path / "per_image.csv").open()))
@@ -181,7 +183,7 @@ def test_map_matches_the_data_pipelines_grid() -> None:
     centers = grids.grid_centers(breast, 16)
     assert centers[:, 0].min() % 16 == 0
     scores = 2.0 + 0.03 * centers[:, 0] + 0.01 * centers[:, 1]
-    amap = evaluation.anomaly_map(scores, centers, breast, 16)
+    amap = anomaly_maps.anomaly_map(scores, centers, breast, 16)
     # inside the hull of scored nodes (all four neighbours scored) the map is the linear field
     scored = np.zeros((h, w), bool)
     scored[centers[:, 0], centers[:, 1]] = True
@@ -193,19 +195,19 @@ def test_map_matches_the_data_pipelines_grid() -> None:
 
 
 def test_empty_accumulator_writes_nulls(tmp_path) -> None:
-    acc = evaluation.EvaluationAccumulator("fixed", threshold_value=0.5)
+    acc = evaluation_results.EvaluationAccumulator("fixed", threshold_value=0.5)
     s = acc.summary()
     assert s["n_images"] == 0 and math.isnan(s["pixel_auc"]) and s["threshold_rule"] == "fixed_0.5"
     hist = acc.score_histogram(bins=4)
     assert hist["healthy"].sum() == 0 and hist["bin_edges"].shape == (5,)
-    evaluation.write_metrics_json(tmp_path / "m.json", s)
-    evaluation.write_per_image_csv(tmp_path / "p.csv", acc.results)
+    evaluation_results.write_metrics_json(tmp_path / "m.json", s)
+    evaluation_results.write_per_image_csv(tmp_path / "p.csv", acc.results)
     assert json.loads((tmp_path / "m.json").read_text())["pixel_auc"] is None
     assert (tmp_path / "p.csv").read_text().splitlines()[0].startswith("image_id,patient_id")
 
 
 def test_segment_takes_the_top_plateau_when_nothing_is_strictly_above() -> None:
-    from experiments.evaluation import image_percentile_threshold, segment
+    from experiments.anomaly_maps import image_percentile_threshold, segment
 
     amap = np.zeros((20, 20), dtype=np.float32)
     amap[:, 15:] = 1.0  # a plateau of 25 % of the breast at the maximum
@@ -236,7 +238,8 @@ def _border_item(image_id: str, centre: tuple[int, int], density: object) -> dic
 
 def test_localisation_columns_equal_the_metric_functions() -> None:
     item = _border_item("c", (80, 100), "G")  # the lesion centre is 76+ px from every border: interior
-    result, amap, seg = evaluation.evaluate_image(item, _scores(item))
+    ev = evaluation.evaluate_scan(item, _scores(item))
+    result, amap = ev.result, ev.anomaly_map
     breast, lesion = item["breast_mask"], item["lesion_mask"]
     assert result.lesion_hit == metrics.lesion_hit(amap, lesion, breast) == 1.0
     assert result.interior_auc == pytest.approx(metrics.interior_pixel_auc([amap], [lesion], [breast], 64))
@@ -248,7 +251,7 @@ def test_localisation_columns_equal_the_metric_functions() -> None:
     assert result.lesions_found_at_threshold == int(found.sum()) == 1
     assert result.false_positives_at_threshold == int(fp[0])
     near = _border_item("n", (20, 100), 3)  # 16 px from the top border
-    res_near, _, _ = evaluation.evaluate_image(near, _scores(near))
+    res_near = evaluation.evaluate_scan(near, _scores(near)).result
     assert res_near.border_group == "near_border" and res_near.n_lesions_near_border == 1
     assert res_near.density_group == "3-4"
 
@@ -261,11 +264,11 @@ def test_density_groups_of_mias_and_birads() -> None:
 def test_accumulator_froc_and_group_aucs_equal_pooled_references() -> None:
     items = [_border_item("a", (80, 100), 1), _border_item("b", (20, 60), 4), _border_item("c", (85, 70), 2)]
     rng = np.random.default_rng(0)
-    acc = evaluation.EvaluationAccumulator()
+    acc = evaluation_results.EvaluationAccumulator()
     maps, found, fps, all_levels = [], [], [], []
     for it in items:
         scores = _scores(it) + 0.3 * rng.random(len(it["centers"]))  # noise: false positives appear
-        _, amap, _ = acc.add(it, scores)
+        amap = acc.add(it, scores).anomaly_map
         maps.append(amap)
         labels, n = metrics.label_lesions(it["lesion_mask"] & it["breast_mask"])
         levels = np.percentile(amap[it["breast_mask"]], evaluation.FROC_PERCENTILES)
@@ -299,10 +302,10 @@ def test_accumulator_froc_and_group_aucs_equal_pooled_references() -> None:
     assert s["hausdorff_cells_mean"] == pytest.approx(s["hausdorff_px_mean"] / 16) and s["grid_stride"] == 16
     # a state with per-image tables (DDP) and a summed state give the same summary as the accumulator itself
     for keep in (True, False):
-        source = evaluation.EvaluationAccumulator(keep_image_tables=keep)
+        source = evaluation_results.EvaluationAccumulator(keep_image_tables=keep)
         for it in items:
             source.add(it, _scores(it) + 0.3 * np.random.default_rng(0).random(len(it["centers"])))
-        merged = evaluation.EvaluationAccumulator()
+        merged = evaluation_results.EvaluationAccumulator()
         merged.merge_state(source.state())
         assert json.dumps(json_safe(merged.summary()), sort_keys=True) == json.dumps(
             json_safe(source.summary()), sort_keys=True)
@@ -314,13 +317,14 @@ def test_calibrated_rule_reads_the_models_threshold() -> None:
     item = _border_item("c", (80, 100), "G")
     model = torch.nn.Module()
     with pytest.raises(ValueError, match="no `threshold` buffer"):
-        evaluation.model_threshold(model)
+        anomaly_maps.model_threshold(model)
     model.register_buffer("threshold", torch.tensor(float("nan")))
     with pytest.raises(ValueError, match="not fitted"):
-        evaluation.model_threshold(model)
+        anomaly_maps.model_threshold(model)
     model.threshold.fill_(0.6)
-    value = evaluation.model_threshold(model)
-    result, amap, seg = evaluation.evaluate_image(item, _scores(item), "calibrated", threshold_value=value)
+    value = anomaly_maps.model_threshold(model)
+    ev = evaluation.evaluate_scan(item, _scores(item), "calibrated", threshold_value=value)
+    result, amap, seg = ev.result, ev.anomaly_map, ev.segmentation
     assert result.threshold_rule == "calibrated_0.6" and result.threshold == pytest.approx(0.6)
     assert seg.sum() == int((amap[item["breast_mask"]] > 0.6).sum())
     regions = metrics.froc_counts(amap, *metrics.label_lesions(item["lesion_mask"]), item["breast_mask"], [0.6])

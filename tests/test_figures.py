@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from experiments import evaluation, figures
+from experiments import evaluation_results, figures
 
 
 def _map_file(folder: Path, image_id: str, h: float, scale: float = 1.0) -> None:
@@ -16,7 +16,7 @@ def _map_file(folder: Path, image_id: str, h: float, scale: float = 1.0) -> None
     lesion = np.zeros((32, 32), dtype=bool)
     lesion[10:20, 10:20] = True
     amap = (rng.random((32, 32)) * scale).astype(np.float16)
-    evaluation.write_npz(
+    evaluation_results.write_npz(
         folder / f"{image_id}.npz", image=rng.random((32, 32)).astype(np.float32),
         breast_mask=np.ones((32, 32), bool), lesion_mask=lesion, anomaly_map=amap,
         segmentation=amap > 0.9 * scale, hausdorff_px=np.float64(h), hausdorff_mm=np.float64(h * 0.2),
@@ -75,8 +75,8 @@ def test_figure2_shares_one_colour_scale_draws_the_truth_contour_and_titles_h(tm
 
 def test_figure3_from_the_evaluation_histograms_with_the_calibrated_threshold(tmp_path: Path) -> None:
     acc_hist = {"bin_edges": np.linspace(0, 1, 11), "healthy": np.arange(10), "lesion": np.arange(10)[::-1]}
-    evaluation.write_npz(tmp_path / "mass.npz", **acc_hist)
-    evaluation.write_npz(tmp_path / "calc.npz", **acc_hist, calibrated_threshold=np.float64(0.7))
+    evaluation_results.write_npz(tmp_path / "mass.npz", **acc_hist)
+    evaluation_results.write_npz(tmp_path / "calc.npz", **acc_hist, calibrated_threshold=np.float64(0.7))
     files = {"mass": tmp_path / "mass.npz", "calc": tmp_path / "calc.npz", "none": tmp_path / "missing.npz"}
     fig = figures.figure3_figure(files, thresholds={"mass": 0.4})
     mass, calc = fig.axes[:2]

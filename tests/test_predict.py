@@ -18,7 +18,7 @@ from datamodules import MammographyDataModule
 from datamodules.readers import list_source, read_image
 from datamodules.readers.dicom import read_dicom
 from datamodules.records import DataError
-from experiments import evaluation, predict
+from experiments import anomaly_maps, predict
 from lightning_modules.base import AnomalyDetector
 from tests.test_datamodules import write_mammogram
 from tests.test_readers_dicom import write_dicom
@@ -106,11 +106,11 @@ def test_image_files_take_spacing_only_when_told_or_documented(tmp_path: Path) -
 def test_overlay_is_grey_outside_the_breast_and_below_the_threshold(tmp_path: Path) -> None:
     item = _item()
     breast = item["breast_mask"]
-    amap = evaluation.anomaly_map(_peaked_scores(item), item["centers"], breast, 16)
-    threshold = evaluation.image_percentile_threshold(amap, breast, 99.0)
+    amap = anomaly_maps.anomaly_map(_peaked_scores(item), item["centers"], breast, 16)
+    threshold = anomaly_maps.image_percentile_threshold(amap, breast, 99.0)
     rgb = predict.overlay_rgb(item["image"], amap, breast, threshold)
     grey = (item["image"] * 255 + 0.5).astype(np.uint8)
-    hot = evaluation.segment(amap, breast, threshold)
+    hot = anomaly_maps.segment(amap, breast, threshold)
     outline = np.all(rgb == predict.OUTLINE_RGB, axis=2)
     # outside the breast: the scan itself at full contrast, untouched
     np.testing.assert_array_equal(rgb[~breast], np.repeat(grey[~breast][:, None], 3, axis=1))
@@ -142,7 +142,7 @@ def test_write_prediction_regions_json_and_row_with_the_percentile(tmp_path: Pat
                                       predict.PredictionOptions(native_grid=True))
     assert result.paths["map"] == tmp_path / "P_1" / "LEFT_CC_map.npy"
     amap = np.load(result.paths["map"])
-    np.testing.assert_array_equal(amap, evaluation.anomaly_map(_peaked_scores(item), item["centers"],
+    np.testing.assert_array_equal(amap, anomaly_maps.anomaly_map(_peaked_scores(item), item["centers"],
                                                                item["breast_mask"], 16))
     native = np.load(result.paths["map_native"])
     assert native.shape == (256, 320) and np.isnan(native[:, 200:]).all() and np.isfinite(native[:, :180]).all()

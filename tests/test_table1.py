@@ -13,11 +13,11 @@ import pytest
 import torch
 from scipy import stats
 
-from experiments import evaluation, table1, tools
+from experiments import evaluation_results, table1, table1_report, table1_stages, tools
 from lightning_modules import IntensityBaseline
 
 
-def _result(test_set: str, model: str, aucs: dict[str, float], pixel: float = 0.7) -> table1.ModelResult:
+def _result(test_set: str, model: str, aucs: dict[str, float], pixel: float = 0.7) -> table1_report.ModelResult:
     values = np.array(list(aucs.values()))
     summary = {
         "pixel_auc": pixel, "image_auc_mean": float(values.mean()), "image_auc_std": float(values.std()),
@@ -29,11 +29,11 @@ def _result(test_set: str, model: str, aucs: dict[str, float], pixel: float = 0.
         "lesion_hit_rate_interior": 0.6, "sensitivity_at_1_fp_near_border": 0.45, "sensitivity_at_1_fp_interior": 0.55,
         "density_groups": {"1-2": {"pixel_auc": 0.72, "n_images": 15}, "3-4": {"pixel_auc": 0.64, "n_images": 5}},
     }
-    return table1.ModelResult(test_set, model, summary, aucs)
+    return table1_report.ModelResult(test_set, model, summary, aucs)
 
 
 @pytest.fixture
-def fabricated() -> list[table1.ModelResult]:
+def fabricated() -> list[table1_report.ModelResult]:
     rng = np.random.default_rng(0)
     ids = [f"img{i}" for i in range(20)]
     base = dict(zip(ids, rng.uniform(0.4, 0.7, 20)))
@@ -54,9 +54,9 @@ def fabricated() -> list[table1.ModelResult]:
     return results
 
 
-def test_build_table_marks_significant_pairs_with_known_p_values(fabricated: list[table1.ModelResult]) -> None:
-    rows = table1.build_table(fabricated)
-    assert [r["model"] for r in rows[:8]] == list(table1.MODEL_ORDER)
+def test_build_table_marks_significant_pairs_with_known_p_values(fabricated: list[table1_report.ModelResult]) -> None:
+    rows = table1_report.build_table(fabricated)
+    assert [r["model"] for r in rows[:8]] == list(table1_stages.MODEL_ORDER)
     assert [r["test_set"] for r in rows] == ["mass"] * 8 + ["calc"] * 8
     by = {(r["test_set"], r["model"]): r for r in rows}
     exact = 2 * 0.5**20
@@ -74,9 +74,9 @@ def test_build_table_marks_significant_pairs_with_known_p_values(fabricated: lis
     assert math.isnan(by[("mass", "f-AnoGAN")]["wilcoxon_p"]) and by[("mass", "Intensity")]["pair"] == ""
 
 
-def test_markdown_and_csv_layout(fabricated: list[table1.ModelResult], tmp_path: Path) -> None:
-    rows = table1.build_table(fabricated)
-    md_path = table1.write_table1(rows, tmp_path, "Table 1 (test)", ["a note"])
+def test_markdown_and_csv_layout(fabricated: list[table1_report.ModelResult], tmp_path: Path) -> None:
+    rows = table1_report.build_table(fabricated)
+    md_path = table1_report.write_table1(rows, tmp_path, "Table 1 (test)", ["a note"])
     md = md_path.read_text()
     main, rest = md.split("## Localisation")
     lines = [line for line in main.splitlines() if line.startswith("| ")]
@@ -99,7 +99,7 @@ def test_markdown_and_csv_layout(fabricated: list[table1.ModelResult], tmp_path:
     assert "**" not in bvae and "30.50 ± 4.25" in bvae and "20/21" in bvae
     with (tmp_path / "table1.csv").open() as handle:
         parsed = list(csv.DictReader(handle))
-    assert len(parsed) == 16 and tuple(parsed[0]) == table1.CSV_COLUMNS
+    assert len(parsed) == 16 and tuple(parsed[0]) == table1_report.CSV_COLUMNS
     assert float(parsed[1]["wilcoxon_p"]) == pytest.approx(2 * 0.5**20)
     assert parsed[1]["better"] == "True" and parsed[6]["wilcoxon_p"] == ""
     assert float(parsed[0]["hausdorff_mm_mean"]) == pytest.approx(6.1)
@@ -108,7 +108,7 @@ def test_markdown_and_csv_layout(fabricated: list[table1.ModelResult], tmp_path:
 
 def test_reads_the_evaluation_callbacks_files(tmp_path: Path) -> None:
     folder = tmp_path / "test-mass-cae"
-    acc = evaluation.EvaluationAccumulator()
+    acc = evaluation_results.EvaluationAccumulator()
     rng = np.random.default_rng(1)
     for k in range(3):
         h, w = 64, 64
@@ -122,30 +122,30 @@ def test_reads_the_evaluation_callbacks_files(tmp_path: Path) -> None:
                 "breast_mask": breast, "lesion_mask": lesion, "centers": centers, "spacing_mm": 0.2,
                 "stride": 16, "meta": {}}
         acc.add(item, scores)
-    evaluation.write_metrics_json(folder / "metrics.json", acc.summary())
-    evaluation.write_per_image_csv(folder / "per_image.csv", acc.results)
-    result = table1.read_model_result(folder, "mass", "CAE")
+    evaluation_results.write_metrics_json(folder / "metrics.json", acc.summary())
+    evaluation_results.write_per_image_csv(folder / "per_image.csv", acc.results)
+    result = table1_report.read_model_result(folder, "mass", "CAE")
     assert set(result.per_image_auc) == {"i0", "i1", "i2"}
     assert result.per_image_auc["i2"] > result.per_image_auc["i0"]
     assert result.summary["image_auc_mean"] == pytest.approx(np.mean(list(result.per_image_auc.values())))
     with pytest.raises(FileNotFoundError, match="metrics.json"):
-        table1.read_model_result(tmp_path / "nothing", "mass", "CAE")
+        table1_report.read_model_result(tmp_path / "nothing", "mass", "CAE")
 
 
 def test_stage_plan_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    stages = table1.build_stages("quick", "synthetic", str(tmp_path / "data"), seed=3)
+    stages = table1_stages.build_stages("quick", "synthetic", str(tmp_path / "data"), seed=3)
     assert len(stages) == 8 + 16
     assert [s.name for s in stages[:8]] == ["cae", "bvae", "vqvae", "cae_spn", "bvae_spn", "vqvae_spn",
                                             "fanogan_gan", "fanogan"]
     tests = [s for s in stages if s.kind == "test"]
-    assert {s.model for s in tests} == set(table1.MODEL_ORDER) and {s.test_set for s in tests} == {"mass", "calc"}
-    spn_args = table1.stage_args(stages[3], tmp_path / "runs", tmp_path / "eval", "g")
+    assert {s.model for s in tests} == set(table1_stages.MODEL_ORDER) and {s.test_set for s in tests} == {"mass", "calc"}
+    spn_args = table1_stages.stage_args(stages[3], tmp_path / "runs", tmp_path / "eval", "g")
     assert spn_args[spn_args.index("--model.init_args.autoencoder_ckpt") + 1] == str(
         tmp_path / "runs" / "cae" / "checkpoints" / "best.ckpt")
-    enc_args = table1.stage_args(stages[7], tmp_path / "runs", tmp_path / "eval", "g")
+    enc_args = table1_stages.stage_args(stages[7], tmp_path / "runs", tmp_path / "eval", "g")
     assert enc_args[enc_args.index("--model.init_args.generator_ckpt") + 1].endswith("fanogan_gan/checkpoints/last.ckpt")
     intensity = next(s for s in tests if s.model == "Intensity")
-    args = table1.stage_args(intensity, tmp_path / "runs", tmp_path / "eval", "g")
+    args = table1_stages.stage_args(intensity, tmp_path / "runs", tmp_path / "eval", "g")
     assert "lightning_modules.IntensityBaseline" in args and "--ckpt_path" not in args
     assert args[args.index("--data.init_args.seed") + 1] == "3"
     assert tools.main(["table1", "--profile", "smoke", "--dry-run", "--out", str(tmp_path)]) == 0
@@ -185,12 +185,12 @@ def test_run_stages_reuses_finished_stages_and_resumes(tmp_path: Path, monkeypat
             (eval_dir / "metrics.json").write_text("{}")
 
     monkeypatch.setattr(cli, "run_cli", fake_main)
-    stages = table1.build_stages("smoke")
+    stages = table1_stages.build_stages("smoke")
     lines: list[str] = []
     with pytest.raises(RuntimeError, match="vqvae"):
-        table1.run_stages(stages, tmp_path, "g", log=lines.append)
+        table1_stages.run_stages(stages, tmp_path, "g", log=lines.append)
     assert len(calls) == 3 and "ETA" in lines[0]
-    table1.run_stages(stages, tmp_path, "g", log=lines.append)
+    table1_stages.run_stages(stages, tmp_path, "g", log=lines.append)
     assert len(calls) == 3 + 22  # vqvae again, then the 21 others not yet done
     resumed = calls[3]
     assert resumed[resumed.index("--run.name") + 1] == "vqvae"
@@ -199,7 +199,7 @@ def test_run_stages_reuses_finished_stages_and_resumes(tmp_path: Path, monkeypat
     timings = json.loads((tmp_path / "timings.json").read_text())
     assert len(timings["stages"]) == 24 and timings["total_seconds"] >= 0 and timings["total_cpu_seconds"] >= 0
     assert all("cpu_seconds" in t and not t["reused"] for t in timings["stages"].values())
-    table1.run_stages(stages, tmp_path, "g", log=lines.append)
+    table1_stages.run_stages(stages, tmp_path, "g", log=lines.append)
     assert len(calls) == 25  # everything reused
 
 
@@ -213,7 +213,7 @@ def test_smoke_profile_runs_the_whole_table(tmp_path: Path, monkeypatch: pytest.
     with (out / "table1.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 16
-    assert [r["model"] for r in rows[:8]] == list(table1.MODEL_ORDER)
+    assert [r["model"] for r in rows[:8]] == list(table1_stages.MODEL_ORDER)
     for r in rows:
         assert 0.0 <= float(r["pixel_auc"]) <= 1.0
         assert 0.0 <= float(r["image_auc_mean"]) <= 1.0 and float(r["image_auc_std"]) >= 0.0
@@ -242,9 +242,9 @@ def test_every_stage_parses_with_the_real_configs(
 
     from experiments import cli
 
-    for stage in table1.build_stages(profile, seed=2):
+    for stage in table1_stages.build_stages(profile, seed=2):
         with pytest.raises(SystemExit) as exit_info:
-            cli.run_cli([*table1.stage_args(stage, tmp_path / "runs", tmp_path / "eval", "g"), "--print_config"])
+            cli.run_cli([*table1_stages.stage_args(stage, tmp_path / "runs", tmp_path / "eval", "g"), "--print_config"])
         assert exit_info.value.code in (0, None), stage.name
         config = yaml.safe_load(capsys.readouterr().out)
         assert config["run"]["name"] == stage.name and config["run"]["group"] == "g"
@@ -264,7 +264,7 @@ def test_every_stage_parses_with_the_real_configs(
             assert config["model"]["class_path"] == "lightning_modules.IntensityBaseline"
 
 
-@pytest.mark.parametrize("data", table1.DATA_CHOICES)
+@pytest.mark.parametrize("data", table1_stages.DATA_CHOICES)
 def test_every_source_and_the_real_profile_parse(data: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`mammospn table1 --profile real --data NAME`: the source wins over the profile's synthetic settings,
     autoencoders stop early on val/loss under a time cap, the WGAN has a fixed budget."""
@@ -273,10 +273,10 @@ def test_every_source_and_the_real_profile_parse(data: str, tmp_path: Path, caps
     from experiments import cli
 
     healthy = "/d/ddsm" if data == "cbis_ddsm" else None
-    stages = {s.name: s for s in table1.build_stages("real", data, "/d/root", seed=1, healthy_root=healthy)}
+    stages = {s.name: s for s in table1_stages.build_stages("real", data, "/d/root", seed=1, healthy_root=healthy)}
     for name in ("cae", "cae_spn", "fanogan_gan", "test-calc-vqvae_ratspn", "test-mass-intensity"):
         with pytest.raises(SystemExit) as exit_info:
-            cli.run_cli([*table1.stage_args(stages[name], tmp_path / "runs", tmp_path / "eval", "g"), "--print_config"])
+            cli.run_cli([*table1_stages.stage_args(stages[name], tmp_path / "runs", tmp_path / "eval", "g"), "--print_config"])
         assert exit_info.value.code in (0, None), name
         config = yaml.safe_load(capsys.readouterr().out)
         assert config["data"]["init_args"]["source"] == data and config["data"]["init_args"]["root"] == "/d/root"
@@ -286,18 +286,18 @@ def test_every_source_and_the_real_profile_parse(data: str, tmp_path: Path, caps
             assert config["trainer"]["callbacks"][0]["init_args"]["monitor"] == "val/loss"
         if name == "fanogan_gan":
             assert callbacks == [] and config["trainer"]["max_time"] == "00:00:07:00"
-    path_stages = table1.build_stages("quick", str(table1.CONFIG_DIR / "data" / f"{data}.yaml"), "/d/root")
-    assert str(table1.CONFIG_DIR / "data" / f"{data}.yaml") in path_stages[0].configs
+    path_stages = table1_stages.build_stages("quick", str(table1_stages.CONFIG_DIR / "data" / f"{data}.yaml"), "/d/root")
+    assert str(table1_stages.CONFIG_DIR / "data" / f"{data}.yaml") in path_stages[0].configs
     with pytest.raises(ValueError, match="--data must be one of"):
-        table1.build_stages("quick", "nosuchsource")
+        table1_stages.build_stages("quick", "nosuchsource")
 
 
-def test_aggregate_seeds_mean_sd_and_bold_only_when_every_seed_agrees(fabricated: list[table1.ModelResult]) -> None:
-    rows0 = table1.build_table(fabricated)
-    shifted = [table1.ModelResult(r.test_set, r.model, {**r.summary, "pixel_auc": r.summary["pixel_auc"] + 0.1,
+def test_aggregate_seeds_mean_sd_and_bold_only_when_every_seed_agrees(fabricated: list[table1_report.ModelResult]) -> None:
+    rows0 = table1_report.build_table(fabricated)
+    shifted = [table1_report.ModelResult(r.test_set, r.model, {**r.summary, "pixel_auc": r.summary["pixel_auc"] + 0.1,
                                                         "lesion_hit_rate": 0.6}, r.per_image_auc)
                for r in fabricated if r.model != "VQVAE"]  # seed 1: VQVAE missing, so its pair has no p
-    rows1 = table1.build_table(shifted)
+    rows1 = table1_report.build_table(shifted)
     agg = table1.aggregate_seeds({0: rows0, 1: rows1})
     assert [(r["test_set"], r["model"]) for r in agg] == [(r["test_set"], r["model"]) for r in rows0]
     cae = next(r for r in agg if r["model"] == "CAE" and r["test_set"] == "mass")
@@ -309,9 +309,9 @@ def test_aggregate_seeds_mean_sd_and_bold_only_when_every_seed_agrees(fabricated
     assert vq["n_seeds"] == 1 and math.isnan(vq["pixel_auc_sd"])
     vq_spn = next(r for r in agg if r["model"] == "VQVAE-RATSPN" and r["test_set"] == "mass")
     assert not vq_spn["better"]  # no longer better in seed 1, where its pair is missing
-    md = table1.format_markdown(agg)
+    md = table1_report.format_markdown(agg)
     assert "| masses | CAE | 0.75 ± 0.07 |" in md and "mean ± sd (ddof 1) over seeds" in md
-    parsed = list(csv.DictReader(io.StringIO(table1.format_csv(agg))))
+    parsed = list(csv.DictReader(io.StringIO(table1_report.format_csv(agg))))
     assert parsed[0]["n_seeds"] == "2" and float(parsed[0]["pixel_auc_sd"]) == pytest.approx(0.0707, abs=1e-4)
 
 
@@ -330,7 +330,7 @@ def test_seeds_run_per_seed_folders_and_a_mean_table(tmp_path: Path, monkeypatch
         if args[0] == "fit":
             (run_dir / "checkpoints" / "best.ckpt").write_text("ckpt")
         else:
-            evaluation.write_metrics_json(Path(args[args.index("--run.results_dir") + 1]) / name / "metrics.json",
+            evaluation_results.write_metrics_json(Path(args[args.index("--run.results_dir") + 1]) / name / "metrics.json",
                                           {"pixel_auc": 0.6 + 0.1 * seed, "threshold_rule": "image_percentile_99"})
 
     monkeypatch.setattr(cli, "run_cli", fake_main)
@@ -352,20 +352,20 @@ def test_calibrated_threshold_rule_for_the_ratspn_rows(tmp_path: Path, capsys: p
 
     from experiments import cli
 
-    stages = table1.build_stages("smoke", threshold_rule="calibrated")
+    stages = table1_stages.build_stages("smoke", threshold_rule="calibrated")
     tests = {s.name: s for s in stages if s.kind == "test"}
     assert "test-mass-cae_ratspn-calibrated" in tests and "test-mass-cae" in tests
     assert {s.threshold_rule for s in tests.values() if s.model.endswith("-RATSPN")} == {"calibrated"}
     assert {s.threshold_rule for s in tests.values() if not s.model.endswith("-RATSPN")} == {"image_percentile"}
     stage = tests["test-calc-vqvae_ratspn-calibrated"]
     with pytest.raises(SystemExit):
-        cli.run_cli([*table1.stage_args(stage, tmp_path / "runs", tmp_path / "eval", "g"), "--print_config"])
+        cli.run_cli([*table1_stages.stage_args(stage, tmp_path / "runs", tmp_path / "eval", "g"), "--print_config"])
     callbacks = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
     evaluation_cb = [c for c in callbacks if c["class_path"].endswith("EvaluationCallback")]
     assert len(evaluation_cb) == 1 and evaluation_cb[0]["init_args"]["threshold"] == "calibrated"
     assert evaluation_cb[0]["init_args"]["output_dir"] == str(tmp_path / "eval" / stage.name)
     with pytest.raises(ValueError, match="--threshold-rule"):
-        table1.build_stages("smoke", threshold_rule="otsu")
+        table1_stages.build_stages("smoke", threshold_rule="otsu")
 
 
 def test_training_summary_reads_the_val_loss_curves_of_resumed_fits(tmp_path: Path) -> None:
@@ -374,12 +374,12 @@ def test_training_summary_reads_the_val_loss_curves_of_resumed_fits(tmp_path: Pa
     (logs / "version_1").mkdir()
     (logs / "version_0" / "metrics.csv").write_text("epoch,step,train/loss,val/loss\n0,9,0.5,\n0,9,,0.30\n1,19,,0.20\n")
     (logs / "version_1" / "metrics.csv").write_text("epoch,step,val/loss\n1,19,0.25\n2,29,0.10\n3,39,0.12\n")
-    assert table1.training_curve(tmp_path / "runs" / "cae") == {0: 0.30, 1: 0.25, 2: 0.10, 3: 0.12}
-    stages = [s for s in table1.build_stages("smoke") if s.name in ("cae", "bvae")]
-    rows = table1.training_summary(stages, tmp_path / "runs")
+    assert table1_report.training_curve(tmp_path / "runs" / "cae") == {0: 0.30, 1: 0.25, 2: 0.10, 3: 0.12}
+    stages = [s for s in table1_stages.build_stages("smoke") if s.name in ("cae", "bvae")]
+    rows = table1_report.training_summary(stages, tmp_path / "runs")
     assert len(rows) == 1 and rows[0]["fit"] == "cae"  # bvae has no logs
     assert (rows[0]["epochs"], rows[0]["best_epoch"], rows[0]["epochs_since_best"]) == (4, 2, 1)
-    lines = table1.format_training(rows)
+    lines = table1_report.format_training(rows)
     assert "## Training" in lines and "| cae | 4 | 0.1 (2) | 0.12 | 1 |" in lines
     from experiments import figures
 

@@ -1,0 +1,319 @@
+"""Table 1's stages and how they run: which `lightning` commands, in which order, reused when done.
+
+`build_stages` lists the reproduction: fit CAE, beta-VAE, VQ-VAE, their three RAT-SPN stages and both
+f-AnoGAN stages, then test the seven models and the `Intensity` baseline on the mass and calc test sets.
+`run_stages` runs them in-process through the `lightning` CLI; a finished stage leaves ``DONE.json`` beside
+its outputs and is reused on a rerun, an interrupted fit resumes from its ``last.ckpt``. What the test
+stages write is read back into the table by `table1_report`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datamodules.fileio import write_json
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = PROJECT_ROOT / "configs"
+PROFILES = ("quick", "paper", "smoke", "real")
+#: data sources `--data` names (each a configs/data/<name>.yaml); a path to any data YAML works too
+DATA_CHOICES = ("synthetic", "cbis_ddsm", "ddsm", "mini_ddsm", "mias", "manifest")
+TEST_SETS = (("mass", "masses"), ("calc", "calcs"))
+#: Table 1's model order (paper), then the baseline every model is read against
+MODEL_ORDER = ("CAE", "CAE-RATSPN", "bVAE", "bVAE-RATSPN", "VQVAE", "VQVAE-RATSPN", "f-AnoGAN", "Intensity")
+
+
+# --- the stages --------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    """One `lightning` command of the reproduction."""
+
+    name: str
+    kind: str  # "fit" | "test"
+    model: str  # display name (Table 1 row) or a fit step's name
+    configs: list[str]
+    overrides: list[str] = field(default_factory=list)
+    estimate_s: float = 60.0
+    test_set: str | None = None
+    checkpoint_from: str | None = None  # fit stage whose checkpoint a test stage loads
+    checkpoint_file: str = "best.ckpt"
+    threshold_rule: str = "image_percentile"  # a test stage's segmentation / FROC operating-point rule
+
+
+@dataclass
+class FitSpec:
+    name: str
+    model: str
+    config: str
+    estimate_key: str
+    needs: str | None = None  # a fit stage whose checkpoint this one loads
+    needs_arg: str | None = None
+    needs_file: str = "best.ckpt"
+    extra: list[str] = field(default_factory=list)
+
+
+FITS = (
+    FitSpec("cae", "CAE", "cae.yaml", "ae"),
+    FitSpec("bvae", "bVAE", "bvae.yaml", "ae"),
+    FitSpec("vqvae", "VQVAE", "vqvae.yaml", "ae"),
+    FitSpec("cae_spn", "CAE-RATSPN", "cae_spn.yaml", "spn", "cae", "autoencoder_ckpt"),
+    FitSpec("bvae_spn", "bVAE-RATSPN", "bvae_spn.yaml", "spn", "bvae", "autoencoder_ckpt"),
+    FitSpec("vqvae_spn", "VQVAE-RATSPN", "vqvae_spn.yaml", "spn", "vqvae", "autoencoder_ckpt"),
+    FitSpec("fanogan_gan", "f-AnoGAN (WGAN-GP)", "fanogan.yaml", "gan", extra=["--model.init_args.stage", "gan"]),
+    # the WGAN's validation loss (a Wasserstein estimate) says little about the generator: take its last epoch
+    FitSpec("fanogan", "f-AnoGAN", "fanogan_encoder.yaml", "gan_encoder", "fanogan_gan", "generator_ckpt", "last.ckpt"),
+)
+
+#: rough seconds per stage kind on the 2-core CPU machine (quick) / a GPU (paper); drives the ETA only
+ESTIMATES: dict[str, dict[str, float]] = {
+    "smoke": {"ae": 8, "spn": 6, "gan": 8, "gan_encoder": 6, "test": 4},
+    "quick": {"ae": 240, "spn": 90, "gan": 300, "gan_encoder": 120, "test": 45},
+    "paper": {"ae": 3600, "spn": 900, "gan": 3600, "gan_encoder": 1200, "test": 120},
+    "real": {"ae": 540, "spn": 180, "gan": 420, "gan_encoder": 180, "test": 25},
+}
+
+def profile_overlays(profile: str, fit: str) -> list[str]:
+    """The per-fit overlay of a profile, ``configs/profiles/<profile>/<fit>.yaml``, when there is one.
+
+    A profile file applies to every model; what differs per model (e.g. the short profiles' faster learning
+    rates, the real profile's early stopping, f-AnoGAN's width) lives in these overlays. They come last, so
+    they override the data config too.
+    """
+    path = CONFIG_DIR / "profiles" / profile / f"{fit}.yaml"
+    return [str(path)] if path.is_file() else []
+
+
+def data_config(data: str) -> tuple[str, Path]:
+    """(name, YAML path) of ``--data``: a source name (configs/data/<name>.yaml) or a path to a data YAML."""
+    path = Path(data)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"--data {data}: no such data config")
+        return path.stem, path
+    if data not in DATA_CHOICES:
+        raise ValueError(f"--data must be one of {DATA_CHOICES} or a path to a data YAML, got {data!r}")
+    return data, CONFIG_DIR / "data" / f"{data}.yaml"
+
+
+def data_args(
+    data: str, data_root: str | None, seed: int, healthy_root: str | None = None
+) -> tuple[list[str], list[str], list[str]]:
+    """(config files before the model's, after the profile, overrides) selecting the data, its root and seed.
+
+    The data config comes first (it names the data class the profile's overlay refines), so a profile's
+    synthetic settings (e.g. the smoke profile's tiny set) apply to the synthetic default; any other data
+    config is merged again after the profile, so a profile's synthetic settings never override a real source.
+    """
+    name, path = data_config(data)
+    synthetic = name == "synthetic" and path.parent == CONFIG_DIR / "data"
+    before, after = [str(path)], ([] if synthetic else [str(path)])
+    overrides = ["--seed_everything", str(seed), "--data.init_args.seed", str(seed)]
+    if data_root:
+        overrides += ["--data.init_args.root", str(data_root)]
+    if healthy_root:
+        overrides += ["--data.init_args.healthy_root", str(healthy_root)]
+    return before, after, overrides
+
+
+#: ``--threshold-rule`` choices: the paper's per-image percentile for every row, or the RAT-SPN stages'
+#: calibrated threshold (a buffer fitted on healthy validation images) for their rows
+TABLE_THRESHOLD_RULES = ("image_percentile", "calibrated")
+
+
+def build_stages(
+    profile: str, data: str = "synthetic", data_root: str | None = None, seed: int = 0,
+    healthy_root: str | None = None, threshold_rule: str = "image_percentile",
+) -> list[Stage]:
+    """The reproduction's stages in run order (8 fits, then 16 tests: 8 models x mass/calc).
+
+    ``threshold_rule="calibrated"``: the RAT-SPN rows segment at (and count FROC candidates above) the
+    threshold their checkpoint carries; their test stages are named ``...-calibrated`` so the per-image
+    percentile results stay. Every other row keeps the per-image percentile; each row says its rule.
+    """
+    if profile not in PROFILES:
+        raise ValueError(f"--profile must be one of {PROFILES}, got {profile!r}")
+    if threshold_rule not in TABLE_THRESHOLD_RULES:
+        raise ValueError(f"--threshold-rule must be one of {TABLE_THRESHOLD_RULES}, got {threshold_rule!r}")
+    profile_yaml = str(CONFIG_DIR / "profiles" / f"{profile}.yaml")
+    data_first, data_last, data_overrides = data_args(data, data_root, seed, healthy_root)
+    estimates = ESTIMATES[profile]
+    stages: list[Stage] = []
+    for spec in FITS:
+        overrides = list(spec.extra) + list(data_overrides)
+        stages.append(
+            Stage(
+                name=spec.name,
+                kind="fit",
+                model=spec.model,
+                configs=[*data_first, str(CONFIG_DIR / spec.config), profile_yaml, *data_last,
+                         *profile_overlays(profile, spec.name)],
+                overrides=overrides,
+                estimate_s=estimates[spec.estimate_key],
+                checkpoint_from=spec.needs,
+                checkpoint_file=spec.needs_file,
+            )
+        )
+    tested = {spec.model: spec for spec in FITS if spec.name != "fanogan_gan"}
+    for test_set, _ in TEST_SETS:
+        for model in MODEL_ORDER:
+            test_overrides = list(data_overrides) + ["--data.init_args.test_set", test_set]
+            if model == "Intensity":
+                configs = [*data_first, profile_yaml, *data_last]
+                test_overrides = ["--model", "lightning_modules.IntensityBaseline", *test_overrides]
+                source = None
+            else:
+                spec = tested[model]
+                configs = [*data_first, str(CONFIG_DIR / spec.config), profile_yaml, *data_last,
+                           *profile_overlays(profile, spec.name)]
+                test_overrides = list(spec.extra) + test_overrides
+                source = spec.name
+            rule = threshold_rule if model.endswith("-RATSPN") else "image_percentile"
+            suffix = "" if rule == "image_percentile" else f"-{rule}"
+            stages.append(
+                Stage(
+                    name=f"test-{test_set}-{model_slug(model)}{suffix}",
+                    kind="test",
+                    model=model,
+                    configs=configs,
+                    overrides=test_overrides,
+                    estimate_s=estimates["test"],
+                    test_set=test_set,
+                    checkpoint_from=source,
+                    threshold_rule=rule,
+                )
+            )
+    return stages
+
+
+def model_slug(model: str) -> str:
+    """A model's display name as a file / stage name part (``CAE-RATSPN`` -> ``cae_ratspn``)."""
+    return model.lower().replace("-", "_")
+
+
+def checkpoint_path(runs_dir: Path, run_name: str, preferred: str = "best.ckpt") -> Path:
+    """``<run>/checkpoints/<preferred>``, or ``last.ckpt`` when only that exists (a run that never
+    produced a best checkpoint, e.g. a model whose global step does not advance)."""
+    folder = runs_dir / run_name / "checkpoints"
+    if not (folder / preferred).is_file() and (folder / "last.ckpt").is_file():
+        return folder / "last.ckpt"
+    return folder / preferred
+
+
+def stage_args(stage: Stage, runs_dir: Path, eval_dir: Path, group: str) -> list[str]:
+    """The full `lightning` argument list of a stage (checkpoint paths resolved against ``runs_dir``)."""
+    args = [stage.kind]
+    for config in stage.configs:
+        args += ["--config", config]
+    args += list(stage.overrides)
+    args += ["--run.name", stage.name, "--run.root", str(runs_dir), "--run.results_dir", str(eval_dir)]
+    args += ["--run.group", group, "--run.stage", stage.kind if stage.test_set is None else f"test-{stage.test_set}"]
+    if stage.kind == "fit":
+        if stage.checkpoint_from:
+            spec = next(s for s in FITS if s.name == stage.name)
+            ckpt = checkpoint_path(runs_dir, stage.checkpoint_from, stage.checkpoint_file)
+            args += [f"--model.init_args.{spec.needs_arg}", str(ckpt)]
+        if (runs_dir / stage.name / "checkpoints" / "last.ckpt").is_file():
+            args += ["--ckpt_path", "last"]  # an interrupted fit continues where it stopped
+    elif stage.checkpoint_from:
+        spec = next(s for s in FITS if s.name == stage.checkpoint_from)
+        if spec.needs:
+            ckpt_in = checkpoint_path(runs_dir, spec.needs, spec.needs_file)
+            args += [f"--model.init_args.{spec.needs_arg}", str(ckpt_in)]
+        args += ["--ckpt_path", str(checkpoint_path(runs_dir, stage.checkpoint_from))]
+    if stage.kind == "test" and stage.threshold_rule != "image_percentile":
+        args += ["--trainer.callbacks+=experiments.callbacks.EvaluationCallback",
+                 "--trainer.callbacks.output_dir", str(eval_dir / stage.name),
+                 "--trainer.callbacks.threshold", stage.threshold_rule]
+    return args
+
+
+def stage_done(stage: Stage, runs_dir: Path, eval_dir: Path) -> bool:
+    """A stage is reused when its marker, resolved config and checkpoint (fit) or metrics (test) exist."""
+    run_dir = runs_dir / stage.name
+    config_name = "config.yaml" if stage.kind == "fit" else f"config-{stage.kind}.yaml"
+    if not (run_dir / "DONE.json").is_file() or not (run_dir / config_name).is_file():
+        return False
+    if stage.kind == "fit":
+        return checkpoint_path(runs_dir, stage.name).is_file()
+    return (eval_dir / stage.name / "metrics.json").is_file()
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def run_stages(
+    stages: Sequence[Stage],
+    out_dir: Path,
+    group: str,
+    force: bool = False,
+    log: Any = print,
+) -> dict[str, dict[str, Any]]:
+    """Runs every stage not already done, printing which runs and the ETA; returns per-stage timings.
+
+    The ETA scales the remaining stages' estimates by how the finished ones compared with theirs.
+    """
+    from experiments import cli
+
+    runs_dir, eval_dir = out_dir / "runs", out_dir / "eval"
+    timings_path = out_dir / "timings.json"
+    timings: dict[str, dict[str, Any]] = {}
+    if timings_path.is_file():
+        timings = json.loads(timings_path.read_text()).get("stages", {})
+    start = time.perf_counter()
+    spent_actual = spent_estimate = 0.0
+    for k, stage in enumerate(stages, 1):
+        remaining = [s for s in stages[k - 1 :] if force or not stage_done(s, runs_dir, eval_dir)]
+        ratio = spent_actual / spent_estimate if spent_estimate > 0 else 1.0
+        eta = ratio * sum(s.estimate_s for s in remaining)
+        elapsed = time.perf_counter() - start
+        if not force and stage_done(stage, runs_dir, eval_dir):
+            log(f"[{k:2d}/{len(stages)}] {stage.kind:4s} {stage.name:24s} reused ({runs_dir / stage.name})")
+            timings.setdefault(stage.name, {"reused": True})  # keep the measured entry of the run that made it
+            continue
+        log(
+            f"[{k:2d}/{len(stages)}] {stage.kind:4s} {stage.name:24s} running  "
+            f"elapsed {_fmt_duration(elapsed)}  ETA {_fmt_duration(eta)}"
+        )
+        args = stage_args(stage, runs_dir, eval_dir, group)
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        try:
+            cli.run_cli(args)
+        except SystemExit as err:  # a config error: jsonargparse already printed the key at fault
+            if err.code not in (0, None):
+                raise RuntimeError(f"stage {stage.name} failed: lightning {' '.join(args)}") from err
+        except ValueError as err:  # a refused value, e.g. a calibrated rule on a model without a threshold
+            raise RuntimeError(f"stage {stage.name} failed: {err}") from err
+        seconds = time.perf_counter() - t0
+        cpu_seconds = time.process_time() - cpu0
+        spent_actual += seconds
+        spent_estimate += stage.estimate_s
+        timings[stage.name] = {"kind": stage.kind, "model": stage.model, "test_set": stage.test_set,
+                               "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
+                               "estimate_s": stage.estimate_s, "reused": False}
+        write_json(runs_dir / stage.name / "DONE.json", timings[stage.name])
+        write_timings(timings_path, timings)
+        log(f"        {stage.name} done in {_fmt_duration(seconds)}")
+    write_timings(timings_path, timings)
+    return timings
+
+
+def write_timings(path: Path, timings: Mapping[str, Mapping[str, Any]]) -> None:
+    """``timings.json``: wall and CPU seconds per stage (the latest run of each) and their totals.
+
+    CPU seconds (this process, all threads) tell a run slowed by other jobs on the machine from a slow stage.
+    """
+    total = sum(float(t.get("seconds", 0.0)) for t in timings.values())
+    cpu = sum(float(t.get("cpu_seconds", 0.0)) for t in timings.values())
+    payload = {"stages": dict(timings), "total_seconds": round(total, 2), "total_cpu_seconds": round(cpu, 2),
+               "cpu_count": os.cpu_count()}
+    write_json(path, payload)
