@@ -107,12 +107,21 @@ class RatSpnStage(AnomalyDetector):
         self._cache: Tensor | None = None
         self._cached: Tensor | None = None
         self._init_snapshot: dict[str, Tensor] = {}
-        path = Path(autoencoder_ckpt)
-        if path.is_file():
-            self._build(self._load_autoencoder(path, autoencoder_class))
-        # else: built from a RatSpnStage checkpoint in on_load_checkpoint, or a clear error in setup()
+        # Nothing is read from disk here: `setup` loads the autoencoder checkpoint (fit / test / predict), and a
+        # RatSpnStage checkpoint rebuilds the autoencoder from its own contents (`on_load_checkpoint`).
 
     # ------------------------------------------------------------------ construction
+    def setup(self, stage: str) -> None:
+        """Builds the frozen autoencoder (from ``autoencoder_ckpt``) and the RAT-SPN, once.
+
+        Lightning calls it before it restores a ``--ckpt_path``, so the checkpoint's weights load into the built
+        modules. When the autoencoder file is gone the stage is rebuilt from a RatSpnStage checkpoint instead
+        (`on_load_checkpoint`); with neither, the first hook that needs the model names the file and the fix.
+        """
+        path = Path(self.hparams.autoencoder_ckpt)
+        if self.spn is None and path.is_file():
+            self._build(self._load_autoencoder(path, self.hparams.autoencoder_class))
+
     def _missing_autoencoder_message(self) -> str:
         path = self.hparams.autoencoder_ckpt
         cls = (self.hparams.autoencoder_class or "").rpartition(".")[2]
@@ -301,7 +310,8 @@ class RatSpnStage(AnomalyDetector):
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self) -> None:
-        """EM needs no optimizer (manual optimisation)."""
+        """EM needs no optimizer (manual optimisation): Lightning supplies a no-op one, whose ``step(closure)``
+        runs each EM update in `training_step`, so that Lightning counts the EM steps."""
         return None
 
     def on_train_start(self) -> None:
@@ -328,24 +338,18 @@ class RatSpnStage(AnomalyDetector):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         z = self._batch_inputs(batch)
         spn, max_steps = self._require(), self.trainer.max_steps
+        em_step = self.optimizers()  # Lightning's no-op optimizer: configure_optimizers returns None
         total, count = 0.0, 0
         for chunk in z.split(self.hparams.em_batch_size or z.shape[0]):
             if 0 <= max_steps <= self.trainer.global_step:
                 break
-            info = spn.em_update(chunk, step_size=self.hparams.step_size)
-            self._count_em_step()
+            # Each EM update is one manual-optimisation step (public `LightningOptimizer.step(closure)`), so
+            # Lightning counts it in global_step, which checkpointing (best/last), max_steps and step-based
+            # logging read, and saves the count with its loop state: a resumed fit continues exactly.
+            info = em_step.step(closure=lambda chunk=chunk: spn.em_update(chunk, step_size=self.hparams.step_size))
             total, count = total + info["log_likelihood"] * chunk.shape[0], count + chunk.shape[0]
         if count:
             self.log("train/log_likelihood", total / count, on_step=False, on_epoch=True, prog_bar=True, batch_size=count)
-
-    def _count_em_step(self) -> None:
-        """Counts the EM update as a training step: Lightning's global_step counts optimizer steps, and
-        checkpointing (best/last), max_steps and step-based logging all depend on it."""
-        loop = getattr(getattr(self._trainer, "fit_loop", None), "epoch_loop", None)
-        progress = getattr(getattr(loop, "manual_optimization", None), "optim_step_progress", None)
-        if progress is not None:
-            progress.increment_ready()
-            progress.increment_completed()
 
     def on_train_epoch_end(self) -> None:
         spn = self._require()
@@ -370,13 +374,16 @@ class RatSpnStage(AnomalyDetector):
         """-log p(z(x)) per patch, or -log p(z(x) | context) for the conditional RAT-SPN (exact; higher = more
         anomalous). ``context``: N x 2 px distances of the patch centres (`datamodules.grids.patch_context`)."""
         spn = self._require()
-        z = self._standardise(self._inputs(self.encode(x), context))
-        joint = spn.log_likelihood(z)[:, 0]
-        if not self.uses_context:
-            return -joint.float()
-        latents = torch.zeros_like(z, dtype=torch.bool)
-        latents[:, : z.shape[1] - CONTEXT_VARS] = True  # integrate the latents out: log p(context)
-        return -(joint - spn.log_likelihood(z, missing=latents)[:, 0]).float()
+        latents = self.encode(x)  # the autoencoder under the caller's autocast (bf16 scoring), if any
+        # the RAT-SPN's log-einsum-exp in fp32 always: its batched matmuls would round log-likelihoods in bf16
+        with torch.autocast(latents.device.type, enabled=False):
+            z = self._standardise(self._inputs(latents, context))
+            joint = spn.log_likelihood(z)[:, 0]
+            if not self.uses_context:
+                return -joint.float()
+            hidden = torch.zeros_like(z, dtype=torch.bool)
+            hidden[:, : z.shape[1] - CONTEXT_VARS] = True  # integrate the latents out: log p(context)
+            return -(joint - spn.log_likelihood(z, missing=hidden)[:, 0]).float()
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -386,11 +393,14 @@ class RatSpnStage(AnomalyDetector):
             checkpoint["autoencoder_hparams"] = dict(getattr(self.autoencoder, "hparams", {}))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Rebuilds autoencoder and SPN from the checkpoint alone when the autoencoder file is gone."""
+        """Rebuilds autoencoder and SPN from the checkpoint alone when `setup` has not built them
+        (`load_from_checkpoint`, or the autoencoder file is gone)."""
         super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("state_dict", {})
+        class_path = checkpoint.get("autoencoder_class")
+        if self.spn is None and class_path is None:
+            self.setup("load")  # an older checkpoint without the autoencoder's class: its file, if still there
         if self.spn is None:
-            class_path = checkpoint.get("autoencoder_class")
             if class_path is None:
                 raise FileNotFoundError(self._missing_autoencoder_message())
             cls = _import_class(class_path)

@@ -137,6 +137,8 @@ def test_missing_autoencoder_checkpoint_names_file_and_training_command(tmp_path
 def test_gaussian_stage_fits_by_em_caches_latents_and_scores_anomalies_higher(tmp_path):
     ae_path = _save_autoencoder(TinyAE(), tmp_path, "ae")
     stage = RatSpnStage(str(ae_path), num_repetitions=4, num_input_distributions=5, step_size=0.05, init_batches=4, seed=3)
+    assert stage.spn is None and stage.autoencoder is None  # nothing read from disk before setup()
+    stage.setup("fit")
     assert stage.leaf == "gaussian" and stage.configure_optimizers() is None
     assert not any(p.requires_grad for p in stage.autoencoder.parameters())
     train, val = _loaders()
@@ -167,6 +169,11 @@ def test_gaussian_stage_fits_by_em_caches_latents_and_scores_anomalies_higher(tm
     # the checkpoint carries SPN, standardisation and autoencoder: it loads after the AE file is gone
     ckpt = Path(checkpoint.last_model_path)
     assert torch.load(ckpt, weights_only=False)["anomaly_model_class"] == "lightning_modules.rat_spn_stage.RatSpnStage"
+    # a checkpoint from before the autoencoder's class was saved in it loads through the autoencoder file
+    legacy = torch.load(ckpt, weights_only=False)
+    del legacy["autoencoder_class"], legacy["autoencoder_hparams"]
+    torch.save(legacy, tmp_path / "legacy.ckpt")
+    torch.testing.assert_close(RatSpnStage.load_from_checkpoint(tmp_path / "legacy.ckpt").score_grid(healthy), s_healthy)
     ae_path.unlink()
     restored = RatSpnStage.load_from_checkpoint(ckpt)
     torch.testing.assert_close(restored.score_grid(healthy), s_healthy)
@@ -218,6 +225,7 @@ def test_em_batch_size_splits_loader_batches_into_the_same_em_steps(tmp_path):
 def test_vq_stage_uses_categorical_leaves_over_the_codebook(tmp_path):
     ae_path = _save_autoencoder(TinyVQ(num_embeddings=6), tmp_path, "vq")
     stage = RatSpnStage(str(ae_path), num_repetitions=3, num_input_distributions=4, step_size=0.05, init_batches=2)
+    stage.setup("fit")
     assert stage.leaf == "categorical" and stage.spn.num_categories == 6 and stage.spn.num_vars == 16
     train, val = _loaders(128, 32)
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
