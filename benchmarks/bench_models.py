@@ -1,6 +1,7 @@
 """Model throughput at batch 64: Lightning (Trainer.fit / Trainer.predict over a DataLoader) beside a plain
 PyTorch step over the same network and batch, interleaved step by step in one run (medians), plus achieved FLOP/s
-(torch.utils.flop_counter) against a plain fp32 matmul, and the bf16 / channels-last variants on the CAE.
+(torch.utils.flop_counter) against a plain fp32 matmul; scoring through Trainer.predict in fp32 / bf16-mixed,
+plain / channels-last (the ratios side by side); and the bf16 / channels-last variants of the CAE's plain loop.
 
 `python -m benchmarks models`; `BENCH_MODELS=cae,vqvae` picks models, `BENCH_SECONDS` the time per
 measurement (default 3)."""
@@ -340,6 +341,48 @@ def precision_variants(seconds: float) -> list[tuple[str, float, float]]:
     return rows
 
 
+class _BatchTimes(pl.Callback):
+    """Seconds of each predict batch (one evaluation item), batch start to batch end."""
+
+    def __init__(self) -> None:
+        self.start = 0.0
+        self.times: list[float] = []
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self.start = time.perf_counter()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.times.append(time.perf_counter() - self.start)
+
+
+#: the scoring variants of `lightning predict` / `test`: (trainer precision, AnomalyDetector.score_channels_last)
+SCORING_VARIANTS = {
+    "fp32": ("32-true", False),
+    "fp32 + channels_last": ("32-true", True),
+    "bf16": ("bf16-mixed", False),
+    "bf16 + channels_last": ("bf16-mixed", True),
+}
+
+
+def scoring_variants(name: str, seconds: float, rounds: int = 3, per_item: int = 4 * BATCH) -> dict[str, float]:
+    """Patches/s of ``Trainer.predict`` over evaluation items (the real `score_grid` path: precision context,
+    autocast, channels-last) per `SCORING_VARIANTS`, the variants alternated ``rounds`` times (medians)."""
+    model = _fresh(name)
+    model.score_batch_size = BATCH
+    n_items = WARMUP + max(3, int(seconds * 800 / per_item))  # ~``seconds`` at fp32 speed
+    items = EvalItems(patches(n_items * per_item, seed=2), per_item)
+    rates: dict[str, list[float]] = {label: [] for label in SCORING_VARIANTS}
+    for _ in range(rounds):
+        for label, (precision, channels_last) in SCORING_VARIANTS.items():
+            model.score_channels_last = channels_last
+            clock = _BatchTimes()
+            pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                       enable_model_summary=False, precision=precision, callbacks=[clock]).predict(
+                model, DataLoader(items, batch_size=None), return_predictions=False)
+            rates[label].append(per_item / statistics.median(clock.times[WARMUP:]))
+    return {label: statistics.median(r) for label, r in rates.items()}
+
+
 def main() -> None:
     warnings.filterwarnings("ignore")
     for name in ("lightning.pytorch", "pytorch_lightning", "lightning_fabric"):
@@ -363,6 +406,18 @@ def main() -> None:
               flush=True)
     if "fanogan" in names:
         print("f-AnoGAN training FLOPs exclude the gradient penalty (not traceable by FlopCounterMode): a lower bound")
+    from lightning_modules.base import bf16_supported
+
+    fast_bf16 = bf16_supported(torch.device("cpu"))
+    print(f"\nScoring through Trainer.predict (score_grid), patches/s, medians of 3 alternating rounds; "
+          f"fast bf16 on this CPU: {fast_bf16}{'' if fast_bf16 else ' (bf16-mixed then scores in fp32)'}")
+    print(f"{'model':8} {'fp32':>7} {'fp32+CL':>8} {'bf16':>7} {'bf16+CL':>8}   {'bf16/fp32':>9} "
+          f"{'CL/plain fp32':>13} {'CL/plain bf16':>13} {'bf16+CL/fp32':>12}")
+    for name in [n for n in names if n != "fanogan"]:
+        r = scoring_variants(name, seconds)
+        fp32, fp32_cl, bf16, bf16_cl = (r[k] for k in SCORING_VARIANTS)
+        print(f"{name:8} {fp32:7.0f} {fp32_cl:8.0f} {bf16:7.0f} {bf16_cl:8.0f}   {bf16 / fp32:9.2f} "
+              f"{fp32_cl / fp32:13.2f} {bf16_cl / bf16:13.2f} {bf16_cl / fp32:12.2f}", flush=True)
     print("\nCAE plain loop, precision / memory-format variants (patches/s):")
     for label, train, score in precision_variants(seconds):
         print(f"  {label:22} train {train:7.0f}   score {score:7.0f}", flush=True)

@@ -137,6 +137,12 @@ def score_distribution_image(hist: Mapping[str, np.ndarray], title: str) -> np.n
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
+def _scoring_precision(pl_module: pl.LightningModule) -> str:
+    """What the model scored in (`AnomalyDetector.scoring_precision`): ``bf16`` or ``fp32``."""
+    method = getattr(pl_module, "scoring_precision", None)
+    return method() if callable(method) else "fp32"
+
+
 class EvaluationCallback(pl.Callback):
     """Scores full images into anomaly maps and logs / writes the paper's metrics (see module docstring).
 
@@ -340,6 +346,7 @@ class EvaluationCallback(pl.Callback):
             images_per_s=summary["n_images"] / elapsed if elapsed > 0 else math.nan,
             patches_per_s=summary["n_patches"] / elapsed if elapsed > 0 else math.nan,
             world_size=trainer.world_size,
+            scoring_precision=_scoring_precision(pl_module),  # bf16 autocast or fp32 (`--trainer.precision`)
             checkpoint=checkpoint_info(trainer.ckpt_path),  # which weights produced these numbers
             **_skipped_images(trainer),
         )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import pytorch_lightning as pl
@@ -15,6 +16,18 @@ from lightning_modules.calibration import MondrianConformal
 def class_tag(obj: object) -> str:
     """``"<module>.<ClassName>"`` stored in every checkpoint so it loads without its config."""
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast has a fast path on ``device``: a CUDA GPU with bf16, or a CPU whose oneDNN has bf16
+    kernels (AVX512-BF16 / AMX; elsewhere bf16 is emulated and slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        # torch has no public CPU-capability query for bf16; oneDNN's own check is what its kernels use
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(check()) if check is not None and torch.backends.mkldnn.is_available() else False
+    return False
 
 
 class AnomalyDetector(pl.LightningModule):
@@ -33,6 +46,9 @@ class AnomalyDetector(pl.LightningModule):
     #: whether `score_patches` takes the patch context (``score_patches(x, context)``, N x 2 px distances to
     #: the skin line and the chest wall, `datamodules.grids.patch_context`); True for a conditional RAT-SPN
     uses_context: bool = False
+    #: channels-last memory format for the networks while scoring in bf16 on a CPU (oneDNN's fast path there,
+    #: `make bench`): None = automatically then (test / predict only), True / False = always / never
+    score_channels_last: bool | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -61,18 +77,62 @@ class AnomalyDetector(pl.LightningModule):
         finally:
             self.train(was_training)
 
+    def scoring_precision(self) -> str:
+        """``"bf16"`` when the trainer runs ``precision="bf16-mixed"`` and the hardware has fast bf16
+        (`bf16_supported`), else ``"fp32"``: what `score_grid` scores in (written into metrics.json)."""
+        trainer = self._trainer
+        precision = str(getattr(trainer, "precision", "32-true")) if trainer is not None else "32-true"
+        return "bf16" if precision == "bf16-mixed" and bf16_supported(self.device) else "fp32"
+
+    def _channels_last(self, precision: str) -> bool:
+        if self.score_channels_last is not None:
+            return self.score_channels_last
+        trainer = self._trainer
+        scoring = trainer is not None and (trainer.testing or trainer.predicting)
+        return scoring and precision == "bf16" and self.device.type == "cpu"
+
+    @contextmanager
+    def _memory_format(self, channels_last: bool) -> Iterator[None]:
+        """The networks' convolution weights in channels-last while scoring, back to contiguous afterwards
+        (training and checkpoints never see it)."""
+        convs = [m for m in self.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)]
+        if not channels_last or not convs:
+            yield
+            return
+        for conv in convs:
+            conv.to(memory_format=torch.channels_last)
+        try:
+            yield
+        finally:
+            for conv in convs:
+                conv.to(memory_format=torch.contiguous_format)
+
     def score_grid(self, patches: Tensor, context: Tensor | None = None) -> Tensor:
-        """Raw scores of many patches in chunks, in eval mode, without gradient."""
+        """Raw scores (float32) of many patches in chunks, in eval mode, without gradient.
+
+        `score_patches` runs under bf16 autocast when `scoring_precision` says so (``--trainer.precision
+        bf16-mixed`` on hardware with fast bf16), in channels-last on a CPU, and in fp32 otherwise: autocast is
+        switched off here where bf16 would be emulated, whatever the trainer's precision context.
+        """
         if self.uses_context and context is None:
             raise ValueError(f"{type(self).__name__} scores patches given their context: the batch has no 'context'")
         ctx = context.split(self.score_batch_size) if self.uses_context else None
+        precision = self.scoring_precision()
+        channels_last = self._channels_last(precision)
+        device_type = self.device.type
+        autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16"
+                    else torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else nullcontext())
 
         def score_all(x: Tensor) -> Tensor:
             chunks = []
-            for i, chunk in enumerate(x.split(self.score_batch_size)):
-                chunk = chunk.to(self.device, non_blocking=True)
-                s = self.score_patches(chunk, ctx[i].to(self.device)) if ctx is not None else self.score_patches(chunk)
-                chunks.append(s.float())
+            with self._memory_format(channels_last):
+                for i, chunk in enumerate(x.split(self.score_batch_size)):
+                    chunk = chunk.to(self.device, non_blocking=True)
+                    if channels_last:
+                        chunk = chunk.contiguous(memory_format=torch.channels_last)
+                    with autocast:
+                        s = self.score_patches(chunk, ctx[i].to(self.device)) if ctx is not None else self.score_patches(chunk)
+                    chunks.append(s.float())
             return torch.cat(chunks) if chunks else x.new_zeros(0)
 
         return self._eval_call(score_all, patches)
