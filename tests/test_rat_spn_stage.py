@@ -239,3 +239,28 @@ def test_vq_stage_uses_categorical_leaves_over_the_codebook(tmp_path):
     ae_path.unlink()
     restored = RatSpnStage.load_from_checkpoint(checkpoint.last_model_path)
     torch.testing.assert_close(restored.score_grid(healthy), scores[:32])
+
+
+def test_resumed_em_fit_continues_at_the_same_step_with_the_same_parameters(tmp_path):
+    """A fit stopped after epoch 1 and resumed from its last.ckpt ends where an uninterrupted fit ends: the EM
+    steps are counted by Lightning (global_step, saved with the loop state), the circuit is restored exactly."""
+    ae_path = _save_autoencoder(TinyAE(seed=4), tmp_path, "ae")
+    loader = DataLoader(PatchSet(_images(96, seed=7)), batch_size=32)  # a fixed order: the same batches on resume
+
+    def stage() -> RatSpnStage:
+        return RatSpnStage(str(ae_path), num_repetitions=3, num_input_distributions=4, step_size=0.05,
+                           init_batches=2, em_batch_size=16)
+
+    whole = stage()
+    trainer = _trainer(tmp_path / "whole", 2, enable_checkpointing=False)
+    trainer.fit(whole, loader)
+    assert trainer.global_step == 2 * 6
+    first = _trainer(tmp_path / "cut", 1, callbacks=[pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "cut", save_last=True)])
+    first.fit(stage(), loader)
+    assert first.global_step == 6
+    resumed = stage()
+    again = _trainer(tmp_path / "cut", 2, enable_checkpointing=False)
+    again.fit(resumed, loader, ckpt_path=str(tmp_path / "cut" / "last.ckpt"))
+    assert again.global_step == trainer.global_step
+    for key, value in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
