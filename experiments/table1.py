@@ -22,6 +22,7 @@ from experiments.table1_report import (
     LOCALISATION_KEYS,
     PAIRS,
     build_table,
+    calibration_notes,
     collect,
     format_training,
     training_summary,
@@ -32,6 +33,8 @@ from experiments.table1_stages import (
     DATA_CHOICES,
     FITS,
     PROFILES,
+    SCORING_NOTES,
+    SCORINGS,
     TABLE_THRESHOLD_RULES,
     Stage,
     build_stages,
@@ -59,6 +62,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold-rule", choices=TABLE_THRESHOLD_RULES, default="image_percentile",
                         help="segmentation (H) and FROC operating point: each image's 99th percentile (paper), or "
                              "for the RAT-SPN rows the calibrated threshold their checkpoints carry")
+    parser.add_argument("--scoring", choices=SCORINGS, default="raw",
+                        help="the RAT-SPN rows' scores: raw -log p(z) (paper), or conformal -log p-values calibrated "
+                             "by border stratum on healthy validation images (mondrian), over a conditional RAT-SPN "
+                             "-log p(z | position) (context+mondrian); README 'Border-aware scoring'")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="several seeds: the stages run once per seed (<out>/seed-<N>/) and the table is the "
                              "mean ± sd over seeds")
@@ -81,7 +88,8 @@ SEEDED_KEYS = ("pixel_auc", "image_auc_mean", "image_auc_std", "hausdorff_px_mea
 def pair_stages(stages: Sequence[Stage]) -> list[Stage]:
     """The stages the AE / AE-RATSPN rows need: their fits and tests (no f-AnoGAN, no Intensity)."""
     fits = {spec.name for spec in FITS if spec.model in PAIR_MODELS}
-    return [s for s in stages if (s.kind == "fit" and s.name in fits) or (s.kind == "test" and s.model in PAIR_MODELS)]
+    return [s for s in stages
+            if (s.kind == "fit" and s.name in fits) or (s.kind in ("validate", "test") and s.model in PAIR_MODELS)]
 
 
 def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -131,7 +139,8 @@ def aggregate_seeds(per_seed: Mapping[int, Sequence[Mapping[str, Any]]]) -> list
 def _run_seed(args: argparse.Namespace, seed: int, out_dir: Path, pairs_only: bool, log: Any) -> list[dict] | int:
     """Runs (or reuses) one seed's stages under ``out_dir`` and writes its table; returns its rows or an exit code."""
     data_name = data_config(args.data)[0]
-    stages = build_stages(args.profile, args.data, args.data_root, seed, args.healthy_root, args.threshold_rule)
+    stages = build_stages(args.profile, args.data, args.data_root, seed, args.healthy_root, args.threshold_rule,
+                          args.scoring)
     if pairs_only:
         stages = pair_stages(stages)
     group = f"table1-{args.profile}-{data_name}-s{seed}"
@@ -158,9 +167,11 @@ def _run_seed(args: argparse.Namespace, seed: int, out_dir: Path, pairs_only: bo
     notes = [
         f"Profile `{args.profile}`, data `{data_name}`, seed {seed}; W&B group `{group}`.",
         "Intensity: score = mean patch intensity, nothing trained (what brightness alone achieves).",
+        f"RAT-SPN rows scored `{args.scoring}`: " + SCORING_NOTES[args.scoring],
     ]
     if total is not None:
         notes.append(f"Wall time of the stages run: {total / 60:.1f} min (per stage in timings.json).")
+    notes.extend(calibration_notes(stages, runs_dir))
     training = training_summary(stages, runs_dir)
     notes.extend(format_training(training))
     md = write_table1(rows, out_dir, f"Table 1 ({args.profile} profile, {data_name} data)", notes)
@@ -191,6 +202,9 @@ def run(args: argparse.Namespace) -> int:
         data_config(args.data)
         if args.profile not in PROFILES:
             raise ValueError(f"--profile must be one of {PROFILES}, got {args.profile!r}")
+        # the flags together (e.g. --threshold-rule calibrated needs a calibrated --scoring) before any stage runs
+        build_stages(args.profile, args.data, args.data_root, args.seed, args.healthy_root, args.threshold_rule,
+                     args.scoring)
     except (ValueError, FileNotFoundError) as err:
         print(f"mammospn table1: {err}", file=sys.stderr)
         return 2

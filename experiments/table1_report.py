@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.fileio import atomic_write
-from experiments.table1_stages import MODEL_ORDER, TEST_SETS, Stage, model_slug
+from experiments.table1_stages import CALIBRATED_CKPT, MODEL_ORDER, TEST_SETS, Stage, model_slug
 
 #: AE -> its RAT-SPN extension, compared by a paired Wilcoxon signed-rank test on per-image AUCs
 PAIRS = (("CAE", "CAE-RATSPN"), ("bVAE", "bVAE-RATSPN"), ("VQVAE", "VQVAE-RATSPN"))
@@ -252,6 +252,21 @@ def write_table1(rows: Sequence[Mapping[str, Any]], out_dir: Path, title: str, n
     atomic_write(md, format_markdown(rows, title, notes))
     atomic_write(out_dir / "table1.csv", format_csv(rows))
     return md
+
+
+def calibration_notes(stages: Sequence[Stage], runs_dir: Path) -> list[str]:
+    """One line per calibration stage: its images and the held-out healthy pixels' p < 0.05 share (ideal 0.05)."""
+    lines = []
+    for stage in stages:
+        report = runs_dir / str(stage.checkpoint_from) / "checkpoints" / CALIBRATED_CKPT.replace(".ckpt", ".calibration.json")
+        if stage.kind != "validate" or not report.is_file():
+            continue
+        cal = json.loads(report.read_text())
+        rates = dict(zip(cal.get("alphas", []), cal.get("pixel_rate", [])))
+        lines.append(f"Calibration of {stage.model}: fitted on {cal.get('fit_images')} healthy validation images, "
+                     f"checked on {cal.get('check_images')}: held-out healthy pixels with p < 0.05: "
+                     f"{_f(rates.get(0.05, math.nan), 3)}, p < 0.01: {_f(rates.get(0.01, math.nan), 3)}.")
+    return lines
 
 
 def training_curve(run_dir: Path) -> dict[int, float]:

@@ -37,7 +37,7 @@ class Stage:
     """One `lightning` command of the reproduction."""
 
     name: str
-    kind: str  # "fit" | "test"
+    kind: str  # "fit" | "validate" (the RAT-SPN rows' calibration) | "test"
     model: str  # display name (Table 1 row) or a fit step's name
     configs: list[str]
     overrides: list[str] = field(default_factory=list)
@@ -126,28 +126,49 @@ def data_args(
 #: ``--threshold-rule`` choices: the paper's per-image percentile for every row, or the RAT-SPN stages'
 #: calibrated threshold (a buffer fitted on healthy validation images) for their rows
 TABLE_THRESHOLD_RULES = ("image_percentile", "calibrated")
+#: ``--scoring`` of the RAT-SPN rows: the paper's raw -log p(z); Mondrian-calibrated -log p-values by border
+#: stratum (a `lightning validate` stage per RAT-SPN fits `experiments.calibration.ConformalCalibration` on
+#: healthy validation images; its tests load ``calibrated.ckpt``); the same over a conditional RAT-SPN
+#: (-log p(z | position), fitted with ``context: true``). README "Border-aware scoring" says which and why.
+SCORINGS = ("raw", "mondrian", "context+mondrian")
+CALIBRATED_CKPT = "calibrated.ckpt"
+SCORING_NOTES = {
+    "raw": "-log p(z) of the autoencoder's latents (paper).",
+    "mondrian": "-log of the conformal p-value of -log p(z) among healthy validation patches of the same "
+                "border-distance stratum (`<fit>_calibrate` stages).",
+    "context+mondrian": "conditional -log p(z | distances to skin line and film cut), calibrated by border "
+                        "stratum like `mondrian`.",
+}
 
 
 def build_stages(
     profile: str, data: str = "synthetic", data_root: str | None = None, seed: int = 0,
-    healthy_root: str | None = None, threshold_rule: str = "image_percentile",
+    healthy_root: str | None = None, threshold_rule: str = "image_percentile", scoring: str = "raw",
 ) -> list[Stage]:
     """The reproduction's stages in run order (8 fits, then 16 tests: 8 models x mass/calc).
 
     ``threshold_rule="calibrated"``: the RAT-SPN rows segment at (and count FROC candidates above) the
     threshold their checkpoint carries; their test stages are named ``...-calibrated`` so the per-image
     percentile results stay. Every other row keeps the per-image percentile; each row says its rule.
+    ``scoring`` (`SCORINGS`) other than "raw" adds a calibration stage after each RAT-SPN fit, whose
+    calibrated checkpoint the RAT-SPN rows are tested with.
     """
     if profile not in PROFILES:
         raise ValueError(f"--profile must be one of {PROFILES}, got {profile!r}")
     if threshold_rule not in TABLE_THRESHOLD_RULES:
         raise ValueError(f"--threshold-rule must be one of {TABLE_THRESHOLD_RULES}, got {threshold_rule!r}")
+    if scoring not in SCORINGS:
+        raise ValueError(f"--scoring must be one of {SCORINGS}, got {scoring!r}")
+    if threshold_rule == "calibrated" and scoring == "raw":
+        raise ValueError("--threshold-rule calibrated needs calibrated RAT-SPN rows: --scoring mondrian or "
+                         "context+mondrian")
+    spn_extra = ["--model.init_args.context", "true"] if scoring.startswith("context") else []
     profile_yaml = str(CONFIG_DIR / "profiles" / f"{profile}.yaml")
     data_first, data_last, data_overrides = data_args(data, data_root, seed, healthy_root)
     estimates = ESTIMATES[profile]
     stages: list[Stage] = []
     for spec in FITS:
-        overrides = list(spec.extra) + list(data_overrides)
+        overrides = list(spec.extra) + (spn_extra if spec.model.endswith("-RATSPN") else []) + list(data_overrides)
         stages.append(
             Stage(
                 name=spec.name,
@@ -161,6 +182,14 @@ def build_stages(
                 checkpoint_file=spec.needs_file,
             )
         )
+    if scoring != "raw":
+        for spec in FITS:
+            if spec.model.endswith("-RATSPN"):
+                stages.append(Stage(
+                    name=f"{spec.name}_calibrate", kind="validate", model=spec.model,
+                    configs=next(s.configs for s in stages if s.name == spec.name),
+                    overrides=list(spec.extra) + spn_extra + list(data_overrides), estimate_s=estimates["test"],
+                    checkpoint_from=spec.name))
     tested = {spec.model: spec for spec in FITS if spec.name != "fanogan_gan"}
     for test_set, _ in TEST_SETS:
         for model in MODEL_ORDER:
@@ -173,10 +202,11 @@ def build_stages(
                 spec = tested[model]
                 configs = [*data_first, str(CONFIG_DIR / spec.config), profile_yaml, *data_last,
                            *profile_overlays(profile, spec.name)]
-                test_overrides = list(spec.extra) + test_overrides
+                test_overrides = list(spec.extra) + (spn_extra if model.endswith("-RATSPN") else []) + test_overrides
                 source = spec.name
             rule = threshold_rule if model.endswith("-RATSPN") else "image_percentile"
             suffix = "" if rule == "image_percentile" else f"-{rule}"
+            calibrated = model.endswith("-RATSPN") and scoring != "raw"
             stages.append(
                 Stage(
                     name=f"test-{test_set}-{model_slug(model)}{suffix}",
@@ -187,6 +217,7 @@ def build_stages(
                     estimate_s=estimates["test"],
                     test_set=test_set,
                     checkpoint_from=source,
+                    checkpoint_file=CALIBRATED_CKPT if calibrated else "best.ckpt",
                     threshold_rule=rule,
                 )
             )
@@ -227,7 +258,13 @@ def stage_args(stage: Stage, runs_dir: Path, eval_dir: Path, group: str) -> list
         if spec.needs:
             ckpt_in = checkpoint_path(runs_dir, spec.needs, spec.needs_file)
             args += [f"--model.init_args.{spec.needs_arg}", str(ckpt_in)]
-        args += ["--ckpt_path", str(checkpoint_path(runs_dir, stage.checkpoint_from))]
+        if stage.kind == "validate":  # calibrate the fit's best checkpoint into <fit>/checkpoints/calibrated.ckpt
+            ckpt = checkpoint_path(runs_dir, stage.checkpoint_from)
+            args += ["--ckpt_path", str(ckpt), "--run.evaluate", "false",
+                     "--trainer.callbacks+=experiments.calibration.ConformalCalibration",
+                     "--trainer.callbacks.output", str(ckpt.with_name(CALIBRATED_CKPT))]
+        else:
+            args += ["--ckpt_path", str(checkpoint_path(runs_dir, stage.checkpoint_from, stage.checkpoint_file))]
     if stage.kind == "test" and stage.threshold_rule != "image_percentile":
         args += ["--trainer.callbacks+=experiments.callbacks.EvaluationCallback",
                  "--trainer.callbacks.output_dir", str(eval_dir / stage.name),
@@ -243,6 +280,8 @@ def stage_done(stage: Stage, runs_dir: Path, eval_dir: Path) -> bool:
         return False
     if stage.kind == "fit":
         return checkpoint_path(runs_dir, stage.name).is_file()
+    if stage.kind == "validate":
+        return (runs_dir / str(stage.checkpoint_from) / "checkpoints" / CALIBRATED_CKPT).is_file()
     return (eval_dir / stage.name / "metrics.json").is_file()
 
 
