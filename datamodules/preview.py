@@ -69,7 +69,7 @@ def make_sheet(module: Any, out: str | Path, n_images: int = 4, n_healthy: int =
     panels: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]] = []
     if n_images > 0:
         try:
-            dataset = module._listed_evaluation().dataset("test")
+            dataset = module.evaluation.dataset("test")
         except DataError as err:
             print(f"preview: no test images ({err})")
             dataset = []

@@ -113,7 +113,7 @@ def test_evaluation_module_items_selection_and_cache(tmp_path) -> None:
     assert item["spacing_mm"] == pytest.approx(0.2) and item["stride"] == 16
     assert item["meta"]["density"] == 3 and item["meta"]["lesion_type"] == "mass"
     assert item["meta"]["has_pixel_annotation"] is True and item["meta"]["source_path"].endswith("m0.png")
-    assert dm.selection["test"]["excluded_by_reason"] == {"too_large": 1, "no_annotation": 1}
+    assert dm.selection("test")["excluded_by_reason"] == {"too_large": 1, "no_annotation": 1}
     report = next((tmp_path / "cache").glob("eval-test-mass-*/selection.json"))
     assert json.loads(report.read_text())["summary"]["selected"] == 1
     # second module: cache reused (no file read), identical items
@@ -134,7 +134,7 @@ def test_evaluation_calc_set_is_empty_for_mass_images(tmp_path) -> None:
                               progress=False)
     with pytest.raises(DataError, match=r"no evaluable test images: 3 listed, 0 unreadable, 3 excluded .*selection.json"):
         dm.dataset("test")
-    assert dm.selection["test"]["excluded_by_reason"] == {"no_mask": 2, "no_annotation": 1}
+    assert dm.selection("test")["excluded_by_reason"] == {"no_mask": 2, "no_annotation": 1}
 
 
 def test_mammography_module_predict_on_files_and_errors(tmp_path) -> None:
@@ -270,7 +270,7 @@ def test_mask_of_other_size_is_named_and_skipped(tmp_path, caplog) -> None:
     with caplog.at_level("WARNING"):
         assert len(dm.dataset("test")) == 1
     assert "wrong_size_mask.png" in caplog.text and "1 of 2 test images skipped" in caplog.text
-    assert dm.selection["test"]["skipped_unreadable"] == 1
+    assert dm.selection("test")["skipped_unreadable"] == 1
 
 
 def test_preview_sheet_from_a_config(tmp_path) -> None:
@@ -314,7 +314,7 @@ def test_single_patient_warns_that_val_loss_is_missing(tmp_path) -> None:
 def test_healthy_images_exclude_women_with_a_lesion_image_of_either_test_set(tmp_path) -> None:
     """mias: woman 3 has a calcification image (mdb005) and a normal one (mdb006); a mass-configured
     training set must not take her normal image, since the calc evaluation scores her other breast."""
-    from datamodules.datamodules import list_source_records
+    from datamodules.sources import list_source_records
 
     info = "\n".join(["mdb001 G CIRC B 535 425 97", "mdb002 G NORM", "mdb003 D NORM", "mdb004 D NORM",
                       "mdb005 F CALC B 300 300 20", "mdb006 F NORM", "mdb007 G NORM", "mdb008 G NORM",

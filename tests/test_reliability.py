@@ -483,12 +483,12 @@ def test_damaged_patch_cache_is_named_and_rebuilt(tmp_path: Path, name: str, how
 def test_damaged_evaluation_cache_is_named_and_rebuilt(tmp_path: Path, how: str) -> None:
     manifest = _lesion_corpus(tmp_path / "data")
     first = _module(manifest, tmp_path / "cache", lesion_validation_fraction=0.0)
-    files = list(first._listed_evaluation().dataset("test").items)
-    expected = first._listed_evaluation().dataset("test")[0]["image"]
+    files = list(first.evaluation.dataset("test").items)
+    expected = first.evaluation.dataset("test")[0]["image"]
     _damage(files[0], how)
     again = _module(manifest, tmp_path / "cache", lesion_validation_fraction=0.0)
     with pytest.warns(UserWarning, match=rf"evaluation cache damaged, rebuilding it: {files[0]}: checksum differs"):
-        dataset = again._listed_evaluation().dataset("test")
+        dataset = again.evaluation.dataset("test")
     assert len(dataset) == 2 and torch.equal(dataset[0]["image"], expected)
     assert again.selection_summary()["test"]["skipped_unreadable"] == 2  # the skips survive the rebuild
 
