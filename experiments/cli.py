@@ -151,10 +151,9 @@ def check_config_values(config: Any) -> None:
     """Refuses, before any data is read or cache built, a value that cannot work: one `ConfigError` naming the key.
 
     The data module checks its own ranges; what only the whole config knows is checked here: the patch
-    size the data cuts must be the networks' input size.
+    size the data cuts must be the model's (``model.init_args.patch_size``; a RatSpnStage takes its
+    autoencoder's, checked by ``score_patches`` when the first patches arrive).
     """
-    from lightning_modules.networks import PATCH_SIZE
-
     model_args = (config.get("model") or {}).get("init_args") or {}
     for key in POSITIVE_MODEL_KEYS:
         value = model_args.get(key) if hasattr(model_args, "get") else None
@@ -162,8 +161,10 @@ def check_config_values(config: Any) -> None:
             raise ConfigError(f"model.init_args.{key} must be > 0, got {value!r}")
     data_args = (config.get("data") or {}).get("init_args") or {}
     patch_size = data_args.get("patch_size") if hasattr(data_args, "get") else None
-    if patch_size is not None and patch_size != PATCH_SIZE:
-        raise ConfigError(f"data.init_args.patch_size must be {PATCH_SIZE}, the networks' input size, got {patch_size!r}")
+    model_patch = model_args.get("patch_size") if hasattr(model_args, "get") else None
+    if patch_size is not None and model_patch is not None and patch_size != model_patch:
+        raise ConfigError(f"data.init_args.patch_size must be {model_patch}, the model's model.init_args.patch_size, "
+                          f"got {patch_size!r}")
 
 
 class MammoCLI(LightningCLI):

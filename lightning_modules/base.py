@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from lightning_modules.calibration import MondrianConformal
+from lightning_modules.networks import PATCH_SIZE
 
 
 def class_tag(obj: object) -> str:
@@ -20,7 +21,8 @@ def class_tag(obj: object) -> str:
 class AnomalyDetector(pl.LightningModule):
     """Base of every model: `score_patches(x) -> Tensor[N]`, higher = more anomalous.
 
-    ``x`` is float32 N x 1 x 64 x 64 in [0, 1]. SPN-ready autoencoders also serve
+    ``x`` is float32 N x 1 x P x P in [0, 1], P = `patch_size` (the ``patch_size`` hyper-parameter, default
+    64), checked by `check_patches` in every ``score_patches``. SPN-ready autoencoders also serve
     ``encode(x) -> Tensor[N, 64]`` (continuous) or ``encode_codes(x) -> LongTensor[N, 64]`` (VQ-VAE).
 
     Test and predict batches are evaluation items (one image per batch, see
@@ -42,6 +44,19 @@ class AnomalyDetector(pl.LightningModule):
 
     def score_patches(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @property
+    def patch_size(self) -> int:
+        """The side of the patches this model takes: its ``patch_size`` hyper-parameter (checkpoints from before
+        it was one hold 64-px models)."""
+        return int(self.hparams.get("patch_size", PATCH_SIZE))
+
+    def check_patches(self, x: Tensor) -> None:
+        """Refuses, in one line, input that is not N x 1 x P x P with P = `patch_size`."""
+        p = self.patch_size
+        if x.dim() != 4 or x.shape[1] != 1 or x.shape[2] != p or x.shape[3] != p:
+            raise ValueError(f"{type(self).__name__} scores patches of N x 1 x {p} x {p} (its patch_size), got "
+                             f"{tuple(x.shape)}; set data.init_args.patch_size to the model's")
 
     @property
     def threshold(self) -> float | None:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from lightning_modules.base import AnomalyDetector
-from lightning_modules.networks import Critic, GanEncoder, Generator, gradient_penalty
+from lightning_modules.networks import PATCH_SIZE, Critic, GanEncoder, Generator, gradient_penalty
 from lightning_modules.reconstruction import batch_images
 
 STAGES = ("gan", "encoder")
@@ -39,6 +39,7 @@ class FAnoGAN(AnomalyDetector):
         n_critic: int = 5,
         gp_weight: float = 10.0,
         kappa: float = 1.0,
+        patch_size: int = PATCH_SIZE,
     ):
         super().__init__()
         if stage not in STAGES:
@@ -47,9 +48,9 @@ class FAnoGAN(AnomalyDetector):
             raise ValueError("model.init_args.generator_ckpt is required with stage 'encoder' (the stage-'gan' checkpoint)")
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.generator = Generator(latent_dim, width)
-        self.critic = Critic(width)
-        self.encoder = GanEncoder(latent_dim, width)
+        self.generator = Generator(latent_dim, width, patch_size)
+        self.critic = Critic(width, patch_size)
+        self.encoder = GanEncoder(latent_dim, width, patch_size)
         self._critic_steps = 0
         self._gan_loaded = False
         # each stage trains only its own networks; frozen ones never register with DDP's reducer
@@ -177,6 +178,7 @@ class FAnoGAN(AnomalyDetector):
     # ----- scoring --------------------------------------------------------------------------
     def score_patches(self, x: Tensor) -> Tensor:
         """izi_f anomaly score per patch: MSE(x, G(E(x))) + kappa * MSE(f(x), f(G(E(x))))."""
+        self.check_patches(x)
         return self._eval_call(lambda t: self.izif_loss(t)[0].float(), x)
 
     def residual_map(self, x: Tensor) -> Tensor:

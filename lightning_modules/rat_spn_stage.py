@@ -229,6 +229,12 @@ class RatSpnStage(AnomalyDetector):
     on_fit_start = on_test_start = on_predict_start = on_validation_start = _check_built
 
     # ------------------------------------------------------------------ latents
+    @property
+    def patch_size(self) -> int:
+        """Its autoencoder's patch side (64 until the autoencoder is built)."""
+        ae = self.autoencoder
+        return ae.patch_size if isinstance(ae, AnomalyDetector) else super().patch_size
+
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
         """Raw latents of the frozen autoencoder: float N x D, or LongTensor N x 64 codes (VQ-VAE)."""
@@ -370,6 +376,7 @@ class RatSpnStage(AnomalyDetector):
         """-log p(z(x)) per patch, or -log p(z(x) | context) for the conditional RAT-SPN (exact; higher = more
         anomalous). ``context``: N x 2 px distances of the patch centres (`datamodules.grids.patch_context`)."""
         spn = self._require()
+        self.check_patches(x)
         z = self._standardise(self._inputs(self.encode(x), context))
         joint = spn.log_likelihood(z)[:, 0]
         if not self.uses_context:

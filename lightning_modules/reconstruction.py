@@ -55,6 +55,7 @@ class ReconstructionDetector(AnomalyDetector):
 
     def score_patches(self, x: Tensor) -> Tensor:
         """Per-patch anomaly score (the model's per-sample loss), eval mode, no gradient."""
+        self.check_patches(x)
         return self._eval_call(lambda t: self.per_sample_loss(t)[0].float(), x)
 
     def residual_map(self, x: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_modules.networks import LATENT_DIM, VQAutoencoder, perplexity
+from lightning_modules.networks import LATENT_DIM, PATCH_SIZE, VQAutoencoder, perplexity
 from lightning_modules.reconstruction import ReconstructionDetector, batch_images
 
 
@@ -36,6 +36,7 @@ class VQVAE(ReconstructionDetector):
         codebook_ema_decay: float = 0.99,
         standardize_latents: bool = True,
         seed: int = 0,
+        patch_size: int = PATCH_SIZE,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -46,6 +47,7 @@ class VQVAE(ReconstructionDetector):
             commitment=commitment,
             ema_decay=codebook_ema_decay,
             standardize_latents=standardize_latents,
+            patch_size=patch_size,
         )
         self._last_z: Tensor | None = None
 

@@ -349,3 +349,13 @@ def test_test_without_a_checkpoint_says_it_scores_initial_weights(workdir: Path)
     config = _write(workdir / "a.yaml", BASE)
     with pytest.warns(UserWarning, match="without --ckpt_path scores the model's initial weights"):
         cli.run_cli(["test", "--config", config, "--run.name", "w"])
+
+
+def test_data_patch_size_is_checked_against_the_models_own() -> None:
+    config = {"model": {"init_args": {"patch_size": 32}}, "data": {"init_args": {"patch_size": 32}}}
+    cli.check_config_values(config)  # a 32-px model on 32-px patches
+    config["data"]["init_args"]["patch_size"] = 64
+    with pytest.raises(cli.ConfigError, match=r"data.init_args.patch_size must be 32, the model's "
+                                             r"model.init_args.patch_size, got 64"):
+        cli.check_config_values(config)
+    cli.check_config_values({"model": {"init_args": {}}, "data": {"init_args": {"patch_size": 32}}})  # RatSpnStage
