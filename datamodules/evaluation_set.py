@@ -21,6 +21,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.batches import ScanItem, SkippedScan, check_scan_item
 from datamodules.caches import CacheFolder, listing_fingerprint, readable
 from datamodules.fileio import dumps_json, file_sha256, read_json
 from datamodules.grids import (
@@ -59,11 +60,9 @@ def _item_meta(record: ImageRecord, meta: dict[str, Any], kind: str | None) -> d
 class EvaluationDataset(Dataset):
     """Evaluation items, one image each: from cached ``.npz`` files or read from records on access.
 
-    Item (contract): ``image_id``, ``patient_id``, ``image`` float32 H x W in [0, 1], ``breast_mask`` and
-    ``lesion_mask`` bool H x W, ``centers`` int64 M x 2 (every ``stride`` px inside the breast), ``patches``
-    float32 M x 1 x s x s (reflect-padded), ``context`` float32 M x 2 (`grids.patch_context` of each centre),
-    ``spacing_mm``, ``stride``, ``meta``. Images are quantised to
-    uint8 like the training patches, so a model sees the same grey levels in training and evaluation.
+    Each item is a checked `batches.ScanItem` (the contract; a `batches.SkippedScan` for an unreadable
+    predict file). Scans are quantised to uint8 like the training patches, so a model sees the same grey
+    levels in training and evaluation.
     """
 
     def __init__(
@@ -111,7 +110,7 @@ class EvaluationDataset(Dataset):
                 "meta": json.loads(str(z["meta"])),
             }
 
-    def _skipped(self, entry: Path | ImageRecord, reason: str) -> dict[str, Any]:
+    def _skipped(self, entry: Path | ImageRecord, reason: str) -> SkippedScan:
         """The item of an image that could not be read: no patches, ``skipped`` = the one-line reason."""
         path = entry.path if isinstance(entry, ImageRecord) else entry
         return {
@@ -123,7 +122,7 @@ class EvaluationDataset(Dataset):
             "patches": torch.zeros(0, 1, self.patch_size, self.patch_size),
         }
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> ScanItem | SkippedScan:
         """One evaluation item; with ``skip_unreadable`` (predict) a `DataError` gives a skipped item instead."""
         try:
             raw = self._load(self.items[index])
@@ -136,10 +135,10 @@ class EvaluationDataset(Dataset):
         centers = grid_centers(breast, self.stride)
         patches = extract_patches(image, centers, self.patch_size)
         context = patch_context(breast, centers)
-        return {
+        return check_scan_item({
             "image_id": raw["image_id"],
             "patient_id": raw["patient_id"],
-            "image": torch.from_numpy(image),
+            "scan": torch.from_numpy(image),
             "breast_mask": torch.from_numpy(breast),
             "lesion_mask": torch.from_numpy(raw["lesion_mask"].astype(bool)),
             "centers": torch.from_numpy(centers),
@@ -148,7 +147,7 @@ class EvaluationDataset(Dataset):
             "spacing_mm": raw["spacing_mm"],
             "stride": self.stride,
             "meta": raw["meta"],
-        }
+        }, self.patch_size)
 
 
 def open_evaluation_cache(path: Path) -> dict[str, Any]:

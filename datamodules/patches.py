@@ -23,6 +23,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 
+from datamodules.batches import PatchBatch, check_patch_batch
 from datamodules.caches import (  # noqa: F401 - publish_cache, remove_stale_builds, with_progress: re-exported
     # (the patch cache's API before the skeleton moved to caches)
     CacheFolder,
@@ -314,13 +315,8 @@ def collate_patch_batch(batch: Any) -> Any:
 
 
 class PatchDataset(Dataset):
-    """Serves cached patches as training batches: ``__getitems__`` slices the memmap once per batch.
-
-    Batch dict (contract): ``image`` float32 N x 1 x s x s in [0, 1], ``index`` int64 N (global cache
-    index), ``center`` int64 N x 2, ``context`` float32 N x 2 (`grids.patch_context`: distances to the skin
-    line and the chest wall, px), ``patient_id`` list[str], ``label`` int64 N. Use with
-    ``collate_fn=collate_patch_batch``.
-    """
+    """Serves cached patches as training batches: ``__getitems__`` slices the memmap once per batch and
+    returns a checked `batches.PatchBatch` (the contract). Use with ``collate_fn=collate_patch_batch``."""
 
     def __init__(self, cache: PatchCache, indices: np.ndarray | None = None) -> None:
         self.cache = cache
@@ -341,19 +337,19 @@ class PatchDataset(Dataset):
         state["_data"] = None  # each worker process maps the file itself
         return state
 
-    def __getitems__(self, positions: Sequence[int]) -> dict[str, Any]:
+    def __getitems__(self, positions: Sequence[int]) -> PatchBatch:
         glob = np.sort(self.indices[np.asarray(positions, dtype=np.int64)])
         raw = self._memmap()[glob]
-        image = torch.from_numpy(raw).unsqueeze(1).float().div_(255.0)
+        patches = torch.from_numpy(raw).unsqueeze(1).float().div_(255.0)
         patients = self.cache.patient_index[glob]
-        return {
-            "image": image,
+        return check_patch_batch({
+            "patches": patches,
             "index": torch.from_numpy(glob),
-            "center": torch.from_numpy(self.cache.centers[glob]),
+            "centers": torch.from_numpy(self.cache.centers[glob]),
             "context": torch.from_numpy(self.cache.context[glob]),
             "patient_id": [self._patient_ids[p] for p in patients],
             "label": torch.from_numpy(self.cache.labels[glob]),
-        }
+        }, self.cache.patch_size)
 
     def __getitem__(self, position: int) -> dict[str, Any]:
         batch = self.__getitems__([position])

@@ -232,9 +232,7 @@ class EvaluationCallback(pl.Callback):
             )
         scores, seen = [], 0
         for batch in dm.val_dataloader():
-            images = batch["image"] if isinstance(batch, Mapping) else batch
-            context = batch.get("context") if isinstance(batch, Mapping) else None
-            scores.append(pl_module.score_item({"patches": images, "context": context}).detach().cpu().numpy())
+            scores.append(pl_module.score_item(batch).detach().cpu().numpy())
             seen += len(scores[-1])
             if seen >= self.healthy_max_patches:
                 break
@@ -317,7 +315,7 @@ class EvaluationCallback(pl.Callback):
             if any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
                 breast = evaluation.as_numpy(batch["breast_mask"]).astype(bool)
                 lesion = evaluation.as_numpy(batch["lesion_mask"]).astype(bool)
-                image = evaluation.as_numpy(batch["image"]).astype(np.float32)
+                image = evaluation.as_numpy(batch["scan"]).astype(np.float32)
                 caption = (f"{result.image_id} | {type(pl_module).__name__}: AUC {result.auc:.3f}, "
                            f"H {result.hausdorff_px:.1f} px "
                            f"({result.hausdorff_mm:.1f} mm), {self._acc.rule_name}")

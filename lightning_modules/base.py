@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
@@ -18,6 +18,15 @@ def class_tag(obj: object) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
+def batch_patches(batch: Mapping[str, Any]) -> Tensor:
+    """The ``patches`` (float32 N x 1 x P x P) of a batch: a training `datamodules.batches.PatchBatch` or an
+    evaluation `ScanItem`, read by key (models do not import `datamodules`); one-line `KeyError` otherwise."""
+    if not isinstance(batch, Mapping) or "patches" not in batch:
+        got = f"keys {sorted(batch)}" if isinstance(batch, Mapping) else type(batch).__name__
+        raise KeyError(f"batch has no 'patches' (a datamodules.batches.PatchBatch or ScanItem), got {got}")
+    return batch["patches"]
+
+
 class AnomalyDetector(pl.LightningModule):
     """Base of every model: `score_patches(x) -> Tensor[N]`, higher = more anomalous.
 
@@ -25,9 +34,9 @@ class AnomalyDetector(pl.LightningModule):
     64), checked by `check_patches` in every ``score_patches``. SPN-ready autoencoders also serve
     ``encode(x) -> Tensor[N, 64]`` (continuous) or ``encode_codes(x) -> LongTensor[N, 64]`` (VQ-VAE).
 
-    Test and predict batches are evaluation items (one image per batch, see
-    `datamodules.EvaluationDataModule`): a dict whose ``patches`` (M x 1 x 64 x 64) are the patches
-    of the image's evaluation grid. The step scores them in chunks of ``score_batch_size`` and returns
+    Training batches are `datamodules.batches.PatchBatch` dicts; test and predict batches are
+    `datamodules.batches.ScanItem` dicts (one image per batch) whose ``patches`` (M x 1 x P x P) are the
+    patches of the image's evaluation grid; both are read through `batch_patches`. The step scores them in chunks of ``score_batch_size`` and returns
     ``{"scores": Tensor[M]}``; the evaluation callback in `experiments` turns them into maps and metrics.
     """
 
@@ -92,7 +101,7 @@ class AnomalyDetector(pl.LightningModule):
 
         return self._eval_call(score_all, patches)
 
-    def score_item(self, batch: dict) -> Tensor:
+    def score_item(self, batch: Mapping[str, Any]) -> Tensor:
         """Scores of an evaluation item's grid patches: calibrated (-log p) when the calibrator is fitted.
 
         ``border_suppression_px`` (a model option, default 0) gives every patch whose centre lies closer
@@ -100,7 +109,7 @@ class AnomalyDetector(pl.LightningModule):
         kept as a comparison row (it hides lesions by the border too).
         """
         context = batch.get("context")
-        scores = self.score_grid(batch["patches"], context)
+        scores = self.score_grid(batch_patches(batch), context)
         if context is not None:
             context = context.reshape(-1, 2).to(scores.device)
             if self.calibrator.fitted:

@@ -13,9 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_modules.base import AnomalyDetector
+from lightning_modules.base import AnomalyDetector, batch_patches
 from lightning_modules.networks import PATCH_SIZE, Critic, GanEncoder, Generator, gradient_penalty
-from lightning_modules.reconstruction import batch_images
 
 STAGES = ("gan", "encoder")
 
@@ -160,12 +159,12 @@ class FAnoGAN(AnomalyDetector):
         return loss.detach()
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x = batch_images(batch)
+        x = batch_patches(batch)
         return self._gan_step(x) if self.hparams.stage == "gan" else self._encoder_step(x)
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         """val/loss: the critic's Wasserstein estimate (stage gan, fixed z per batch) or the izi_f loss."""
-        x = batch_images(batch)
+        x = batch_patches(batch)
         if self.hparams.stage == "gan":
             gen = torch.Generator().manual_seed(batch_idx)
             fake = self.generator(self.sample_z(x.shape[0], gen))

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from pytorch_lightning.utilities import move_data_to_device
 from torch import Tensor
 
-from lightning_modules.base import AnomalyDetector, class_tag
+from lightning_modules.base import AnomalyDetector, batch_patches, class_tag
 from spn import RatSpn, broadcast_module, is_distributed
 
 #: extra RAT-SPN variables of the conditional model (``context=True``): skin-line and chest-wall distance features
@@ -255,7 +255,7 @@ class RatSpnStage(AnomalyDetector):
     @torch.no_grad()
     def cached_latents(self, batch: dict) -> Tensor:
         """Latents of a training/validation batch, encoded on first sight and then looked up by ``index``."""
-        x = batch["image"]
+        x = batch_patches(batch)
         index = batch.get("index") if isinstance(batch, dict) else None
         if index is None:
             return self.encode(x)

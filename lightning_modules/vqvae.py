@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_modules.base import batch_patches
 from lightning_modules.networks import LATENT_DIM, PATCH_SIZE, VQAutoencoder, perplexity
-from lightning_modules.reconstruction import ReconstructionDetector, batch_images
+from lightning_modules.reconstruction import ReconstructionDetector
 
 
 class VQVAE(ReconstructionDetector):
@@ -69,7 +70,7 @@ class VQVAE(ReconstructionDetector):
         return mse, {}
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x = batch_images(batch)
+        x = batch_patches(batch)
         mse, vq_loss, idx, z = self._losses(x)
         loss = (mse + vq_loss).mean()
         quantizer = self.net.quantizer
@@ -92,7 +93,7 @@ class VQVAE(ReconstructionDetector):
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x = batch_images(batch)
+        x = batch_patches(batch)
         mse, vq_loss, idx, _ = self._losses(x)
         loss = (mse + vq_loss).mean()
         n = x.shape[0]
@@ -109,7 +110,7 @@ class VQVAE(ReconstructionDetector):
         if bool(quantizer.initialized):
             return
         with torch.no_grad():
-            z = self.net.encode(batch_images(batch).to(self.device))
+            z = self.net.encode(batch_patches(batch).to(self.device))
         quantizer.init_from(z, torch.Generator().manual_seed(int(self.hparams.seed)))
         self._sync_codebook()
 

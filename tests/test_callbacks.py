@@ -33,10 +33,10 @@ class MeanIntensity(AnomalyDetector):
         return x.mean(dim=(1, 2, 3)) * self.scale
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return ((self.score_patches(batch["image"]) - 0.2) ** 2).mean()
+        return ((self.score_patches(batch["patches"]) - 0.2) ** 2).mean()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.log("val/loss", self.score_patches(batch["image"]).mean())
+        self.log("val/loss", self.score_patches(batch["patches"]).mean())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.0)
@@ -61,7 +61,7 @@ def make_item(index: int, lesion: bool = True, h: int = 128, w: int = 96) -> dic
     return {
         "image_id": f"img{index}",
         "patient_id": f"P{index}",
-        "image": torch.from_numpy(image),
+        "scan": torch.from_numpy(image),
         "breast_mask": torch.from_numpy(breast),
         "lesion_mask": torch.from_numpy(lesion_mask),
         "centers": torch.from_numpy(centers.astype(np.int64)),
@@ -195,8 +195,8 @@ def test_wandb_offline_logs_table_and_uint8_images(tmp_path, monkeypatch) -> Non
 def test_heatmap_panel_is_uint8_and_marks_masks() -> None:
     item = make_item(0)
     breast, lesion = item["breast_mask"].numpy(), item["lesion_mask"].numpy()
-    amap = np.where(breast, item["image"].numpy(), np.nan).astype(np.float32)
-    panel = heatmap_panel(item["image"].numpy(), breast, lesion, amap, lesion)
+    amap = np.where(breast, item["scan"].numpy(), np.nan).astype(np.float32)
+    panel = heatmap_panel(item["scan"].numpy(), breast, lesion, amap, lesion)
     assert panel.dtype == np.uint8 and panel.shape == (128, 288, 3)
     third = panel[:, 192:]
     r, c = np.argwhere(lesion)[0]
@@ -209,7 +209,7 @@ class LesionValidationData(pl.LightningDataModule):
     def __init__(self) -> None:
         super().__init__()
         healthy = make_item(5, lesion=False)["patches"][:8]
-        self.batches = [{"image": healthy, "label": torch.zeros(len(healthy), dtype=torch.long)}]
+        self.batches = [{"patches": healthy, "label": torch.zeros(len(healthy), dtype=torch.long)}]
         self.items = [make_item(i) for i in range(2)]
 
     def train_dataloader(self) -> DataLoader:

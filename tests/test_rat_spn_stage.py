@@ -36,7 +36,7 @@ class TinyAE(AnomalyDetector):
         return self.encode(x).pow(2).sum(1)
 
     def training_step(self, batch, batch_idx):
-        return self.encode(batch["image"]).pow(2).mean()
+        return self.encode(batch["patches"]).pow(2).mean()
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)
@@ -90,9 +90,9 @@ class PatchSet(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {
-            "image": self.images[i],
+            "patches": self.images[i],
             "index": torch.tensor(self.offset + i),
-            "center": torch.tensor([32, 32]),
+            "centers": torch.tensor([32, 32]),
             "patient_id": f"p{i % 7}",
             "label": torch.tensor(0),
         }
