@@ -37,6 +37,7 @@ class VQVAE(ReconstructionDetector):
         codebook_ema_decay: float = 0.99,
         standardize_latents: bool = True,
         seed: int = 0,
+        lr_plateau_patience: int = 0,
         patch_size: int = PATCH_SIZE,
     ):
         super().__init__()
