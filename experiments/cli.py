@@ -32,7 +32,7 @@ from experiments.checkpoints import (
     load_checkpoint,
     resolve_ckpt_path,
 )
-from experiments.configs import resolve_config_args
+from experiments.configs import CONFIG_DIR, resolve_config_args
 from experiments.loggers import (
     build_loggers,
     finish_wandb,
@@ -309,7 +309,7 @@ def _configs_name_a_model(args: list[str]) -> bool:
 
 
 #: the data config merged first when none is given (model YAMLs hold no data block)
-DEFAULT_DATA_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "data" / "synthetic.yaml"
+DEFAULT_DATA_CONFIG = CONFIG_DIR / "data" / "synthetic.yaml"
 
 
 def _default_data_args(args: list[str]) -> list[str]:
