@@ -61,13 +61,20 @@ class _DropTips(logging.Filter):
 
 
 def quiet_irrelevant_messages() -> None:
-    """Silences what every command printed that says nothing about the run: Lightning's litlogger /
-    litmodels tips, and its own use of a torch pytree API that torch deprecates (not ours to change)."""
+    """Silences what every command printed that says nothing about the run and is not ours to fix:
+    Lightning's litlogger / litmodels tips; its own use of a torch pytree API that torch deprecates; and,
+    on machines with more than two cores, its hint that a loader with ``num_workers < 2`` may be a
+    bottleneck: this project's loaders read a memory-mapped patch cache, fastest in the main process,
+    so the data configs choose 0 on purpose (configs/data/*.yaml)."""
+    from pytorch_lightning.utilities.warnings import PossibleUserWarning
+
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
         target = logging.getLogger(name)
         if not any(isinstance(f, _DropTips) for f in target.filters):
             target.addFilter(_DropTips())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*is deprecated.*")
+    warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers which may be a bottleneck",
+                            category=PossibleUserWarning)
 
 
 def stage_name(subcommand: str | None, test_set: str | None = None, stage: str | None = None) -> str:
