@@ -347,10 +347,12 @@ class HealthyPatchDataModule(pl.LightningDataModule):
         cache_key_extra: dict[str, Any] | None = None,
         progress: bool = True,
         contour_edge: bool = False,
+        contour_band_px: float = 0.0,
     ) -> None:
         super().__init__()
         self.records = list(records)
         self.contour_edge = contour_edge
+        self.contour_band_px = contour_band_px
         self.cache_dir = Path(cache_dir)
         self.pixel_spacing_mm = pixel_spacing_mm
         self.patch_size = patch_size
@@ -376,7 +378,8 @@ class HealthyPatchDataModule(pl.LightningDataModule):
         self.cache = build_patch_cache(
             self.records, self.cache_dir, spacing_mm=self.pixel_spacing_mm, patch_size=self.patch_size,
             n_inside=self.patches_inside, n_contour=self.patches_contour, seed=self.seed,
-            remove_pectoral=self.remove_pectoral, contour_edge=self.contour_edge, extra_key=self.cache_key_extra,
+            remove_pectoral=self.remove_pectoral, contour_edge=self.contour_edge, contour_band_px=self.contour_band_px,
+            extra_key=self.cache_key_extra,
             progress=self.progress,
         )
         _, val_patients = split_patients(self.cache.patients, self.val_fraction, self.seed)
@@ -647,6 +650,9 @@ class MammographyDataModule(pl.LightningDataModule):
         max_healthy_images: use only the first N healthy images (quick runs; None = all).
         contour_edge: the contour patches are drawn from the skin line *and* the breast's border on the
             image edge (chest-wall side), not from the skin line alone (the paper's rule, the default).
+        contour_band_px: > 0 draws the contour patches from the band of breast pixels closer than that to the
+            contour instead of the line itself (0 = on the line, the paper's rule), so training sees the
+            border at every offset the evaluation grid does (`patches.sample_centers`).
         evaluate_on: "test" (default) or "lesion_validation": which lesion set `lightning test` scores; the
             latter picks a scoring option without looking at the test set.
         max_lesion_validation_images: score only a seeded (``data_seed``) sample of N lesion validation
@@ -688,6 +694,7 @@ class MammographyDataModule(pl.LightningDataModule):
         max_lesion_validation_images: int | None = None,
         progress: bool = True,
         contour_edge: bool = False,
+        contour_band_px: float = 0.0,
         evaluate_on: str = "test",
     ) -> None:
         super().__init__()
@@ -726,6 +733,9 @@ class MammographyDataModule(pl.LightningDataModule):
         self.max_lesion_validation_images = max_lesion_validation_images
         self.progress = progress
         self.contour_edge = contour_edge
+        if not float(contour_band_px) >= 0:
+            raise DataError(f"data.init_args.contour_band_px must be >= 0 (px at evaluation spacing), got {contour_band_px!r}")
+        self.contour_band_px = float(contour_band_px)
         if evaluate_on not in ("test", "lesion_validation"):
             raise DataError(f"data.init_args.evaluate_on must be 'test' or 'lesion_validation', got {evaluate_on!r}")
         self.evaluate_on = evaluate_on
@@ -764,7 +774,7 @@ class MammographyDataModule(pl.LightningDataModule):
                 self.records.healthy, self.cache_dir, self.pixel_spacing_mm, self.patch_size,
                 self.patches_inside, self.patches_contour, self.val_fraction, self.batch_size,
                 self.num_workers, self.seed, self.remove_pectoral, self._key_extra(), self.progress,
-                self.contour_edge,
+                self.contour_edge, self.contour_band_px,
             )
         return self._healthy
 

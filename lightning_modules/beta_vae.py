@@ -21,7 +21,7 @@ def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
 class BetaVAE(ReconstructionDetector):
     """Variational AE on the shared conv trunk; ``encode(x)`` returns the posterior mean (N x 64)."""
 
-    def __init__(self, lr: float = 1e-5, beta: float = 0.1, latent_dim: int = LATENT_DIM):
+    def __init__(self, lr: float = 1e-5, beta: float = 0.1, latent_dim: int = LATENT_DIM, lr_plateau_patience: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.net = DenseAutoencoder(latent_dim=latent_dim, variational=True)

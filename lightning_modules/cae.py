@@ -11,7 +11,7 @@ from lightning_modules.reconstruction import ReconstructionDetector
 class CAE(ReconstructionDetector):
     """Convolutional AE with a 64-unit dense bottleneck; loss and score = MSE(x, D(E(x))) per patch."""
 
-    def __init__(self, lr: float = 1e-5, latent_dim: int = LATENT_DIM):
+    def __init__(self, lr: float = 1e-5, latent_dim: int = LATENT_DIM, lr_plateau_patience: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.net = DenseAutoencoder(latent_dim=latent_dim, variational=False)

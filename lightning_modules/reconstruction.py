@@ -50,8 +50,20 @@ class ReconstructionDetector(AnomalyDetector):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+    #: factor the learning rate is cut by when val/loss has not improved for ``lr_plateau_patience`` epochs
+    lr_plateau_factor: float = 0.3
+
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
+        """Adam at ``lr``; with ``lr_plateau_patience`` > 0 (a model option, default 0 = constant, the paper)
+        the rate drops by `lr_plateau_factor` whenever val/loss stalls that many epochs, so a fit settles
+        on a plateau within a short budget instead of stopping at its cap while still improving."""
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        patience = int(self.hparams.get("lr_plateau_patience", 0) or 0)
+        if patience <= 0:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=self.lr_plateau_factor, patience=patience)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}
 
     def score_patches(self, x: Tensor) -> Tensor:
         """Per-patch anomaly score (the model's per-sample loss), eval mode, no gradient."""

@@ -36,6 +36,7 @@ class VQVAE(ReconstructionDetector):
         codebook_ema_decay: float = 0.99,
         standardize_latents: bool = True,
         seed: int = 0,
+        lr_plateau_patience: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()

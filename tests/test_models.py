@@ -188,3 +188,18 @@ def test_bf16_mixed_training_step(name, data) -> None:
     assert math.isfinite(float(tr.callback_metrics["val/loss"]))
     assert next(model.parameters()).dtype == torch.float32  # mixed: weights stay fp32
     assert bool(torch.isfinite(model.score_patches(data["lesion"][:8])).all())
+
+
+@pytest.mark.parametrize("name", ["cae", "bvae"])
+def test_lr_plateau_cuts_the_rate_when_val_loss_stalls(name, data) -> None:
+    """``lr_plateau_patience``: the rate falls by ``lr_plateau_factor`` once val/loss stops improving (here
+    a rate too small to move it: the loss stalls from the first epoch); 0 keeps plain Adam."""
+    make = {"cae": CAE, "bvae": BetaVAE}[name]
+    assert isinstance(make(lr=1e-3).configure_optimizers(), torch.optim.Adam)
+    pl.seed_everything(0, verbose=False)
+    model = make(lr=1e-12, lr_plateau_patience=1)
+    tr = trainer(-1, max_epochs=5)
+    tr.fit(model, loader(data["train"][:64]), loader(data["val"][:32], shuffle=False))
+    lr = tr.optimizers[0].param_groups[0]["lr"]
+    # epochs 1-5 without improvement: cuts after epochs 3 and 5 (patience 1, the first epoch sets the best)
+    assert lr == pytest.approx(1e-12 * model.lr_plateau_factor ** 2, rel=1e-6)

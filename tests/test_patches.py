@@ -62,6 +62,21 @@ def test_sample_centers_inside_and_on_contour_seeded() -> None:
     assert contour[:, 0].sum() <= 4 < mask[:, 0].sum()  # the chest-wall image edge is no skin line
 
 
+def test_sample_centers_contour_band_covers_every_offset() -> None:
+    """Band sampling draws contour centres at every distance below the band (the grid's offsets), line
+    sampling at distance 0 only; the inside centres are the same either way."""
+    mask = disk_mask(200, 150)
+    line, _ = sample_centers(mask, 30, 200, np.random.default_rng(3))
+    band, flags = sample_centers(mask, 30, 200, np.random.default_rng(3), contour_band_px=12)
+    np.testing.assert_array_equal(band[:30], line[:30])
+    contour = contour_mask(mask)
+    rr, cc = np.nonzero(contour)
+    dist = np.array([np.hypot(rr - r, cc - c).min() for r, c in band[flags]])  # brute force
+    assert mask[tuple(band.T)].all() and dist.max() < 12
+    assert (dist == 0).mean() < 0.3 and len(np.unique(np.floor(dist))) >= 10
+    assert contour[tuple(line[30:].T)].all()
+
+
 def test_split_patients_disjoint_seeded() -> None:
     patients = [f"p{i}" for i in range(20)]
     train, val = split_patients(patients, 0.1, seed=0)
