@@ -2,11 +2,11 @@
 
 ``lightning fit --config bvae_spn`` finds ``configs/bvae_spn.yaml`` (then ``configs/profiles/<name>.yaml``
 and ``configs/data/<name>.yaml``) wherever the project is installed: in a checkout they are the repo's
-``configs/``; a wheel ships the same folder as the package ``mammospn_configs`` (a project-specific name:
-a top-level ``configs`` package would clash with any other project's). A path that exists is used as it is. Class paths written for the unified
-``lightning`` package (``lightning.pytorch.callbacks.ModelCheckpoint``) are read as their
-``pytorch_lightning.*`` twins, which this project's Trainer uses (a callback of the other package's
-class would be refused by it).
+``configs/``; a wheel ships the same folder as the package ``mammospn_configs`` (a project-specific
+name: a top-level ``configs`` package would clash with any other project's). A path that exists is used
+as it is. Class paths written for the unified ``lightning`` package
+(``lightning.pytorch.callbacks.ModelCheckpoint``) are read as their ``pytorch_lightning.*`` twins, which
+this project's Trainer uses (a callback of the other package's class would be refused by it).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def _config_dir() -> Path:
         return root / "configs"
     spec = importlib.util.find_spec(CONFIG_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"{CONFIG_PACKAGE} (the packaged configs) is not installed beside {root / 'experiments'}; "
-                                  f"reinstall mammospn")
+        raise ModuleNotFoundError(f"{CONFIG_PACKAGE} (the packaged configs) is not installed beside "
+                                  f"{root / 'experiments'}; reinstall mammospn")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
