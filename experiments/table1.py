@@ -45,7 +45,7 @@ class Stage:
     """One `lightning` command of the reproduction."""
 
     name: str
-    kind: str  # "fit" | "test"
+    kind: str  # "fit" | "validate" (the RAT-SPN rows' calibration) | "test"
     model: str  # display name (Table 1 row) or a fit step's name
     configs: list[str]
     overrides: list[str] = field(default_factory=list)
@@ -134,28 +134,49 @@ def _data_args(
 #: ``--threshold-rule`` choices: the paper's per-image percentile for every row, or the RAT-SPN stages'
 #: calibrated threshold (a buffer fitted on healthy validation images) for their rows
 TABLE_THRESHOLD_RULES = ("image_percentile", "calibrated")
+#: ``--scoring`` of the RAT-SPN rows: the paper's raw -log p(z); Mondrian-calibrated -log p-values by border
+#: stratum (a `lightning validate` stage per RAT-SPN fits `experiments.calibration.ConformalCalibration` on
+#: healthy validation images; its tests load ``calibrated.ckpt``); the same over a conditional RAT-SPN
+#: (-log p(z | position), fitted with ``context: true``). README "Border-aware scoring" says which and why.
+SCORINGS = ("raw", "mondrian", "context+mondrian")
+CALIBRATED_CKPT = "calibrated.ckpt"
+SCORING_NOTES = {
+    "raw": "-log p(z) of the autoencoder's latents (paper).",
+    "mondrian": "-log of the conformal p-value of -log p(z) among healthy validation patches of the same "
+                "border-distance stratum (`<fit>_calibrate` stages).",
+    "context+mondrian": "conditional -log p(z | distances to skin line and film cut), calibrated by border "
+                        "stratum like `mondrian`.",
+}
 
 
 def build_stages(
     profile: str, data: str = "synthetic", data_root: str | None = None, seed: int = 0,
-    healthy_root: str | None = None, threshold_rule: str = "image_percentile",
+    healthy_root: str | None = None, threshold_rule: str = "image_percentile", scoring: str = "raw",
 ) -> list[Stage]:
     """The reproduction's stages in run order (8 fits, then 16 tests: 8 models x mass/calc).
 
     ``threshold_rule="calibrated"``: the RAT-SPN rows segment at (and count FROC candidates above) the
     threshold their checkpoint carries; their test stages are named ``...-calibrated`` so the per-image
     percentile results stay. Every other row keeps the per-image percentile; each row says its rule.
+    ``scoring`` (`SCORINGS`) other than "raw" adds a calibration stage after each RAT-SPN fit, whose
+    calibrated checkpoint the RAT-SPN rows are tested with.
     """
     if profile not in PROFILES:
         raise ValueError(f"--profile must be one of {PROFILES}, got {profile!r}")
     if threshold_rule not in TABLE_THRESHOLD_RULES:
         raise ValueError(f"--threshold-rule must be one of {TABLE_THRESHOLD_RULES}, got {threshold_rule!r}")
+    if scoring not in SCORINGS:
+        raise ValueError(f"--scoring must be one of {SCORINGS}, got {scoring!r}")
+    if threshold_rule == "calibrated" and scoring == "raw":
+        raise ValueError("--threshold-rule calibrated needs calibrated RAT-SPN rows: --scoring mondrian or "
+                         "context+mondrian")
+    spn_extra = ["--model.init_args.context", "true"] if scoring.startswith("context") else []
     profile_yaml = str(CONFIG_DIR / "profiles" / f"{profile}.yaml")
     data_first, data_last, data_overrides = _data_args(data, data_root, seed, healthy_root)
     estimates = ESTIMATES[profile]
     stages: list[Stage] = []
     for spec in FITS:
-        overrides = list(spec.extra) + list(data_overrides)
+        overrides = list(spec.extra) + (spn_extra if spec.model.endswith("-RATSPN") else []) + list(data_overrides)
         stages.append(
             Stage(
                 name=spec.name,
@@ -169,6 +190,14 @@ def build_stages(
                 checkpoint_file=spec.needs_file,
             )
         )
+    if scoring != "raw":
+        for spec in FITS:
+            if spec.model.endswith("-RATSPN"):
+                stages.append(Stage(
+                    name=f"{spec.name}_calibrate", kind="validate", model=spec.model,
+                    configs=next(s.configs for s in stages if s.name == spec.name),
+                    overrides=list(spec.extra) + spn_extra + list(data_overrides), estimate_s=estimates["test"],
+                    checkpoint_from=spec.name))
     tested = {spec.model: spec for spec in FITS if spec.name != "fanogan_gan"}
     for test_set, _ in TEST_SETS:
         for model in MODEL_ORDER:
@@ -181,10 +210,11 @@ def build_stages(
                 spec = tested[model]
                 configs = [*data_first, str(CONFIG_DIR / spec.config), profile_yaml, *data_last,
                            *profile_overlays(profile, spec.name)]
-                test_overrides = list(spec.extra) + test_overrides
+                test_overrides = list(spec.extra) + (spn_extra if model.endswith("-RATSPN") else []) + test_overrides
                 source = spec.name
             rule = threshold_rule if model.endswith("-RATSPN") else "image_percentile"
             suffix = "" if rule == "image_percentile" else f"-{rule}"
+            calibrated = model.endswith("-RATSPN") and scoring != "raw"
             stages.append(
                 Stage(
                     name=f"test-{test_set}-{_slug(model)}{suffix}",
@@ -195,6 +225,7 @@ def build_stages(
                     estimate_s=estimates["test"],
                     test_set=test_set,
                     checkpoint_from=source,
+                    checkpoint_file=CALIBRATED_CKPT if calibrated else "best.ckpt",
                     threshold_rule=rule,
                 )
             )
@@ -234,7 +265,13 @@ def stage_args(stage: Stage, runs_dir: Path, eval_dir: Path, group: str) -> list
         if spec.needs:
             ckpt_in = checkpoint_path(runs_dir, spec.needs, spec.needs_file)
             args += [f"--model.init_args.{spec.needs_arg}", str(ckpt_in)]
-        args += ["--ckpt_path", str(checkpoint_path(runs_dir, stage.checkpoint_from))]
+        if stage.kind == "validate":  # calibrate the fit's best checkpoint into <fit>/checkpoints/calibrated.ckpt
+            ckpt = checkpoint_path(runs_dir, stage.checkpoint_from)
+            args += ["--ckpt_path", str(ckpt), "--run.evaluate", "false",
+                     "--trainer.callbacks+=experiments.calibration.ConformalCalibration",
+                     "--trainer.callbacks.output", str(ckpt.with_name(CALIBRATED_CKPT))]
+        else:
+            args += ["--ckpt_path", str(checkpoint_path(runs_dir, stage.checkpoint_from, stage.checkpoint_file))]
     if stage.kind == "test" and stage.threshold_rule != "image_percentile":
         args += ["--trainer.callbacks+=experiments.callbacks.EvaluationCallback",
                  "--trainer.callbacks.output_dir", str(eval_dir / stage.name),
@@ -250,6 +287,8 @@ def stage_done(stage: Stage, runs_dir: Path, eval_dir: Path) -> bool:
         return False
     if stage.kind == "fit":
         return checkpoint_path(runs_dir, stage.name).is_file()
+    if stage.kind == "validate":
+        return (runs_dir / str(stage.checkpoint_from) / "checkpoints" / CALIBRATED_CKPT).is_file()
     return (eval_dir / stage.name / "metrics.json").is_file()
 
 
@@ -558,6 +597,21 @@ def write_table1(rows: Sequence[Mapping[str, Any]], out_dir: Path, title: str, n
     return md
 
 
+def calibration_notes(stages: Sequence[Stage], runs_dir: Path) -> list[str]:
+    """One line per calibration stage: its images and the held-out healthy pixels' p < 0.05 share (ideal 0.05)."""
+    lines = []
+    for stage in stages:
+        report = runs_dir / str(stage.checkpoint_from) / "checkpoints" / CALIBRATED_CKPT.replace(".ckpt", ".calibration.json")
+        if stage.kind != "validate" or not report.is_file():
+            continue
+        cal = json.loads(report.read_text())
+        rates = dict(zip(cal.get("alphas", []), cal.get("pixel_rate", [])))
+        lines.append(f"Calibration of {stage.model}: fitted on {cal.get('fit_images')} healthy validation images, "
+                     f"checked on {cal.get('check_images')}: held-out healthy pixels with p < 0.05: "
+                     f"{_f(rates.get(0.05, math.nan), 3)}, p < 0.01: {_f(rates.get(0.01, math.nan), 3)}.")
+    return lines
+
+
 def training_curve(run_dir: Path) -> dict[int, float]:
     """A fit's ``val/loss`` per epoch from its CSV logs (``<run>/logs/version_*/metrics.csv``; a resumed fit's
     later versions win for the epochs they repeat)."""
@@ -655,6 +709,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold-rule", choices=TABLE_THRESHOLD_RULES, default="image_percentile",
                         help="segmentation (H) and FROC operating point: each image's 99th percentile (paper), or "
                              "for the RAT-SPN rows the calibrated threshold their checkpoints carry")
+    parser.add_argument("--scoring", choices=SCORINGS, default="raw",
+                        help="the RAT-SPN rows' scores: raw -log p(z) (paper), or conformal -log p-values calibrated "
+                             "by border stratum on healthy validation images (mondrian), over a conditional RAT-SPN "
+                             "-log p(z | position) (context+mondrian); README 'Border-aware scoring'")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="several seeds: the stages run once per seed (<out>/seed-<N>/) and the table is the "
                              "mean ± sd over seeds")
@@ -677,7 +735,8 @@ SEEDED_KEYS = ("pixel_auc", "image_auc_mean", "image_auc_std", "hausdorff_px_mea
 def pair_stages(stages: Sequence[Stage]) -> list[Stage]:
     """The stages the AE / AE-RATSPN rows need: their fits and tests (no f-AnoGAN, no Intensity)."""
     fits = {spec.name for spec in FITS if spec.model in PAIR_MODELS}
-    return [s for s in stages if (s.kind == "fit" and s.name in fits) or (s.kind == "test" and s.model in PAIR_MODELS)]
+    return [s for s in stages
+            if (s.kind == "fit" and s.name in fits) or (s.kind in ("validate", "test") and s.model in PAIR_MODELS)]
 
 
 def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -727,7 +786,8 @@ def aggregate_seeds(per_seed: Mapping[int, Sequence[Mapping[str, Any]]]) -> list
 def _run_seed(args: argparse.Namespace, seed: int, out_dir: Path, pairs_only: bool, log: Any) -> list[dict] | int:
     """Runs (or reuses) one seed's stages under ``out_dir`` and writes its table; returns its rows or an exit code."""
     data_name = data_config(args.data)[0]
-    stages = build_stages(args.profile, args.data, args.data_root, seed, args.healthy_root, args.threshold_rule)
+    stages = build_stages(args.profile, args.data, args.data_root, seed, args.healthy_root, args.threshold_rule,
+                          args.scoring)
     if pairs_only:
         stages = pair_stages(stages)
     group = f"table1-{args.profile}-{data_name}-s{seed}"
@@ -754,9 +814,11 @@ def _run_seed(args: argparse.Namespace, seed: int, out_dir: Path, pairs_only: bo
     notes = [
         f"Profile `{args.profile}`, data `{data_name}`, seed {seed}; W&B group `{group}`.",
         "Intensity: score = mean patch intensity, nothing trained (what brightness alone achieves).",
+        f"RAT-SPN rows scored `{args.scoring}`: " + SCORING_NOTES[args.scoring],
     ]
     if total is not None:
         notes.append(f"Wall time of the stages run: {total / 60:.1f} min (per stage in timings.json).")
+    notes.extend(calibration_notes(stages, runs_dir))
     training = training_summary(stages, runs_dir)
     notes.extend(format_training(training))
     md = write_table1(rows, out_dir, f"Table 1 ({args.profile} profile, {data_name} data)", notes)

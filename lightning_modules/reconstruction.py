@@ -50,8 +50,10 @@ class ReconstructionDetector(AnomalyDetector):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
         return loss
 
-    #: factor the learning rate is cut by when val/loss has not improved for ``lr_plateau_patience`` epochs
+    #: factor the learning rate is cut by when val/loss has not improved for ``lr_plateau_patience`` epochs,
+    #: where an improvement below `lr_plateau_threshold` (relative) does not count
     lr_plateau_factor: float = 0.3
+    lr_plateau_threshold: float = 0.01
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
         """Adam at ``lr``; with ``lr_plateau_patience`` > 0 (a model option, default 0 = constant, the paper)
@@ -62,7 +64,8 @@ class ReconstructionDetector(AnomalyDetector):
         if patience <= 0:
             return optimizer
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=self.lr_plateau_factor, patience=patience)
+            optimizer, mode="min", factor=self.lr_plateau_factor, patience=patience,
+            threshold=self.lr_plateau_threshold, threshold_mode="rel")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}
 
     def score_patches(self, x: Tensor) -> Tensor:

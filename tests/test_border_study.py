@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,10 @@ def test_border_study_runs_every_variant_on_a_smoke_table(tmp_path: Path, monkey
     table = {r["model"]: r for r in csv.DictReader((out / "table1.csv").open()) if r["test_set"] == "mass"}
     assert float(rows[1]["pixel_auc"]) == pytest.approx(float(table["CAE-RATSPN"]["pixel_auc"]), abs=1e-6)
     assert (out / "runs" / "cae_spn" / "checkpoints" / "calibrated-mondrian.calibration.png").is_file()
+    # two-fold cross-fit: every validation image checked by a calibrator that never saw it, all of them kept
+    report = json.loads((out / "runs" / "cae_spn" / "checkpoints" / "calibrated-mondrian.calibration.json").read_text())
+    assert report["check"] == "two-fold cross-fit" and report["check_images"] == report["fit_images"] >= 2
+    assert all(0.0 <= r <= 1.0 for r in report["pixel_rate"]) and report["pixel_rate"] == sorted(report["pixel_rate"])
     md = (out / "border_study.md").read_text()
     assert md.count("\n| ") == 1 + len(border_study.VARIANTS)
     # suppression really applied: fewer of the top pixels by the border than the same checkpoint unsuppressed

@@ -352,7 +352,7 @@ def test_calibrated_threshold_rule_for_the_ratspn_rows(tmp_path: Path, capsys: p
 
     from experiments import cli
 
-    stages = table1.build_stages("smoke", threshold_rule="calibrated")
+    stages = table1.build_stages("smoke", threshold_rule="calibrated", scoring="mondrian")
     tests = {s.name: s for s in stages if s.kind == "test"}
     assert "test-mass-cae_ratspn-calibrated" in tests and "test-mass-cae" in tests
     assert {s.threshold_rule for s in tests.values() if s.model.endswith("-RATSPN")} == {"calibrated"}
@@ -366,6 +366,45 @@ def test_calibrated_threshold_rule_for_the_ratspn_rows(tmp_path: Path, capsys: p
     assert evaluation_cb[0]["init_args"]["output_dir"] == str(tmp_path / "eval" / stage.name)
     with pytest.raises(ValueError, match="--threshold-rule"):
         table1.build_stages("smoke", threshold_rule="otsu")
+    with pytest.raises(ValueError, match="needs calibrated RAT-SPN rows"):
+        table1.build_stages("smoke", threshold_rule="calibrated", scoring="raw")
+
+
+@pytest.mark.parametrize("scoring", ["mondrian", "context+mondrian"])
+def test_scoring_adds_a_calibration_stage_per_ratspn(scoring: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Calibrated scoring: a `lightning validate` stage per RAT-SPN fit writes <fit>/checkpoints/calibrated.ckpt,
+    after the fits and before the tests; the RAT-SPN rows test that checkpoint; the context variant fits
+    conditional RAT-SPNs. Raw scoring (the paper) has neither."""
+    import yaml
+
+    from experiments import cli
+
+    runs, evals = tmp_path / "runs", tmp_path / "eval"
+    stages = table1.build_stages("smoke", scoring=scoring)
+    kinds = [s.kind for s in stages]
+    assert kinds == ["fit"] * 8 + ["validate"] * 3 + ["test"] * 16
+    calibrate = {s.name: s for s in stages if s.kind == "validate"}
+    assert set(calibrate) == {"cae_spn_calibrate", "bvae_spn_calibrate", "vqvae_spn_calibrate"}
+    args = table1.stage_args(calibrate["cae_spn_calibrate"], runs, evals, "g")
+    assert args[0] == "validate" and "--trainer.callbacks+=experiments.calibration.ConformalCalibration" in args
+    assert args[args.index("--ckpt_path") + 1] == str(runs / "cae_spn" / "checkpoints" / "best.ckpt")
+    assert args[args.index("--trainer.callbacks.output") + 1] == str(runs / "cae_spn" / "checkpoints" / "calibrated.ckpt")
+    assert args[args.index("--model.init_args.autoencoder_ckpt") + 1] == str(runs / "cae" / "checkpoints" / "best.ckpt")
+    for stage in stages:
+        if stage.kind != "test" or stage.checkpoint_from is None:
+            continue
+        ckpt = table1.stage_args(stage, runs, evals, "g")
+        ckpt = ckpt[ckpt.index("--ckpt_path") + 1]
+        assert ckpt.endswith("calibrated.ckpt") == stage.model.endswith("-RATSPN"), stage.name
+    spn_fit = next(s for s in stages if s.name == "cae_spn")
+    with pytest.raises(SystemExit):
+        cli.run_cli([*table1.stage_args(spn_fit, runs, evals, "g"), "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["context"] == scoring.startswith("context")
+    assert not table1.stage_done(calibrate["cae_spn_calibrate"], runs, evals)
+    raw = table1.build_stages("smoke", scoring="raw")
+    assert "validate" not in {s.kind for s in raw}
+    assert all("calibrated" not in " ".join(table1.stage_args(s, runs, evals, "g")) for s in raw)
 
 
 def test_training_summary_reads_the_val_loss_curves_of_resumed_fits(tmp_path: Path) -> None:
