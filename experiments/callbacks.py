@@ -34,6 +34,7 @@ from datamodules.patches import with_progress
 from datamodules.records import DataError
 from experiments import evaluation
 from experiments.checkpoints import checkpoint_info
+from experiments.loggers import same_size
 
 #: scalars of the summary that are logged to every logger (prefix "test/" or ``monitor_prefix``/)
 LOGGED_KEYS = (
@@ -377,7 +378,10 @@ class EvaluationCallback(pl.Callback):
 
         columns = evaluation.ImageResult.columns()
         # the per-image table carries each saved image's heatmap panel, all panels at one height
-        panels = {caption.split(" | ", 1)[0]: (caption, panel_at_height(panel)) for caption, panel in self._panels}
+        # (and one width: panels of scans with other aspect ratios are padded, W&B shows a list at one size)
+        captions = [caption for caption, _ in self._panels]
+        resized = same_size([panel_at_height(panel) for _, panel in self._panels])
+        panels = {caption.split(" | ", 1)[0]: (caption, panel) for caption, panel in zip(captions, resized)}
         rows = [[getattr(r, c) for c in columns]
                 + [wandb.Image(panels[r.image_id][1], caption=panels[r.image_id][0]) if r.image_id in panels else None]
                 for r in acc.results]

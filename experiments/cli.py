@@ -32,7 +32,7 @@ from experiments.checkpoints import (
     load_checkpoint,
     resolve_ckpt_path,
 )
-from experiments.configs import resolve_config_args
+from experiments.configs import CONFIG_DIR, resolve_config_args
 from experiments.loggers import (
     build_loggers,
     finish_wandb,
@@ -182,6 +182,16 @@ class MammoCLI(LightningCLI):
             if isinstance(cause, ValueError) and ".init_args." in str(cause):
                 raise ConfigError(str(cause)) from err
             raise
+        self._warn_untrained()
+
+    def _warn_untrained(self) -> None:
+        """Evaluating without ``--ckpt_path`` scores initial weights: said once, unless the model has no weights
+        to train (the intensity baseline)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if (self.subcommand in ("validate", "test", "predict") and config.get("ckpt_path") is None
+                and next(self.model.parameters(), None) is not None):
+            warnings.warn(f"lightning {self.subcommand} without --ckpt_path scores the model's initial weights "
+                          f"(metrics.json records checkpoint: null); pass --ckpt_path best|last|FILE", stacklevel=1)
 
     def _run_subcommand(self, subcommand: str) -> None:
         """As LightningCLI's; a test that fails on its data (e.g. no evaluable image) retires the earlier results
@@ -217,9 +227,6 @@ class MammoCLI(LightningCLI):
         self.save_config_kwargs = {**self.save_config_kwargs, "run_dir": self.run_dir, "config_filename": filename}
         if "ckpt_path" in config:
             config["ckpt_path"] = resolve_ckpt_path(config["ckpt_path"], self.run_dir, self.subcommand)
-            if config["ckpt_path"] is None and self.subcommand in ("validate", "test", "predict"):
-                warnings.warn(f"lightning {self.subcommand} without --ckpt_path scores the model's initial weights "
-                              f"(metrics.json records checkpoint: null); pass --ckpt_path best|last|FILE", stacklevel=1)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -303,7 +310,7 @@ def _configs_name_a_model(args: list[str]) -> bool:
 
 
 #: the data config merged first when none is given (model YAMLs hold no data block)
-DEFAULT_DATA_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "data" / "synthetic.yaml"
+DEFAULT_DATA_CONFIG = CONFIG_DIR / "data" / "synthetic.yaml"
 
 
 def _default_data_args(args: list[str]) -> list[str]:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 
 from lightning_modules.calibration import MondrianConformal
@@ -124,7 +125,15 @@ class AnomalyDetector(pl.LightningModule):
         checkpoint["anomaly_model_class"] = class_tag(self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Sizes the calibrator like the saved one; a checkpoint from before calibration loads uncalibrated."""
+        """Sizes the calibrator like the saved one; a checkpoint from before calibration loads uncalibrated.
+
+        Test, validate and predict restore the weights only: the fit's callback states (checkpointing,
+        RNG) have no callback to go to there, so they are dropped from the loaded copy, which Lightning
+        would otherwise report on every evaluation ("callbacks used to create the checkpoint ...").
+        """
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING, TrainerFn.PREDICTING):
+            checkpoint.pop("callbacks", None)
         state = checkpoint.get("state_dict", {})
         for key, value in self.state_dict().items():  # also a nested model's (the RAT-SPN stage's autoencoder)
             if "calibrator." in key or key.rpartition(".")[2] == "calibration_alpha":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -226,7 +227,15 @@ class RatSpnStage(AnomalyDetector):
         self._require()
 
     # A checkpoint given to fit/test/predict is restored after setup(), so the check waits until then.
-    on_fit_start = on_test_start = on_predict_start = on_validation_start = _check_built
+    on_test_start = on_predict_start = on_validation_start = _check_built
+
+    def on_fit_start(self) -> None:
+        """The start check; and the frozen autoencoder's modules, in eval mode by design (`train`), are exactly
+        those Lightning's "Found N module(s) in eval mode" warning would count, so that message (with that N,
+        so any other module left in eval mode is still reported) is ignored."""
+        self._check_built()
+        frozen = sum(1 for _ in self.autoencoder.modules())
+        warnings.filterwarnings("ignore", message=rf"Found {frozen} module\(s\) in eval mode at the start of training")
 
     # ------------------------------------------------------------------ latents
     @property
@@ -306,9 +315,10 @@ class RatSpnStage(AnomalyDetector):
         self.initialized.fill_(True)
 
     # ------------------------------------------------------------------ training
-    def configure_optimizers(self) -> None:
-        """EM needs no optimizer (manual optimisation)."""
-        return None
+    def configure_optimizers(self) -> list:
+        """EM needs no optimizer (manual optimisation): an empty list says so (``None`` reads to Lightning as
+        a forgotten optimizer, and it warns on every fit)."""
+        return []
 
     def on_train_start(self) -> None:
         spn = self._require()

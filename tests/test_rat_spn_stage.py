@@ -137,7 +137,7 @@ def test_missing_autoencoder_checkpoint_names_file_and_training_command(tmp_path
 def test_gaussian_stage_fits_by_em_caches_latents_and_scores_anomalies_higher(tmp_path):
     ae_path = _save_autoencoder(TinyAE(), tmp_path, "ae")
     stage = RatSpnStage(str(ae_path), num_repetitions=4, num_input_distributions=5, step_size=0.05, init_batches=4, seed=3)
-    assert stage.leaf == "gaussian" and stage.configure_optimizers() is None
+    assert stage.leaf == "gaussian" and stage.configure_optimizers() == []
     assert not any(p.requires_grad for p in stage.autoencoder.parameters())
     train, val = _loaders()
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/loss", save_last=True)
