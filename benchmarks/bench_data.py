@@ -81,7 +81,7 @@ def main() -> None:
     print(f"ratio DataLoader / in-memory slicing: {served / ceiling:.2f}")
 
     start = time.perf_counter()
-    test_set = dm._listed_evaluation().dataset("test")
+    test_set = dm.evaluation.dataset("test")
     print(f"test evaluation cache ready in {time.perf_counter() - start:.1f} s ({len(test_set)} images)")
     start = time.perf_counter()
     n_grid = sum(len(item["centers"]) for item in dm.test_dataloader())

@@ -68,7 +68,7 @@ def make_item(index: int, seed: int = 0) -> dict:
     centers = grid_centers(breast, STRIDE)
     patches = extract_patches(image, centers, PATCH)
     return {
-        "image_id": f"bench{index}", "patient_id": f"B{index}", "image": torch.from_numpy(image),
+        "image_id": f"bench{index}", "patient_id": f"B{index}", "scan": torch.from_numpy(image),
         "breast_mask": torch.from_numpy(breast), "lesion_mask": torch.from_numpy(lesion),
         "centers": torch.from_numpy(centers), "patches": torch.from_numpy(patches).unsqueeze(1),
         "spacing_mm": 0.2, "stride": STRIDE,

@@ -44,9 +44,9 @@ class InMemoryPatches(Dataset):
     def __getitems__(self, idx: Sequence[int]) -> dict[str, Any]:
         i = torch.as_tensor(idx)
         return {
-            "image": self.x[i],
+            "patches": self.x[i],
             "index": i,
-            "center": torch.stack([i, i], 1),
+            "centers": torch.stack([i, i], 1),
             "patient_id": [f"p{int(k) % 50}" for k in i],
             "label": torch.zeros(len(i), dtype=torch.long),
         }
@@ -98,7 +98,7 @@ class _Interleaved(pl.Callback):
             self.lightning.append(time.perf_counter() - self.last)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._tick(batch["image"], batch_idx)
+        self._tick(batch["patches"], batch_idx)
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self._tick(batch["patches"], batch_idx)

@@ -1,19 +1,14 @@
-"""LightningDataModules: healthy training patches, evaluation images, and `MammographyDataModule`
-combining them from one data config (``configs/data/*.yaml``).
+"""The LightningDataModules: `HealthyPatchDataModule` (training patches) and `MammographyDataModule`, the one
+every config names, combining a source's listing (`sources`), the patch cache (`patches`) and the evaluation
+set (`evaluation_set`) from one data config (``configs/data/*.yaml``).
 
-Batches (contracts): training / validation = dicts of cached patches (see `PatchDataset`); test / predict /
-lesion validation = one evaluation item per batch (DataLoader ``batch_size=None``), see `EvaluationDataset`.
+Batches: training / validation = `batches.PatchBatch` dicts of cached patches; test / predict / lesion
+validation = one `batches.ScanItem` per batch (DataLoader ``batch_size=None``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import os
-import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,41 +16,18 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from datamodules.fileio import dumps_json, file_sha256, read_json, write_json
-from datamodules.grids import (
-    SelectionDecision,
-    extract_patches,
-    grid_centers,
-    patch_context,
-    select_test_image,
-    write_selection_report,
-)
+from datamodules.evaluation_set import EvaluationDataModule, EvaluationDataset
 from datamodules.patches import (
     PatchCache,
     PatchDataset,
     build_patch_cache,
-    cache_key,
-    check_patchable,
     collate_patch_batch,
-    listing_fingerprint,
-    open_verified,
-    publish_cache,
-    remove_stale_builds,
     split_patients,
-    to_uint8,
-    with_progress,
 )
-from datamodules.preprocessing import preprocess_record
 from datamodules.records import DataError, ImageRecord
-
-log = logging.getLogger(__name__)
-
-#: test_set name -> lesion kind of `datamodules.readers.lesion_masks`
-TEST_SET_KINDS = {"mass": "mass", "calc": "calcification"}
-SOURCES = ("synthetic", "cbis_ddsm", "ddsm", "mini_ddsm", "mias", "manifest")
-EVAL_CACHE_FORMAT = 2  # 2: item meta carries MIAS density (background tissue F / G / D)
+from datamodules.sources import SOURCES, TEST_SET_KINDS, SourceRecords, list_source_records
 
 
 class DataValueError(DataError, ValueError):
@@ -86,246 +58,6 @@ def _check_values(**values: Any) -> None:
         fail("val_fraction", "in (0, 1): the share of healthy patients held out for val/loss")
     if not 0 <= values["lesion_validation_fraction"] < 1:
         fail("lesion_validation_fraction", "in [0, 1)")
-
-
-def _kind(test_set: str) -> str:
-    if test_set not in TEST_SET_KINDS:
-        raise DataError(f"data.test_set must be one of {sorted(TEST_SET_KINDS)}, got {test_set!r}")
-    return TEST_SET_KINDS[test_set]
-
-
-def _item_meta(record: ImageRecord, meta: dict[str, Any], kind: str | None) -> dict[str, Any]:
-    lesion_types = sorted({lesion.kind for lesion in record.lesions})
-    pathologies = sorted({str(lesion.pathology) for lesion in record.lesions if lesion.pathology})
-    return {
-        "density": meta.get("density"),
-        "lesion_type": kind if kind and kind in lesion_types else (",".join(lesion_types) or None),
-        "pathology": meta.get("pathology") or (",".join(pathologies) or None),
-        "side": meta.get("side"),
-        "view": meta.get("view"),
-        "source_path": str(record.path),
-        "has_pixel_annotation": bool(record.has_pixel_annotation and record.lesions),
-        **{k: meta[k] for k in ("native_spacing_mm", "native_shape", "spacing_source") if k in meta},
-    }
-
-
-class EvaluationDataset(Dataset):
-    """Evaluation items, one image each: from cached ``.npz`` files or read from records on access.
-
-    Item (contract): ``image_id``, ``patient_id``, ``image`` float32 H x W in [0, 1], ``breast_mask`` and
-    ``lesion_mask`` bool H x W, ``centers`` int64 M x 2 (every ``stride`` px inside the breast), ``patches``
-    float32 M x 1 x s x s (reflect-padded), ``context`` float32 M x 2 (`grids.patch_context` of each centre),
-    ``spacing_mm``, ``stride``, ``meta``. Images are quantised to
-    uint8 like the training patches, so a model sees the same grey levels in training and evaluation.
-    """
-
-    def __init__(
-        self,
-        items: Sequence[Path | ImageRecord],
-        stride: int = 16,
-        patch_size: int = 64,
-        spacing_mm: float = 0.2,
-        kind: str | None = None,
-        remove_pectoral: bool = False,
-        skip_unreadable: bool = False,
-    ) -> None:
-        self.items = list(items)
-        self.skip_unreadable = skip_unreadable
-        self.stride = int(stride)
-        self.patch_size = int(patch_size)
-        self.spacing_mm = float(spacing_mm)
-        self.kind = kind
-        self.remove_pectoral = remove_pectoral
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def _load(self, entry: Path | ImageRecord) -> dict[str, Any]:
-        if isinstance(entry, ImageRecord):
-            pre = preprocess_record(entry, self.spacing_mm, self.remove_pectoral, with_lesions=self.kind is not None)
-            lesion = pre.lesion_masks.get(self.kind) if self.kind else None
-            return {
-                "image_id": entry.image_id,
-                "patient_id": entry.patient_id,
-                "image": to_uint8(pre.image),
-                "breast_mask": pre.breast_mask,
-                "lesion_mask": lesion if lesion is not None else np.zeros_like(pre.breast_mask),
-                "spacing_mm": pre.spacing_mm,
-                "meta": _item_meta(entry, pre.meta, self.kind),
-            }
-        with np.load(entry, allow_pickle=False) as z:
-            return {
-                "image_id": str(z["image_id"]),
-                "patient_id": str(z["patient_id"]),
-                "image": z["image"],
-                "breast_mask": z["breast_mask"],
-                "lesion_mask": z["lesion_mask"],
-                "spacing_mm": float(z["spacing_mm"]),
-                "meta": json.loads(str(z["meta"])),
-            }
-
-    def _skipped(self, entry: Path | ImageRecord, reason: str) -> dict[str, Any]:
-        """The item of an image that could not be read: no patches, ``skipped`` = the one-line reason."""
-        path = entry.path if isinstance(entry, ImageRecord) else entry
-        return {
-            "image_id": entry.image_id if isinstance(entry, ImageRecord) else Path(entry).stem,
-            "skipped": reason,
-            "source_path": str(path),
-            "centers": torch.zeros(0, 2, dtype=torch.int64),
-            "context": torch.zeros(0, 2),
-            "patches": torch.zeros(0, 1, self.patch_size, self.patch_size),
-        }
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        """One evaluation item; with ``skip_unreadable`` (predict) a `DataError` gives a skipped item instead."""
-        try:
-            raw = self._load(self.items[index])
-        except DataError as err:
-            if not self.skip_unreadable:
-                raise
-            return self._skipped(self.items[index], str(err))
-        image = raw["image"].astype(np.float32) / 255.0
-        breast = raw["breast_mask"].astype(bool)
-        centers = grid_centers(breast, self.stride)
-        patches = extract_patches(image, centers, self.patch_size)
-        context = patch_context(breast, centers)
-        return {
-            "image_id": raw["image_id"],
-            "patient_id": raw["patient_id"],
-            "image": torch.from_numpy(image),
-            "breast_mask": torch.from_numpy(breast),
-            "lesion_mask": torch.from_numpy(raw["lesion_mask"].astype(bool)),
-            "centers": torch.from_numpy(centers),
-            "context": torch.from_numpy(context),
-            "patches": torch.from_numpy(patches).unsqueeze(1),
-            "spacing_mm": raw["spacing_mm"],
-            "stride": self.stride,
-            "meta": raw["meta"],
-        }
-
-
-def open_evaluation_cache(path: Path) -> dict[str, Any]:
-    """The ``DONE.json`` of a complete evaluation cache after checking every listed file against its checksum;
-    `DataError` naming the first damaged file otherwise."""
-    done = path / "DONE.json"
-    if not done.is_file():
-        raise DataError(f"{done}: missing, so {path} is not a complete evaluation cache")
-    try:
-        info = read_json(done)
-        files, digests, _ = info["files"], info.get("sha256", {}), info["summary"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{done}: damaged evaluation cache marker ({err})") from None
-    for name in [*files, "selection.json"]:
-        file = path / name
-        if not file.is_file():
-            raise DataError(f"{file}: listed in {done.name} but missing")
-        if name in digests and file_sha256(file) != digests[name]:
-            raise DataError(f"{file}: checksum differs from {done.name} (truncated, overwritten or corrupted)")
-    return info
-
-
-def _report_skipped(skipped: list[dict[str, str]], n_records: int, name: str, report: object) -> None:
-    """Warns with the count and the first reasons of images left out as unreadable (at build and at reuse)."""
-    if not skipped:
-        return
-    first = "; ".join(f"{s['path']}: {s['error']}" for s in skipped[:3])
-    log.warning("%d of %d %s images skipped (unreadable; listed in %s): %s", len(skipped), n_records, name, report, first)
-
-
-def build_evaluation_cache(
-    records: Sequence[ImageRecord],
-    cache_root: str | Path,
-    test_set: str,
-    *,
-    name: str = "test",
-    spacing_mm: float = 0.2,
-    patch_size: int = 64,
-    max_lesion_area_patches: float = 4,
-    remove_pectoral: bool = False,
-    extra_key: dict[str, Any] | None = None,
-    progress: bool = True,
-) -> tuple[list[Path], dict[str, Any]]:
-    """Preprocesses, selects (the test-set rule) and caches lesion images once; returns (npz paths, summary).
-
-    The selection report (every candidate, selected or not and why) is ``<cache>/selection.json``.
-    """
-    kind = _kind(test_set)
-    lesion_fp = hashlib.sha256(
-        "".join(repr([(x.kind, str(x.mask_path), x.outline, x.circle) for x in r.lesions]) for r in records).encode()
-    ).hexdigest()
-    params = {
-        "format": EVAL_CACHE_FORMAT,
-        "name": name,
-        "test_set": test_set,
-        "spacing_mm": float(spacing_mm),
-        "patch_size": int(patch_size),
-        "max_lesion_area_patches": float(max_lesion_area_patches),
-        "remove_pectoral": bool(remove_pectoral),
-        "normalisation": "background-median/breast-p99.5, uint8",
-        "listing": listing_fingerprint(records),
-        "lesions": lesion_fp,
-        **(extra_key or {}),
-    }
-    key = cache_key(params)
-    cache_root = Path(cache_root)
-    final = cache_root / f"eval-{name}-{test_set}-{key}"
-    info = open_verified(final, open_evaluation_cache, "evaluation cache")
-    if info is not None:
-        rank_zero_info("evaluation cache reused: %s (%d images)", final, len(info["files"]))
-        _report_skipped(info["summary"].get("skipped", []), len(records), name, final / "selection.json")
-        return [final / f for f in info["files"]], info["summary"]
-    cache_root.mkdir(parents=True, exist_ok=True)
-    remove_stale_builds(cache_root, f"eval-{name}-{test_set}-{key}")
-    tmp = cache_root / f".eval-{name}-{test_set}-{key}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    iterator: Any = with_progress(records, len(records), f"{name} images", progress)
-    try:
-        decisions: list[SelectionDecision] = []
-        files: list[str] = []
-        skipped: list[dict[str, str]] = []
-        for record in iterator:
-            try:
-                pre = preprocess_record(record, spacing_mm, remove_pectoral, with_lesions=True)
-                check_patchable(pre, patch_size, record.path)
-            except Exception as err:  # noqa: BLE001 - reported and skipped, never fatal mid-run
-                log.warning("skipped unreadable image %s: %s", record.path, err)
-                skipped.append({"path": str(record.path), "error": str(err)})
-                continue
-            lesion = pre.lesion_masks.get(kind)
-            decision = select_test_image(
-                record.image_id, record.patient_id, lesion, pre.breast_mask, kind,
-                has_pixel_annotation=record.has_pixel_annotation,
-                max_lesion_area_patches=max_lesion_area_patches, patch_size=patch_size,
-            )
-            decisions.append(decision)
-            if not decision.selected:
-                continue
-            fname = f"{len(files):05d}.npz"
-            np.savez(
-                tmp / fname,
-                image_id=np.array(record.image_id),
-                patient_id=np.array(record.patient_id),
-                image=to_uint8(pre.image),
-                breast_mask=pre.breast_mask,
-                lesion_mask=lesion,
-                spacing_mm=np.array(pre.spacing_mm),
-                meta=np.array(dumps_json(_item_meta(record, pre.meta, kind), indent=None)),
-            )
-            files.append(fname)
-        _report_skipped(skipped, len(records), name, final / "selection.json")
-        summary = write_selection_report(decisions, tmp / "selection.json", skipped)
-        summary["report"] = str(final / "selection.json")
-        info = {"key": key, "params": params, "files": files, "summary": summary, "skipped": skipped,
-                "sha256": {f: file_sha256(tmp / f) for f in [*files, "selection.json"]}}
-        write_json(tmp / "DONE.json", info, indent=1)
-        publish_cache(tmp, final, open_evaluation_cache)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    rank_zero_info(f"{name} set ({test_set}): {summary['selected']} of {len(records)} images selected; excluded "
-                   f"by reason: {summary['excluded_by_reason'] or 'none'}; report {final / 'selection.json'}")
-    return [final / f for f in files], summary
 
 
 class HealthyPatchDataModule(pl.LightningDataModule):
@@ -431,198 +163,6 @@ class HealthyPatchDataModule(pl.LightningDataModule):
             self._shuffle_generator.set_state(state)
         else:
             self._pending_shuffle_state = state
-
-
-class EvaluationDataModule(pl.LightningDataModule):
-    """Test images (selected by the test-set rule, cached), lesion validation images, and predict files."""
-
-    def __init__(
-        self,
-        test_records: Sequence[ImageRecord] = (),
-        lesion_validation_records: Sequence[ImageRecord] = (),
-        predict_records: Sequence[ImageRecord] = (),
-        test_set: str = "mass",
-        cache_dir: str | Path = "cache",
-        pixel_spacing_mm: float = 0.2,
-        patch_size: int = 64,
-        stride: int = 16,
-        max_lesion_area_patches: float = 4,
-        num_workers: int = 0,
-        remove_pectoral: bool = False,
-        cache_key_extra: dict[str, Any] | None = None,
-        progress: bool = True,
-    ) -> None:
-        super().__init__()
-        _kind(test_set)
-        self.test_records = list(test_records)
-        self.lesion_validation_records = list(lesion_validation_records)
-        self.predict_records = list(predict_records)
-        self.test_set = test_set
-        self.cache_dir = Path(cache_dir)
-        self.pixel_spacing_mm = pixel_spacing_mm
-        self.patch_size = patch_size
-        self.stride = stride
-        self.max_lesion_area_patches = max_lesion_area_patches
-        self.num_workers = num_workers
-        self.remove_pectoral = remove_pectoral
-        self.cache_key_extra = cache_key_extra or {}
-        self.progress = progress
-        self.selection: dict[str, dict[str, Any]] = {}
-        self._datasets: dict[str, EvaluationDataset] = {}
-
-    def dataset(self, name: str) -> EvaluationDataset:
-        """The evaluation dataset ``"test"``, ``"lesion_validation"`` or ``"predict"`` (built on first use)."""
-        if name in self._datasets:
-            return self._datasets[name]
-        common = dict(stride=self.stride, patch_size=self.patch_size, spacing_mm=self.pixel_spacing_mm,
-                      remove_pectoral=self.remove_pectoral)
-        if name == "predict":
-            if not self.predict_records:
-                raise DataError("nothing to predict: set data.predict_path to an image file or folder")
-            ds = EvaluationDataset(self.predict_records, kind=None, skip_unreadable=True, **common)
-        elif name in ("test", "lesion_validation"):
-            records = self.test_records if name == "test" else self.lesion_validation_records
-            if not records:
-                raise DataError(f"the data source lists no {name.replace('_', ' ')} images for test_set "
-                                f"{self.test_set!r}; check data.root and data.source")
-            files, summary = build_evaluation_cache(
-                records, self.cache_dir, self.test_set, name=name, spacing_mm=self.pixel_spacing_mm,
-                patch_size=self.patch_size, max_lesion_area_patches=self.max_lesion_area_patches,
-                remove_pectoral=self.remove_pectoral, extra_key=self.cache_key_extra, progress=self.progress,
-            )
-            self.selection[name] = summary
-            if not files and name == "test":  # a test of nothing would write results that mean nothing
-                excluded = summary.get("excluded_by_reason") or {}
-                raise DataError(
-                    f"no evaluable {name.replace('_', ' ')} images: {len(records)} listed, "
-                    f"{summary.get('skipped_unreadable', 0)} unreadable, {summary.get('excluded', 0)} excluded "
-                    f"by the test-set rule ({excluded or 'none'}); see {summary.get('report')}")
-            ds = EvaluationDataset(files, kind=_kind(self.test_set), **common)
-        else:
-            raise KeyError(f"unknown evaluation set {name!r}")
-        self._datasets[name] = ds
-        return ds
-
-    def setup(self, stage: str | None = None) -> None:
-        if stage == "test":
-            self.dataset("test")
-        elif stage == "predict" and self.predict_records:
-            self.dataset("predict")
-
-    def _loader(self, name: str) -> DataLoader:
-        return DataLoader(self.dataset(name), batch_size=None, shuffle=False, num_workers=self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict")
-
-    def lesion_validation_dataloader(self) -> DataLoader:
-        """Lesion images of the validation split (never the test set), for AUC curves during fit."""
-        return self._loader("lesion_validation")
-
-
-@dataclass
-class SourceRecords:
-    """What a data source lists: healthy images, lesion test images, lesion validation images."""
-
-    healthy: list[ImageRecord]
-    test: list[ImageRecord]
-    lesion_validation: list[ImageRecord]
-
-
-def _split_lesion_records(
-    records: list[ImageRecord], fraction: float, seed: int
-) -> tuple[list[ImageRecord], list[ImageRecord]]:
-    """(test, validation) lesion records, split by patient."""
-    if not records or fraction <= 0:
-        return records, []
-    _, val_patients = split_patients([r.patient_id for r in records], fraction, seed)
-    return ([r for r in records if r.patient_id not in val_patients],
-            [r for r in records if r.patient_id in val_patients])
-
-
-def list_source_records(
-    source: str,
-    root: str | Path,
-    test_set: str = "mass",
-    *,
-    healthy_source: str | None = None,
-    healthy_root: str | Path | None = None,
-    source_options: dict[str, Any] | None = None,
-    healthy_options: dict[str, Any] | None = None,
-    lesion_validation_fraction: float = 0.2,
-    data_seed: int = 0,
-    scale: str = "quick",
-) -> SourceRecords:
-    """Lists healthy, test and lesion-validation records of a configured source (see `MammographyDataModule`)."""
-    from datamodules.readers import list_source
-
-    if source not in SOURCES:
-        raise DataError(f"data.source must be one of {list(SOURCES)}, got {source!r}")
-    kind = _kind(test_set)
-    root = Path(root)
-    opts = dict(source_options or {})
-    healthy_opts = dict(healthy_options or {})
-    abnormality = test_set
-
-    def has_kind(r: ImageRecord) -> bool:
-        return any(lesion.kind == kind for lesion in r.lesions)
-
-    def in_a_test_set(r: ImageRecord) -> bool:  # of either test_set (mass or calc)
-        return any(lesion.kind in TEST_SET_KINDS.values() for lesion in r.lesions)
-
-    if source == "synthetic":
-        from datamodules.synthetic import ensure_synthetic
-
-        root = Path(ensure_synthetic(root, seed=data_seed, scale=scale))
-        healthy = list_source("ddsm", root / "ddsm", diagnosis="normals")
-        cbis = root / "cbis-ddsm"
-        test = list_source("cbis_ddsm", cbis, abnormality=abnormality, split="test")
-        val = list_source("cbis_ddsm", cbis, abnormality=abnormality, split="train")
-        other = [list_source("cbis_ddsm", cbis, abnormality=a, split=sp)
-                 for a in TEST_SET_KINDS if a != abnormality for sp in ("test", "train")]
-        every_lesion = [r for listing in other for r in listing]
-    elif source == "cbis_ddsm":
-        if healthy_root is None:
-            raise DataError("data.source cbis_ddsm has no normal mammograms: set data.healthy_root to a DDSM "
-                            "folder (with cases/normals) and data.healthy_source (default ddsm)")
-        test = list_source("cbis_ddsm", root, abnormality=abnormality, split="test", **opts)
-        val = list_source("cbis_ddsm", root, abnormality=abnormality, split="train", **opts)
-        other = [list_source("cbis_ddsm", root, abnormality=a, split=sp, **opts)
-                 for a in TEST_SET_KINDS if a != abnormality for sp in ("test", "train")]
-        every_lesion = [r for listing in other for r in listing]
-        healthy = []
-    elif source == "ddsm":
-        diagnoses = opts.pop("lesion_diagnoses", ["cancers", "benigns"])
-        healthy = list_source("ddsm", root, diagnosis=opts.pop("diagnosis", "normals"), **opts)
-        lesion = [r for d in diagnoses for r in list_source("ddsm", root, diagnosis=d, **opts)]
-        test, val = _split_lesion_records([r for r in lesion if has_kind(r)], lesion_validation_fraction, data_seed)
-        every_lesion = [r for r in lesion if in_a_test_set(r)]
-    else:  # mini_ddsm, mias, manifest: one listing, healthy = label 0
-        listed = list_source(source, root, **opts)
-        healthy = [r for r in listed if r.label == 0]
-        lesion = [r for r in listed if r.label != 0 and has_kind(r)]
-        test, val = _split_lesion_records(lesion, lesion_validation_fraction, data_seed)
-        every_lesion = [r for r in listed if r.label != 0 and in_a_test_set(r)]
-    if healthy_root is not None:
-        hsource = healthy_source or "ddsm"
-        if hsource == "ddsm":
-            healthy_opts.setdefault("diagnosis", "normals")
-        healthy = list_source(hsource, healthy_root, **healthy_opts)
-        if hsource != "ddsm":
-            healthy = [r for r in healthy if r.label == 0]
-    # every woman with a lesion image in a test or lesion-validation set of this source, of either test_set
-    # (a calc evaluation must not meet the other breast of its women in a mass-configured training set)
-    lesion_patients = {r.patient_id for r in [*test, *val, *every_lesion]}
-    overlap = [r for r in healthy if r.patient_id in lesion_patients]
-    if overlap:
-        rank_zero_info("%d healthy images dropped: their patients have lesion images in the test/validation sets",
-                 len(overlap))
-        healthy = [r for r in healthy if r.patient_id not in lesion_patients]
-    return SourceRecords(healthy=list(healthy), test=list(test), lesion_validation=list(val))
-
 
 class MammographyDataModule(pl.LightningDataModule):
     """The data module every config names: healthy patches (fit), a lesion test set (test), files (predict).
@@ -743,6 +283,7 @@ class MammographyDataModule(pl.LightningDataModule):
         self._records: SourceRecords | None = None
         self._healthy: HealthyPatchDataModule | None = None
         self._evaluation: EvaluationDataModule | None = None
+        self._prediction: EvaluationDataModule | None = None
 
     def _key_extra(self) -> dict[str, Any]:
         return {"source": self.source, "root": str(Path(self.root).resolve()), "scale": self.scale,
@@ -779,31 +320,42 @@ class MammographyDataModule(pl.LightningDataModule):
             )
         return self._healthy
 
+    def _evaluation_module(self, predict: Sequence[ImageRecord] = ()) -> EvaluationDataModule:
+        return EvaluationDataModule(
+            [] if predict else self.records.test, [] if predict else self.records.lesion_validation, predict,
+            self.test_set, self.cache_dir, self.pixel_spacing_mm, self.patch_size, self.stride,
+            self.max_lesion_area_patches, self.eval_num_workers, self.remove_pectoral, self._key_extra(),
+            self.progress,
+        )
+
     @property
     def evaluation(self) -> EvaluationDataModule:
-        """The evaluation data module (test / lesion validation / predict)."""
+        """The lesion evaluation sets (test / lesion validation) of the source's listing (listed on first use)."""
         if self._evaluation is None:
-            predict: list[ImageRecord] = []
-            if self.predict_path:
-                from datamodules.readers import list_source
-
-                predict = list_source("images", self.predict_path, **(self.predict_options or {}))
-                if not predict:
-                    raise DataError(f"data.predict_path {self.predict_path}: no DICOM/PNG/JPEG/PGM/TIFF images there")
-            self._evaluation = EvaluationDataModule(
-                [], [], predict, self.test_set, self.cache_dir,
-                self.pixel_spacing_mm, self.patch_size, self.stride, self.max_lesion_area_patches,
-                self.eval_num_workers, self.remove_pectoral, self._key_extra(), self.progress,
-            )
+            self._evaluation = self._evaluation_module()
         return self._evaluation
+
+    @property
+    def prediction(self) -> EvaluationDataModule:
+        """The ``data.predict_path`` files scored by ``lightning predict``; never lists or generates the source."""
+        if self._prediction is None:
+            if not self.predict_path:
+                raise DataError("nothing to predict: set data.predict_path to an image file or folder")
+            from datamodules.readers import list_source
+
+            predict = list_source("images", self.predict_path, **(self.predict_options or {}))
+            if not predict:
+                raise DataError(f"data.predict_path {self.predict_path}: no DICOM/PNG/JPEG/PGM/TIFF images there")
+            self._prediction = self._evaluation_module(predict)
+        return self._prediction
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate"):
             self.healthy.setup(stage)
         if stage == "test":
-            self._listed_evaluation().setup(stage)
-        if stage == "predict":
             self.evaluation.setup(stage)
+        if stage == "predict" and self.predict_path:
+            self.prediction.setup(stage)
 
     def train_dataloader(self) -> DataLoader:
         return self.healthy.train_dataloader()
@@ -818,26 +370,17 @@ class MammographyDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self.healthy.val_dataloader()
 
-    def _listed_evaluation(self) -> EvaluationDataModule:
-        """The evaluation module with the source's lesion listings filled in (listed on first need only,
-        so ``predict`` on files never generates or lists a data set)."""
-        evaluation = self.evaluation
-        if not evaluation.test_records and not evaluation.lesion_validation_records:
-            evaluation.test_records = list(self.records.test)
-            evaluation.lesion_validation_records = list(self.records.lesion_validation)
-        return evaluation
-
     def test_dataloader(self) -> DataLoader:
         if self.evaluate_on == "lesion_validation":  # choosing an option without looking at the test set
             return self.lesion_validation_dataloader()
-        return self._listed_evaluation().test_dataloader()
+        return self.evaluation.test_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
-        return self.evaluation.predict_dataloader()
+        return self.prediction.predict_dataloader()
 
     def lesion_validation_dataloader(self) -> DataLoader:
         """Evaluation items of the lesion validation set (for AUC curves during fit)."""
-        return self._listed_evaluation().lesion_validation_dataloader()
+        return self.evaluation.lesion_validation_dataloader()
 
     def calibration_records(self, part: str = "fit") -> list[ImageRecord]:
         """Healthy *validation* images (never training, test or lesion images) for score calibration.
@@ -873,4 +416,4 @@ class MammographyDataModule(pl.LightningDataModule):
 
     def selection_summary(self) -> dict[str, Any]:
         """Test / lesion-validation selection summaries built so far (counts by exclusion reason)."""
-        return dict(self.evaluation.selection)
+        return self._evaluation.selection_summary() if self._evaluation is not None else {}

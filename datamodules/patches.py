@@ -4,19 +4,13 @@ on-disk cache keyed by every parameter that shapes it, the patient-wise split an
 Cache layout, one folder per key under the cache root: ``patches-<key>/``
 ``patches.u8`` (raw uint8, N x size x size; value / 255 = the [0, 1] image), ``index.npz`` (per patch:
 ``image`` and ``patient`` numbers, ``center`` row/col at evaluation spacing, ``label``, ``on_contour``),
-``DONE.json`` (parameters, image and patient lists, skipped files; written last). The folder is built under
-a temporary name and renamed, so an interrupted build never looks complete.
+``DONE.json`` (parameters, image and patient lists, skipped files; written last). Built, checked and
+swapped in through `caches.CacheFolder`, the skeleton it shares with the evaluation cache.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import shutil
-import sys
-import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,7 +23,17 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 
-from datamodules.fileio import file_sha256, read_json, remove_dead_leftovers, swap_directory, write_json
+from datamodules.batches import PatchBatch, check_patch_batch
+from datamodules.caches import (  # noqa: F401 - publish_cache, remove_stale_builds, with_progress: re-exported
+    # (the patch cache's API before the skeleton moved to caches)
+    CacheFolder,
+    listing_fingerprint,
+    publish_cache,
+    readable,
+    remove_stale_builds,
+    with_progress,
+)
+from datamodules.fileio import file_sha256, read_json
 from datamodules.grids import extract_patches, film_cut, patch_context
 from datamodules.preprocessing import PreprocessedImage, preprocess_record
 from datamodules.records import DataError, ImageRecord
@@ -127,25 +131,6 @@ def image_patches(
     return to_uint8(extract_patches(pre.image, centers, size)), centers, on_contour, context
 
 
-def listing_fingerprint(records: Sequence[ImageRecord]) -> str:
-    """Hash of what a listing points at: ids, patients, paths, file sizes and modification times."""
-    h = hashlib.sha256()
-    for r in records:
-        try:
-            st = os.stat(r.path)
-            stamp = f"{st.st_size}:{st.st_mtime_ns}"
-        except OSError:
-            stamp = "missing"
-        h.update(f"{r.image_id}|{r.patient_id}|{r.path}|{r.label}|{r.spacing_mm}|{stamp}\n".encode())
-    return h.hexdigest()
-
-
-def cache_key(params: dict[str, Any]) -> str:
-    """Short stable hash of a JSON-able parameter dict."""
-    blob = json.dumps(params, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
 @dataclass
 class PatchCache:
     """A complete patch cache on disk, opened read-only (the memmap opens lazily, once per process)."""
@@ -221,64 +206,6 @@ class PatchCache:
 INDEX_KEYS = ("image", "patient", "center", "label", "on_contour", "context")
 
 
-def open_verified(path: Path, opener: Callable[[Path], Any], what: str) -> Any | None:
-    """``opener(path)`` for a cache that exists, or None (after one warning naming the damaged file) when it
-    fails verification, so the caller rebuilds it; None too when there is no cache yet."""
-    if not path.exists():
-        return None
-    try:
-        return opener(path)
-    except DataError as err:
-        rank_zero_warn(f"{what} damaged, rebuilding it: {err}")
-        return None
-
-
-def publish_cache(tmp: Path, final: Path, opener: Callable[[Path], Any]) -> None:
-    """Puts a freshly built cache folder ``tmp`` at ``final``: swapped in when ``final`` is absent or damaged;
-    dropped when another process (e.g. another DDP rank) published a sound one first, whose files may be open."""
-    if final.exists():
-        try:
-            opener(final)
-        except DataError:
-            pass
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-    swap_directory(tmp, final)
-
-
-def remove_stale_builds(cache_root: Path, prefix: str) -> int:
-    """Deletes ``.<prefix>.tmp-<pid>`` folders left by killed builds (their pid is gone); returns the count."""
-    return remove_dead_leftovers(cache_root, f".{prefix}.tmp-*", lambda name: name.rsplit("-", 1)[1])
-
-
-def with_progress(iterable: Any, total: int | None, desc: str, enabled: bool = True, every_s: float = 30.0,
-             stream: Any = None) -> Any:
-    """``iterable`` with progress: a tqdm bar on a terminal; plain ``desc: k/total`` lines every ``every_s``
-    seconds and at the end otherwise (a bar written to a log file is one line of carriage returns)."""
-    if not enabled:
-        return iterable
-    stream = stream if stream is not None else sys.stderr
-    if hasattr(stream, "isatty") and stream.isatty():
-        from tqdm.auto import tqdm
-
-        return tqdm(iterable, total=total, desc=desc, unit="img", file=stream)
-    return _plain_progress(iterable, total, desc, every_s, stream)
-
-
-def _plain_progress(iterable: Any, total: int | None, desc: str, every_s: float, stream: Any) -> Any:
-    start = last = time.monotonic()
-    done = 0
-    of = f"/{total}" if total else ""
-    for done, value in enumerate(iterable, start=1):
-        yield value
-        now = time.monotonic()
-        if now - last >= every_s:
-            last = now
-            print(f"{desc}: {done}{of} ({now - start:.0f} s)", file=stream, flush=True)
-    print(f"{desc}: {done}{of} done ({time.monotonic() - start:.0f} s)", file=stream, flush=True)
-
-
 def build_patch_cache(
     records: Sequence[ImageRecord],
     cache_root: str | Path,
@@ -316,43 +243,34 @@ def build_patch_cache(
         "listing": listing_fingerprint(records),
         **(extra_key or {}),
     }
-    key = cache_key(params)
-    cache_root = Path(cache_root)
-    final = cache_root / f"patches-{key}"
-    reused = open_verified(final, PatchCache.open, "patch cache")
+    folder = CacheFolder(cache_root, "patches", params, PatchCache.open, "patch cache")
+    reused = folder.reuse()
     if reused is not None:
-        rank_zero_info("patch cache reused: %s", final)
+        rank_zero_info("patch cache reused: %s", folder.path)
         if reused.info.get("skipped"):
             rank_zero_warn(f"{len(reused.info['skipped'])} of {len(records)} healthy images were skipped as "
-                           f"unreadable when the patch cache was built (listed in {final / 'DONE.json'})")
+                           f"unreadable when the patch cache was built (listed in {folder.path / 'DONE.json'})")
         return reused
-    cache_root.mkdir(parents=True, exist_ok=True)
-    remove_stale_builds(cache_root, f"patches-{key}")
-    tmp = cache_root / f".patches-{key}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     if preprocess is None:
 
         def preprocess(r: ImageRecord) -> PreprocessedImage:
             return preprocess_record(r, spacing_mm, remove_pectoral=remove_pectoral, with_lesions=False)
 
-    try:
+    def prepare(record: ImageRecord) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        pre = preprocess(record)
+        check_patchable(pre, patch_size, record.path)
+        return image_patches(pre, n_inside, n_contour, patch_size, seed, contour_edge, contour_band_px)
+
+    with folder.building() as tmp:
         images: list[str] = []
         patients: list[str] = []
         patient_number: dict[str, int] = {}
         skipped: list[dict[str, str]] = []
         idx_image, idx_patient, centers_all, labels, contour_flags, contexts = [], [], [], [], [], []
         with open(tmp / "patches.u8", "wb") as out:
-            for record in with_progress(records, len(records), "healthy patches", progress):
-                try:
-                    pre = preprocess(record)
-                    check_patchable(pre, patch_size, record.path)
-                    patches, centers, on_contour, context = image_patches(pre, n_inside, n_contour, patch_size, seed,
-                                                                      contour_edge, contour_band_px)
-                except Exception as err:  # noqa: BLE001 - a bad file is reported and skipped, never fatal
-                    log.warning("skipped unreadable image %s: %s", record.path, err)
-                    skipped.append({"path": str(record.path), "error": str(err)})
-                    continue
+            for record, (patches, centers, on_contour, context) in readable(
+                records, prepare, skipped, "healthy patches", progress
+            ):
                 out.write(patches.tobytes())
                 number = patient_number.setdefault(record.patient_id, len(patients))
                 if number == len(patients):
@@ -367,7 +285,7 @@ def build_patch_cache(
                 images.append(record.image_id)
         if skipped:
             log.warning("%d of %d images skipped (unreadable); see %s", len(skipped), len(records),
-                        final / "DONE.json")
+                        folder.path / "DONE.json")
         if not images:
             raise DataError(f"none of the {len(records)} healthy images could be read; first error: "
                             f"{skipped[0]['path']}: {skipped[0]['error']}")
@@ -381,15 +299,11 @@ def build_patch_cache(
             context=np.concatenate(contexts),
         )
         num = int(sum(len(a) for a in idx_image))
-        info = {"key": key, "params": params, "num_patches": num, "images": images, "patients": patients,
-                "skipped": skipped, "sha256": {name: file_sha256(tmp / name) for name in ("patches.u8", "index.npz")}}
-        write_json(tmp / "DONE.json", info, indent=1)
-        publish_cache(tmp, final, PatchCache.open)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    rank_zero_info("patch cache built: %s (%d patches from %d images)", final, num, len(images))
-    return PatchCache.open(final, verify=False)  # just written and hashed
+        info = {"key": folder.key, "params": params, "num_patches": num, "images": images, "patients": patients,
+                "skipped": skipped}
+        folder.publish(tmp, info, ("patches.u8", "index.npz"))
+    rank_zero_info("patch cache built: %s (%d patches from %d images)", folder.path, num, len(images))
+    return PatchCache.open(folder.path, verify=False)  # just written and hashed
 
 
 def split_patients(patients: Sequence[str], val_fraction: float = 0.1, seed: int = 0) -> tuple[set[str], set[str]]:
@@ -413,13 +327,8 @@ def collate_patch_batch(batch: Any) -> Any:
 
 
 class PatchDataset(Dataset):
-    """Serves cached patches as training batches: ``__getitems__`` slices the memmap once per batch.
-
-    Batch dict (contract): ``image`` float32 N x 1 x s x s in [0, 1], ``index`` int64 N (global cache
-    index), ``center`` int64 N x 2, ``context`` float32 N x 2 (`grids.patch_context`: distances to the skin
-    line and the chest wall, px), ``patient_id`` list[str], ``label`` int64 N. Use with
-    ``collate_fn=collate_patch_batch``.
-    """
+    """Serves cached patches as training batches: ``__getitems__`` slices the memmap once per batch and
+    returns a checked `batches.PatchBatch` (the contract). Use with ``collate_fn=collate_patch_batch``."""
 
     def __init__(self, cache: PatchCache, indices: np.ndarray | None = None) -> None:
         self.cache = cache
@@ -440,19 +349,19 @@ class PatchDataset(Dataset):
         state["_data"] = None  # each worker process maps the file itself
         return state
 
-    def __getitems__(self, positions: Sequence[int]) -> dict[str, Any]:
+    def __getitems__(self, positions: Sequence[int]) -> PatchBatch:
         glob = np.sort(self.indices[np.asarray(positions, dtype=np.int64)])
         raw = self._memmap()[glob]
-        image = torch.from_numpy(raw).unsqueeze(1).float().div_(255.0)
+        patches = torch.from_numpy(raw).unsqueeze(1).float().div_(255.0)
         patients = self.cache.patient_index[glob]
-        return {
-            "image": image,
+        return check_patch_batch({
+            "patches": patches,
             "index": torch.from_numpy(glob),
-            "center": torch.from_numpy(self.cache.centers[glob]),
+            "centers": torch.from_numpy(self.cache.centers[glob]),
             "context": torch.from_numpy(self.cache.context[glob]),
             "patient_id": [self._patient_ids[p] for p in patients],
             "label": torch.from_numpy(self.cache.labels[glob]),
-        }
+        }, self.cache.patch_size)
 
     def __getitem__(self, position: int) -> dict[str, Any]:
         batch = self.__getitems__([position])

@@ -69,13 +69,13 @@ def make_sheet(module: Any, out: str | Path, n_images: int = 4, n_healthy: int =
     panels: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]] = []
     if n_images > 0:
         try:
-            dataset = module._listed_evaluation().dataset("test")
+            dataset = module.evaluation.dataset("test")
         except DataError as err:
             print(f"preview: no test images ({err})")
             dataset = []
         for i in range(min(n_images, len(dataset))):
             item = dataset[i]
-            panels.append((f"test {item['image_id']}", item["image"].numpy(), item["breast_mask"].numpy(),
+            panels.append((f"test {item['image_id']}", item["scan"].numpy(), item["breast_mask"].numpy(),
                            item["lesion_mask"].numpy()))
     n_images_shown = len(panels)
     skipped: list[str] = []

@@ -34,6 +34,7 @@ from datamodules.patches import with_progress
 from datamodules.records import DataError
 from experiments import anomaly_maps, evaluation, evaluation_results, metrics
 from experiments.checkpoints import checkpoint_info
+from experiments.loggers import same_size
 
 #: scalars of the summary that are logged to every logger (prefix "test/" or ``monitor_prefix``/)
 LOGGED_KEYS = (
@@ -238,9 +239,7 @@ class EvaluationCallback(pl.Callback):
             )
         scores, seen = [], 0
         for batch in dm.val_dataloader():
-            images = batch["image"] if isinstance(batch, Mapping) else batch
-            context = batch.get("context") if isinstance(batch, Mapping) else None
-            scores.append(pl_module.score_item({"patches": images, "context": context}).detach().cpu().numpy())
+            scores.append(pl_module.score_item(batch).detach().cpu().numpy())
             seen += len(scores[-1])
             if seen >= self.healthy_max_patches:
                 break
@@ -324,7 +323,7 @@ class EvaluationCallback(pl.Callback):
             if any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
                 breast = metrics.as_numpy(batch["breast_mask"]).astype(bool)
                 lesion = metrics.as_numpy(batch["lesion_mask"]).astype(bool)
-                image = metrics.as_numpy(batch["image"]).astype(np.float32)
+                image = metrics.as_numpy(batch["scan"]).astype(np.float32)
                 caption = (f"{result.image_id} | {type(pl_module).__name__}: AUC {result.auc:.3f}, "
                            f"H {result.hausdorff_px:.1f} px "
                            f"({result.hausdorff_mm:.1f} mm), {self._acc.rule_name}")
@@ -387,7 +386,10 @@ class EvaluationCallback(pl.Callback):
 
         columns = evaluation.ImageResult.columns()
         # the per-image table carries each saved image's heatmap panel, all panels at one height
-        panels = {caption.split(" | ", 1)[0]: (caption, panel_at_height(panel)) for caption, panel in self._panels}
+        # (and one width: panels of scans with other aspect ratios are padded, W&B shows a list at one size)
+        captions = [caption for caption, _ in self._panels]
+        resized = same_size([panel_at_height(panel) for _, panel in self._panels])
+        panels = {caption.split(" | ", 1)[0]: (caption, panel) for caption, panel in zip(captions, resized)}
         rows = [[getattr(r, c) for c in columns]
                 + [wandb.Image(panels[r.image_id][1], caption=panels[r.image_id][0]) if r.image_id in panels else None]
                 for r in acc.results]

@@ -32,7 +32,7 @@ from experiments.checkpoints import (
     load_checkpoint,
     resolve_ckpt_path,
 )
-from experiments.configs import resolve_config_args
+from experiments.configs import CONFIG_DIR, resolve_config_args
 from experiments.loggers import (
     build_loggers,
     finish_wandb,
@@ -151,10 +151,9 @@ def check_config_values(config: Any) -> None:
     """Refuses, before any data is read or cache built, a value that cannot work: one `ConfigError` naming the key.
 
     The data module checks its own ranges; what only the whole config knows is checked here: the patch
-    size the data cuts must be the networks' input size.
+    size the data cuts must be the model's (``model.init_args.patch_size``; a RatSpnStage takes its
+    autoencoder's, checked by ``score_patches`` when the first patches arrive).
     """
-    from lightning_modules.networks import PATCH_SIZE
-
     model_args = (config.get("model") or {}).get("init_args") or {}
     for key in POSITIVE_MODEL_KEYS:
         value = model_args.get(key) if hasattr(model_args, "get") else None
@@ -162,8 +161,10 @@ def check_config_values(config: Any) -> None:
             raise ConfigError(f"model.init_args.{key} must be > 0, got {value!r}")
     data_args = (config.get("data") or {}).get("init_args") or {}
     patch_size = data_args.get("patch_size") if hasattr(data_args, "get") else None
-    if patch_size is not None and patch_size != PATCH_SIZE:
-        raise ConfigError(f"data.init_args.patch_size must be {PATCH_SIZE}, the networks' input size, got {patch_size!r}")
+    model_patch = model_args.get("patch_size") if hasattr(model_args, "get") else None
+    if patch_size is not None and model_patch is not None and patch_size != model_patch:
+        raise ConfigError(f"data.init_args.patch_size must be {model_patch}, the model's model.init_args.patch_size, "
+                          f"got {patch_size!r}")
 
 
 class MammoCLI(LightningCLI):
@@ -181,6 +182,16 @@ class MammoCLI(LightningCLI):
             if isinstance(cause, ValueError) and ".init_args." in str(cause):
                 raise ConfigError(str(cause)) from err
             raise
+        self._warn_untrained()
+
+    def _warn_untrained(self) -> None:
+        """Evaluating without ``--ckpt_path`` scores initial weights: said once, unless the model has no weights
+        to train (the intensity baseline)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if (self.subcommand in ("validate", "test", "predict") and config.get("ckpt_path") is None
+                and next(self.model.parameters(), None) is not None):
+            warnings.warn(f"lightning {self.subcommand} without --ckpt_path scores the model's initial weights "
+                          f"(metrics.json records checkpoint: null); pass --ckpt_path best|last|FILE", stacklevel=1)
 
     def _run_subcommand(self, subcommand: str) -> None:
         """As LightningCLI's; a test that fails on its data (e.g. no evaluable image) retires the earlier results
@@ -216,9 +227,6 @@ class MammoCLI(LightningCLI):
         self.save_config_kwargs = {**self.save_config_kwargs, "run_dir": self.run_dir, "config_filename": filename}
         if "ckpt_path" in config:
             config["ckpt_path"] = resolve_ckpt_path(config["ckpt_path"], self.run_dir, self.subcommand)
-            if config["ckpt_path"] is None and self.subcommand in ("validate", "test", "predict"):
-                warnings.warn(f"lightning {self.subcommand} without --ckpt_path scores the model's initial weights "
-                              f"(metrics.json records checkpoint: null); pass --ckpt_path best|last|FILE", stacklevel=1)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -302,7 +310,7 @@ def _configs_name_a_model(args: list[str]) -> bool:
 
 
 #: the data config merged first when none is given (model YAMLs hold no data block)
-DEFAULT_DATA_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "data" / "synthetic.yaml"
+DEFAULT_DATA_CONFIG = CONFIG_DIR / "data" / "synthetic.yaml"
 
 
 def _default_data_args(args: list[str]) -> list[str]:

@@ -1,21 +1,40 @@
 """Config files by name or by path, from the checkout or the installed package.
 
 ``lightning fit --config bvae_spn`` finds ``configs/bvae_spn.yaml`` (then ``configs/profiles/<name>.yaml``
-and ``configs/data/<name>.yaml``) wherever the project is installed: the YAMLs ship as package data
-beside ``experiments/``. A path that exists is used as it is. Class paths written for the unified
-``lightning`` package (``lightning.pytorch.callbacks.ModelCheckpoint``) are read as their
-``pytorch_lightning.*`` twins, which this project's Trainer uses (a callback of the other package's
-class would be refused by it).
+and ``configs/data/<name>.yaml``) wherever the project is installed: in a checkout they are the repo's
+``configs/``; a wheel ships the same folder as the package ``mammospn_configs`` (a project-specific
+name: a top-level ``configs`` package would clash with any other project's). A path that exists is used
+as it is. Class paths written for the unified ``lightning`` package
+(``lightning.pytorch.callbacks.ModelCheckpoint``) are read as their ``pytorch_lightning.*`` twins, which
+this project's Trainer uses (a callback of the other package's class would be refused by it).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import tempfile
 from pathlib import Path
 
-#: The packaged configs: ``<site-packages or checkout>/configs``.
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+#: The import name the wheel gives the repo's ``configs/`` (pyproject.toml, ``package-dir``).
+CONFIG_PACKAGE = "mammospn_configs"
+
+
+def _config_dir() -> Path:
+    """The repo's ``configs/`` when this file is in a checkout (editable install or not), else the wheel's
+    ``mammospn_configs/``."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file() and (root / "configs").is_dir():
+        return root / "configs"
+    spec = importlib.util.find_spec(CONFIG_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"{CONFIG_PACKAGE} (the packaged configs) is not installed beside "
+                                  f"{root / 'experiments'}; reinstall mammospn")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+#: The configs: ``<checkout>/configs`` or ``<site-packages>/mammospn_configs``.
+CONFIG_DIR = _config_dir()
 _SUBDIRS = ("", "profiles", "data")
 _UNIFIED, _STANDALONE = "lightning.pytorch.", "pytorch_lightning."
 

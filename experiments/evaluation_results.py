@@ -321,7 +321,7 @@ def write_map(path: str | Path, item: Mapping, amap: np.ndarray, seg: np.ndarray
     """Saves what Fig. 2 needs for one image: scan, masks, anomaly map (float16), segmentation."""
     return write_npz(
         path,
-        image=as_numpy(item["image"]).astype(np.float32),
+        image=as_numpy(item["scan"]).astype(np.float32),
         breast_mask=as_numpy(item["breast_mask"]).astype(bool),
         lesion_mask=as_numpy(item["lesion_mask"]).astype(bool),
         anomaly_map=amap.astype(np.float16),

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
 from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import CSVLogger, Logger
 
@@ -60,13 +61,20 @@ class _DropTips(logging.Filter):
 
 
 def quiet_irrelevant_messages() -> None:
-    """Silences what every command printed that says nothing about the run: Lightning's litlogger /
-    litmodels tips, and its own use of a torch pytree API that torch deprecates (not ours to change)."""
+    """Silences what every command printed that says nothing about the run and is not ours to fix:
+    Lightning's litlogger / litmodels tips; its own use of a torch pytree API that torch deprecates; and,
+    on machines with more than two cores, its hint that a loader with ``num_workers < 2`` may be a
+    bottleneck: this project's loaders read a memory-mapped patch cache, fastest in the main process,
+    so the data configs choose 0 on purpose (configs/data/*.yaml)."""
+    from pytorch_lightning.utilities.warnings import PossibleUserWarning
+
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
         target = logging.getLogger(name)
         if not any(isinstance(f, _DropTips) for f in target.filters):
             target.addFilter(_DropTips())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*is deprecated.*")
+    warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers which may be a bottleneck",
+                            category=PossibleUserWarning)
 
 
 def stage_name(subcommand: str | None, test_set: str | None = None, stage: str | None = None) -> str:
@@ -201,6 +209,33 @@ def wandb_logger(trainer: Any) -> Any | None:
     return next((lg for lg in getattr(trainer, "loggers", []) if isinstance(lg, WandbLogger)), None)
 
 
+def same_size(images: list[np.ndarray], fill: int = 0) -> list[np.ndarray]:
+    """``images`` (H x W x C uint8) padded at the bottom and right with ``fill`` to the largest height and width.
+
+    W&B shows a list of images as one strip and expects one size (it warns "Images sizes do not match"
+    and lays them out wrongly otherwise); padding keeps every image at its own scale, unlike resizing.
+    """
+    if not images:
+        return []
+    height = max(image.shape[0] for image in images)
+    width = max(image.shape[1] for image in images)
+    out = []
+    for image in images:
+        pad = [(0, height - image.shape[0]), (0, width - image.shape[1])] + [(0, 0)] * (image.ndim - 2)
+        out.append(np.pad(image, pad, constant_values=fill) if any(p[1] for p in pad) else image)
+    return out
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    """A PNG written by this project as an RGB uint8 array (OpenCV reads BGR)."""
+    import cv2
+
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise OSError(f"cannot read image {path}")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
 def log_predictions(trainer: Any, rows: list[dict[str, Any]], overlays: list[tuple[str, Path]]) -> bool:
     """`lightning predict` to W&B: a ``predict/predictions`` table (every predictions.csv column, plus the
     overlay as an image column for the first ``len(overlays)`` images) and the overlays as media.
@@ -212,15 +247,15 @@ def log_predictions(trainer: Any, rows: list[dict[str, Any]], overlays: list[tup
         return False
     import wandb
 
-    paths = dict(overlays)
+    # overlays of differently shaped scans differ in size: one canvas (white, the figures' background)
+    pixels = same_size([_read_rgb(path) for _, path in overlays], fill=255)
+    images = {image_id: wandb.Image(rgb, caption=image_id) for (image_id, _), rgb in zip(overlays, pixels)}
     columns = [*rows[0].keys(), "overlay_image"]
     table = wandb.Table(columns=columns)
     for row in rows:
-        path = paths.get(row["image_id"])
-        image = wandb.Image(str(path), caption=row["image_id"]) if path is not None else None
         table.add_data(*[row[c] if not isinstance(row[c], float) or row[c] == row[c] else None
-                         for c in rows[0]], image)
-    media = [wandb.Image(str(path), caption=image_id) for image_id, path in overlays]
+                         for c in rows[0]], images.get(row["image_id"]))
+    media = list(images.values())
     logger.experiment.log({"predict/predictions": table, "predict/overlays": media})
     return True
 

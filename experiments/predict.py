@@ -272,7 +272,7 @@ def write_prediction(
     """Writes every per-image output of the module docstring for one evaluation item and its patch scores."""
     options = options or PredictionOptions()
     output_dir = Path(output_dir)
-    image = metrics.as_numpy(item["image"]).astype(np.float32)
+    image = metrics.as_numpy(item["scan"]).astype(np.float32)
     image = image.reshape(image.shape[-2:])
     breast_value = item.get("breast_mask")
     breast = (metrics.as_numpy(breast_value).astype(bool).reshape(image.shape) if breast_value is not None

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.fileio import write_json
+from experiments.configs import CONFIG_DIR  # the checkout's configs/ or the packaged ones
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = PROJECT_ROOT / "configs"
 PROFILES = ("quick", "paper", "smoke", "real")
 #: data sources `--data` names (each a configs/data/<name>.yaml); a path to any data YAML works too
 DATA_CHOICES = ("synthetic", "cbis_ddsm", "ddsm", "mini_ddsm", "mias", "manifest")

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 
 from lightning_modules.calibration import MondrianConformal
+from lightning_modules.networks import PATCH_SIZE
 
 
 def class_tag(obj: object) -> str:
@@ -30,15 +32,25 @@ def bf16_supported(device: torch.device) -> bool:
     return False
 
 
+def batch_patches(batch: Mapping[str, Any]) -> Tensor:
+    """The ``patches`` (float32 N x 1 x P x P) of a batch: a training `datamodules.batches.PatchBatch` or an
+    evaluation `ScanItem`, read by key (models do not import `datamodules`); one-line `KeyError` otherwise."""
+    if not isinstance(batch, Mapping) or "patches" not in batch:
+        got = f"keys {sorted(batch)}" if isinstance(batch, Mapping) else type(batch).__name__
+        raise KeyError(f"batch has no 'patches' (a datamodules.batches.PatchBatch or ScanItem), got {got}")
+    return batch["patches"]
+
+
 class AnomalyDetector(pl.LightningModule):
     """Base of every model: `score_patches(x) -> Tensor[N]`, higher = more anomalous.
 
-    ``x`` is float32 N x 1 x 64 x 64 in [0, 1]. SPN-ready autoencoders also serve
+    ``x`` is float32 N x 1 x P x P in [0, 1], P = `patch_size` (the ``patch_size`` hyper-parameter, default
+    64), checked by `check_patches` in every ``score_patches``. SPN-ready autoencoders also serve
     ``encode(x) -> Tensor[N, 64]`` (continuous) or ``encode_codes(x) -> LongTensor[N, 64]`` (VQ-VAE).
 
-    Test and predict batches are evaluation items (one image per batch, see
-    `datamodules.EvaluationDataModule`): a dict whose ``patches`` (M x 1 x 64 x 64) are the patches
-    of the image's evaluation grid. The step scores them in chunks of ``score_batch_size`` and returns
+    Training batches are `datamodules.batches.PatchBatch` dicts; test and predict batches are
+    `datamodules.batches.ScanItem` dicts (one image per batch) whose ``patches`` (M x 1 x P x P) are the
+    patches of the image's evaluation grid; both are read through `batch_patches`. The step scores them in chunks of ``score_batch_size`` and returns
     ``{"scores": Tensor[M]}``; the evaluation callback in `experiments` turns them into maps and metrics.
     """
 
@@ -58,6 +70,19 @@ class AnomalyDetector(pl.LightningModule):
 
     def score_patches(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @property
+    def patch_size(self) -> int:
+        """The side of the patches this model takes: its ``patch_size`` hyper-parameter (checkpoints from before
+        it was one hold 64-px models)."""
+        return int(self.hparams.get("patch_size", PATCH_SIZE))
+
+    def check_patches(self, x: Tensor) -> None:
+        """Refuses, in one line, input that is not N x 1 x P x P with P = `patch_size`."""
+        p = self.patch_size
+        if x.dim() != 4 or x.shape[1] != 1 or x.shape[2] != p or x.shape[3] != p:
+            raise ValueError(f"{type(self).__name__} scores patches of N x 1 x {p} x {p} (its patch_size), got "
+                             f"{tuple(x.shape)}; set data.init_args.patch_size to the model's")
 
     @property
     def threshold(self) -> float | None:
@@ -137,7 +162,7 @@ class AnomalyDetector(pl.LightningModule):
 
         return self._eval_call(score_all, patches)
 
-    def score_item(self, batch: dict) -> Tensor:
+    def score_item(self, batch: Mapping[str, Any]) -> Tensor:
         """Scores of an evaluation item's grid patches: calibrated (-log p) when the calibrator is fitted.
 
         ``border_suppression_px`` (a model option, default 0) gives every patch whose centre lies closer
@@ -145,7 +170,7 @@ class AnomalyDetector(pl.LightningModule):
         kept as a comparison row (it hides lesions by the border too).
         """
         context = batch.get("context")
-        scores = self.score_grid(batch["patches"], context)
+        scores = self.score_grid(batch_patches(batch), context)
         if context is not None:
             context = context.reshape(-1, 2).to(scores.device)
             if self.calibrator.fitted:
@@ -160,7 +185,15 @@ class AnomalyDetector(pl.LightningModule):
         checkpoint["anomaly_model_class"] = class_tag(self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Sizes the calibrator like the saved one; a checkpoint from before calibration loads uncalibrated."""
+        """Sizes the calibrator like the saved one; a checkpoint from before calibration loads uncalibrated.
+
+        Test, validate and predict restore the weights only: the fit's callback states (checkpointing,
+        RNG) have no callback to go to there, so they are dropped from the loaded copy, which Lightning
+        would otherwise report on every evaluation ("callbacks used to create the checkpoint ...").
+        """
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING, TrainerFn.PREDICTING):
+            checkpoint.pop("callbacks", None)
         state = checkpoint.get("state_dict", {})
         for key, value in self.state_dict().items():  # also a nested model's (the RAT-SPN stage's autoencoder)
             if "calibrator." in key or key.rpartition(".")[2] == "calibration_alpha":

@@ -1,7 +1,7 @@
 """beta-VAE (paper eq. 1, beta = 0.1): loss and anomaly score = per-patch beta-ELBO loss.
 
 Scale: the reconstruction term is the pixel-mean squared error and the KL term (summed over the
-64 latents) is divided by the number of pixels, i.e. (SSE + beta * KL) / 4096 -- the Gaussian
+64 latents) is divided by the number of pixels, i.e. (SSE + beta * KL) / 4096 for 64 x 64 patches -- the Gaussian
 likelihood's balance between the two terms, at MSE scale. Training samples z by reparameterisation;
 scoring uses the posterior mean, so scores are deterministic."""
 
@@ -21,10 +21,11 @@ def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
 class BetaVAE(ReconstructionDetector):
     """Variational AE on the shared conv trunk; ``encode(x)`` returns the posterior mean (N x 64)."""
 
-    def __init__(self, lr: float = 1e-5, beta: float = 0.1, latent_dim: int = LATENT_DIM, lr_plateau_patience: int = 0):
+    def __init__(self, lr: float = 1e-5, beta: float = 0.1, latent_dim: int = LATENT_DIM, lr_plateau_patience: int = 0,
+                 patch_size: int = PATCH_SIZE):
         super().__init__()
         self.save_hyperparameters()
-        self.net = DenseAutoencoder(latent_dim=latent_dim, variational=True)
+        self.net = DenseAutoencoder(latent_dim=latent_dim, variational=True, patch_size=patch_size)
 
     def reconstruct(self, x: Tensor) -> Tensor:
         return self.net(x, sample=False)[0]
@@ -33,7 +34,7 @@ class BetaVAE(ReconstructionDetector):
         recon, mu, logvar = self.net(x, sample=self.training)
         mse = (recon.float() - x.float()).pow(2).mean(dim=(1, 2, 3))
         kl = gaussian_kl(mu.float(), logvar.float())
-        loss = mse + self.hparams.beta * kl / float(PATCH_SIZE * PATCH_SIZE)
+        loss = mse + self.hparams.beta * kl / float(self.patch_size * self.patch_size)
         return loss, {"mse": mse.mean().detach(), "kl": kl.mean().detach()}
 
     def encode(self, x: Tensor) -> Tensor:

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lightning_modules.networks import LATENT_DIM, DenseAutoencoder
+from lightning_modules.networks import LATENT_DIM, PATCH_SIZE, DenseAutoencoder
 from lightning_modules.reconstruction import ReconstructionDetector
 
 
 class CAE(ReconstructionDetector):
     """Convolutional AE with a 64-unit dense bottleneck; loss and score = MSE(x, D(E(x))) per patch."""
 
-    def __init__(self, lr: float = 1e-5, latent_dim: int = LATENT_DIM, lr_plateau_patience: int = 0):
+    def __init__(self, lr: float = 1e-5, latent_dim: int = LATENT_DIM, lr_plateau_patience: int = 0,
+                 patch_size: int = PATCH_SIZE):
         super().__init__()
         self.save_hyperparameters()
-        self.net = DenseAutoencoder(latent_dim=latent_dim, variational=False)
+        self.net = DenseAutoencoder(latent_dim=latent_dim, variational=False, patch_size=patch_size)
 
     def reconstruct(self, x: Tensor) -> Tensor:
         return self.net(x)[0]

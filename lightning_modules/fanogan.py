@@ -13,9 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_modules.base import AnomalyDetector
-from lightning_modules.networks import Critic, GanEncoder, Generator, gradient_penalty
-from lightning_modules.reconstruction import batch_images
+from lightning_modules.base import AnomalyDetector, batch_patches
+from lightning_modules.networks import PATCH_SIZE, Critic, GanEncoder, Generator, gradient_penalty
 
 STAGES = ("gan", "encoder")
 
@@ -39,6 +38,7 @@ class FAnoGAN(AnomalyDetector):
         n_critic: int = 5,
         gp_weight: float = 10.0,
         kappa: float = 1.0,
+        patch_size: int = PATCH_SIZE,
     ):
         super().__init__()
         if stage not in STAGES:
@@ -47,9 +47,9 @@ class FAnoGAN(AnomalyDetector):
             raise ValueError("model.init_args.generator_ckpt is required with stage 'encoder' (the stage-'gan' checkpoint)")
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.generator = Generator(latent_dim, width)
-        self.critic = Critic(width)
-        self.encoder = GanEncoder(latent_dim, width)
+        self.generator = Generator(latent_dim, width, patch_size)
+        self.critic = Critic(width, patch_size)
+        self.encoder = GanEncoder(latent_dim, width, patch_size)
         self._critic_steps = 0
         self._gan_loaded = False
         # each stage trains only its own networks; frozen ones never register with DDP's reducer
@@ -159,12 +159,12 @@ class FAnoGAN(AnomalyDetector):
         return loss.detach()
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x = batch_images(batch)
+        x = batch_patches(batch)
         return self._gan_step(x) if self.hparams.stage == "gan" else self._encoder_step(x)
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         """val/loss: the critic's Wasserstein estimate (stage gan, fixed z per batch) or the izi_f loss."""
-        x = batch_images(batch)
+        x = batch_patches(batch)
         if self.hparams.stage == "gan":
             gen = torch.Generator().manual_seed(batch_idx)
             fake = self.generator(self.sample_z(x.shape[0], gen))
@@ -177,6 +177,7 @@ class FAnoGAN(AnomalyDetector):
     # ----- scoring --------------------------------------------------------------------------
     def score_patches(self, x: Tensor) -> Tensor:
         """izi_f anomaly score per patch: MSE(x, G(E(x))) + kappa * MSE(f(x), f(G(E(x))))."""
+        self.check_patches(x)
         return self._eval_call(lambda t: self.izif_loss(t)[0].float(), x)
 
     def residual_map(self, x: Tensor) -> Tensor:

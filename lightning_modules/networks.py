@@ -10,20 +10,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+#: the default patch side (px): every network takes ``patch_size`` and every model keeps it as a
+#: hyper-parameter (`AnomalyDetector.patch_size`); this is the one place its default is written
 PATCH_SIZE = 64
 LATENT_DIM = 64
 ENCODER_WIDTHS = (32, 64, 128)
 
 
-def _check_patch(x: Tensor) -> None:
-    if x.dim() != 4 or x.shape[1] != 1 or x.shape[2] != PATCH_SIZE or x.shape[3] != PATCH_SIZE:
-        raise ValueError(f"expected patches of shape N x 1 x {PATCH_SIZE} x {PATCH_SIZE}, got {tuple(x.shape)}")
+def downsampled_size(patch_size: int, halvings: int, what: str) -> int:
+    """``patch_size / 2**halvings``; a `ValueError` naming ``model.init_args.patch_size`` unless it divides."""
+    if patch_size < 1 or patch_size % 2**halvings:
+        raise ValueError(f"model.init_args.patch_size must be a positive multiple of {2**halvings} for the {what} "
+                         f"({halvings} stride-2 layers), got {patch_size!r}")
+    return patch_size // 2**halvings
 
 
 class ConvEncoder(nn.Module):
-    """Conv 32-64-128, 5 x 5 kernels, stride 2, ReLU: 1 x 64 x 64 -> widths[-1] x 8 x 8 (the paper's trunk)."""
+    """Conv 32-64-128, 5 x 5 kernels, stride 2, ReLU: 1 x 64 x 64 -> widths[-1] x 8 x 8 (the paper's trunk);
+    ``patch_size`` P gives widths[-1] x P/8 x P/8."""
 
-    def __init__(self, widths: Sequence[int] = ENCODER_WIDTHS, kernel_size: int = 5, in_channels: int = 1):
+    def __init__(self, widths: Sequence[int] = ENCODER_WIDTHS, kernel_size: int = 5, in_channels: int = 1,
+                 patch_size: int = PATCH_SIZE):
         super().__init__()
         layers: list[nn.Module] = []
         channels = in_channels
@@ -32,7 +39,7 @@ class ConvEncoder(nn.Module):
             channels = width
         self.net = nn.Sequential(*layers)
         self.out_channels = channels
-        self.out_size = PATCH_SIZE // 2 ** len(widths)
+        self.out_size = downsampled_size(patch_size, len(widths), "conv encoder")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -68,9 +75,10 @@ class DenseAutoencoder(nn.Module):
         widths: Sequence[int] = ENCODER_WIDTHS,
         kernel_size: int = 5,
         variational: bool = False,
+        patch_size: int = PATCH_SIZE,
     ):
         super().__init__()
-        self.encoder = ConvEncoder(widths, kernel_size)
+        self.encoder = ConvEncoder(widths, kernel_size, patch_size=patch_size)
         self.decoder = ConvDecoder(widths, kernel_size)
         self.latent_dim = latent_dim
         self.variational = variational
@@ -273,13 +281,14 @@ class VQAutoencoder(nn.Module):
         commitment: float = 0.25,
         ema_decay: float = 0.0,
         standardize_latents: bool = False,
+        patch_size: int = PATCH_SIZE,
     ):
         super().__init__()
         c = widths[-1]
         n_enc = (num_residual_blocks + 1) // 2
         n_dec = num_residual_blocks - n_enc
         self.encoder = nn.Sequential(
-            ConvEncoder(widths),
+            ConvEncoder(widths, patch_size=patch_size),
             *[ResidualBlock(c) for _ in range(n_enc)],
             nn.ReLU(),
             nn.Conv2d(c, embedding_dim, 1),
@@ -312,13 +321,15 @@ class VQAutoencoder(nn.Module):
 
 
 class Generator(nn.Module):
-    """DCGAN generator z -> 1 x 64 x 64 in [0, 1]: linear to 4 x 4 x 8w, four transposed convs with BatchNorm."""
+    """DCGAN generator z -> 1 x 64 x 64 in [0, 1]: linear to 4 x 4 x 8w, four transposed convs with BatchNorm
+    (``patch_size`` P: P/16 x P/16 x 8w -> 1 x P x P)."""
 
-    def __init__(self, latent_dim: int = 128, width: int = 64):
+    def __init__(self, latent_dim: int = 128, width: int = 64, patch_size: int = PATCH_SIZE):
         super().__init__()
         self.latent_dim = latent_dim
         self.width = width
-        self.fc = nn.Linear(latent_dim, 8 * width * 4 * 4)
+        self.base = downsampled_size(patch_size, 4, "f-AnoGAN generator")
+        self.fc = nn.Linear(latent_dim, 8 * width * self.base * self.base)
         chans = [8 * width, 4 * width, 2 * width, width]
         layers: list[nn.Module] = [nn.BatchNorm2d(chans[0]), nn.ReLU(inplace=True)]
         for c_in, c_out in zip(chans[:-1], chans[1:]):
@@ -327,7 +338,7 @@ class Generator(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: Tensor) -> Tensor:
-        return torch.sigmoid(self.net(self.fc(z).view(z.shape[0], 8 * self.width, 4, 4)))
+        return torch.sigmoid(self.net(self.fc(z).view(z.shape[0], 8 * self.width, self.base, self.base)))
 
 
 class Critic(nn.Module):
@@ -335,14 +346,15 @@ class Critic(nn.Module):
 
     ``features(x)`` is the last conv layer flattened: the f in f-AnoGAN's izi_f loss and score."""
 
-    def __init__(self, width: int = 64):
+    def __init__(self, width: int = 64, patch_size: int = PATCH_SIZE):
         super().__init__()
+        base = downsampled_size(patch_size, 4, "f-AnoGAN critic")
         chans = [1, width, 2 * width, 4 * width, 8 * width]
         layers: list[nn.Module] = []
         for c_in, c_out in zip(chans[:-1], chans[1:]):
             layers += [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
         self.conv = nn.Sequential(*layers)
-        self.fc = nn.Linear(8 * width * 4 * 4, 1)
+        self.fc = nn.Linear(8 * width * base * base, 1)
 
     def features(self, x: Tensor) -> Tensor:
         return self.conv(x).flatten(1)
@@ -354,10 +366,11 @@ class Critic(nn.Module):
 class GanEncoder(nn.Module):
     """f-AnoGAN encoder x -> z: the critic's conv layout followed by a linear map to the generator's latent."""
 
-    def __init__(self, latent_dim: int = 128, width: int = 64):
+    def __init__(self, latent_dim: int = 128, width: int = 64, patch_size: int = PATCH_SIZE):
         super().__init__()
-        self.conv = Critic(width).conv
-        self.fc = nn.Linear(8 * width * 4 * 4, latent_dim)
+        critic = Critic(width, patch_size)
+        self.conv = critic.conv
+        self.fc = nn.Linear(critic.fc.in_features, latent_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.conv(x).flatten(1))

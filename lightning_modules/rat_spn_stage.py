@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from pytorch_lightning.utilities import move_data_to_device
 from torch import Tensor
 
-from lightning_modules.base import AnomalyDetector, class_tag
+from lightning_modules.base import AnomalyDetector, batch_patches, class_tag
 from spn import RatSpn, broadcast_module, is_distributed
 
 #: extra RAT-SPN variables of the conditional model (``context=True``): skin-line and chest-wall distance features
@@ -38,6 +39,18 @@ def _import_class(path: str) -> type:
         return getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError, ValueError) as err:
         raise ValueError(f"autoencoder class {path!r} cannot be imported: {err}") from err
+
+
+class EMStep(torch.optim.Optimizer):
+    """The optimizer of a gradient-free learner: ``step(closure)`` runs the closure (one EM update) and returns
+    its result. Lightning counts optimizer steps (global_step: checkpoints, max_steps, step logging), so each EM
+    update taken through it is counted, with no private loop counters touched. No parameters, no state."""
+
+    def __init__(self) -> None:
+        super().__init__([torch.zeros(1)], {})  # torch refuses an empty parameter list; this one is never used
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        return closure() if closure is not None else None
 
 
 class RatSpnStage(AnomalyDetector):
@@ -235,9 +248,23 @@ class RatSpnStage(AnomalyDetector):
         self._require()
 
     # A checkpoint given to fit/test/predict is restored after setup(), so the check waits until then.
-    on_fit_start = on_test_start = on_predict_start = on_validation_start = _check_built
+    on_test_start = on_predict_start = on_validation_start = _check_built
+
+    def on_fit_start(self) -> None:
+        """The start check; and the frozen autoencoder's modules, in eval mode by design (`train`), are exactly
+        those Lightning's "Found N module(s) in eval mode" warning would count, so that message (with that N,
+        so any other module left in eval mode is still reported) is ignored."""
+        self._check_built()
+        frozen = sum(1 for _ in self.autoencoder.modules())
+        warnings.filterwarnings("ignore", message=rf"Found {frozen} module\(s\) in eval mode at the start of training")
 
     # ------------------------------------------------------------------ latents
+    @property
+    def patch_size(self) -> int:
+        """Its autoencoder's patch side (64 until the autoencoder is built)."""
+        ae = self.autoencoder
+        return ae.patch_size if isinstance(ae, AnomalyDetector) else super().patch_size
+
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
         """Raw latents of the frozen autoencoder: float N x D, or LongTensor N x 64 codes (VQ-VAE)."""
@@ -258,7 +285,7 @@ class RatSpnStage(AnomalyDetector):
     @torch.no_grad()
     def cached_latents(self, batch: dict) -> Tensor:
         """Latents of a training/validation batch, encoded on first sight and then looked up by ``index``."""
-        x = batch["image"]
+        x = batch_patches(batch)
         index = batch.get("index") if isinstance(batch, dict) else None
         if index is None:
             return self.encode(x)
@@ -309,10 +336,10 @@ class RatSpnStage(AnomalyDetector):
         self.initialized.fill_(True)
 
     # ------------------------------------------------------------------ training
-    def configure_optimizers(self) -> None:
-        """EM needs no optimizer (manual optimisation): Lightning supplies a no-op one, whose ``step(closure)``
-        runs each EM update in `training_step`, so that Lightning counts the EM steps."""
-        return None
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """EM needs no gradient optimizer: one `EMStep`, whose ``step(closure)`` runs each EM update in
+        `training_step`, so that Lightning counts the EM steps (``None`` would read as a forgotten optimizer)."""
+        return [EMStep()]
 
     def on_train_start(self) -> None:
         spn = self._require()
@@ -338,7 +365,7 @@ class RatSpnStage(AnomalyDetector):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         z = self._batch_inputs(batch)
         spn, max_steps = self._require(), self.trainer.max_steps
-        em_step = self.optimizers()  # Lightning's no-op optimizer: configure_optimizers returns None
+        em_step = self.optimizers()  # the `EMStep` of configure_optimizers
         total, count = 0.0, 0
         for chunk in z.split(self.hparams.em_batch_size or z.shape[0]):
             if 0 <= max_steps <= self.trainer.global_step:
@@ -374,6 +401,7 @@ class RatSpnStage(AnomalyDetector):
         """-log p(z(x)) per patch, or -log p(z(x) | context) for the conditional RAT-SPN (exact; higher = more
         anomalous). ``context``: N x 2 px distances of the patch centres (`datamodules.grids.patch_context`)."""
         spn = self._require()
+        self.check_patches(x)
         latents = self.encode(x)  # the autoencoder under the caller's autocast (bf16 scoring), if any
         # the RAT-SPN's log-einsum-exp in fp32 always: its batched matmuls would round log-likelihoods in bf16
         with torch.autocast(latents.device.type, enabled=False):

@@ -1,5 +1,5 @@
 """`ReconstructionDetector`: the thin Lightning shell the three autoencoders (CAE, beta-VAE, VQ-VAE) share:
-train/val steps on ``batch["image"]``, Adam, scoring in eval mode, the checkpoint class tag."""
+train/val steps on ``batch["patches"]``, Adam, scoring in eval mode, the checkpoint class tag."""
 
 from __future__ import annotations
 
@@ -8,18 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_modules.base import AnomalyDetector
-
-
-def batch_images(batch: Any) -> Tensor:
-    """The patch tensor of a training batch: ``batch["image"]`` (the data contract) or a bare tensor."""
-    if isinstance(batch, dict):
-        if "image" not in batch:
-            raise KeyError(f"training batch has no 'image' key (keys: {sorted(batch)})")
-        return batch["image"]
-    if isinstance(batch, (list, tuple)):
-        return batch[0]
-    return batch
+from lightning_modules.base import AnomalyDetector, batch_patches
 
 
 class ReconstructionDetector(AnomalyDetector):
@@ -35,7 +24,7 @@ class ReconstructionDetector(AnomalyDetector):
         raise NotImplementedError
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x = batch_images(batch)
+        x = batch_patches(batch)
         per_sample, logs = self.per_sample_loss(x)
         loss = per_sample.mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
@@ -44,7 +33,7 @@ class ReconstructionDetector(AnomalyDetector):
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x = batch_images(batch)
+        x = batch_patches(batch)
         per_sample, _ = self.per_sample_loss(x)
         loss = per_sample.mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
@@ -70,6 +59,7 @@ class ReconstructionDetector(AnomalyDetector):
 
     def score_patches(self, x: Tensor) -> Tensor:
         """Per-patch anomaly score (the model's per-sample loss), eval mode, no gradient."""
+        self.check_patches(x)
         return self._eval_call(lambda t: self.per_sample_loss(t)[0].float(), x)
 
     def residual_map(self, x: Tensor) -> Tensor:
@@ -77,4 +67,4 @@ class ReconstructionDetector(AnomalyDetector):
         return self._eval_call(lambda t: (t.float() - self.reconstruct(t).float()).pow(2), x)
 
 
-__all__ = ["ReconstructionDetector", "batch_images"]
+__all__ = ["ReconstructionDetector"]

@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_modules.networks import LATENT_DIM, VQAutoencoder, perplexity
-from lightning_modules.reconstruction import ReconstructionDetector, batch_images
+from lightning_modules.base import batch_patches
+from lightning_modules.networks import LATENT_DIM, PATCH_SIZE, VQAutoencoder, perplexity
+from lightning_modules.reconstruction import ReconstructionDetector
 
 
 class VQVAE(ReconstructionDetector):
@@ -37,6 +38,7 @@ class VQVAE(ReconstructionDetector):
         standardize_latents: bool = True,
         seed: int = 0,
         lr_plateau_patience: int = 0,
+        patch_size: int = PATCH_SIZE,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -47,6 +49,7 @@ class VQVAE(ReconstructionDetector):
             commitment=commitment,
             ema_decay=codebook_ema_decay,
             standardize_latents=standardize_latents,
+            patch_size=patch_size,
         )
         self._last_z: Tensor | None = None
 
@@ -68,7 +71,7 @@ class VQVAE(ReconstructionDetector):
         return mse, {}
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x = batch_images(batch)
+        x = batch_patches(batch)
         mse, vq_loss, idx, z = self._losses(x)
         loss = (mse + vq_loss).mean()
         quantizer = self.net.quantizer
@@ -91,7 +94,7 @@ class VQVAE(ReconstructionDetector):
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x = batch_images(batch)
+        x = batch_patches(batch)
         mse, vq_loss, idx, _ = self._losses(x)
         loss = (mse + vq_loss).mean()
         n = x.shape[0]
@@ -108,7 +111,7 @@ class VQVAE(ReconstructionDetector):
         if bool(quantizer.initialized):
             return
         with torch.no_grad():
-            z = self.net.encode(batch_images(batch).to(self.device))
+            z = self.net.encode(batch_patches(batch).to(self.device))
         quantizer.init_from(z, torch.Generator().manual_seed(int(self.hparams.seed)))
         self._sync_codebook()
 

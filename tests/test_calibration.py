@@ -147,7 +147,7 @@ class ContextPatchSet(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i], "index": torch.tensor(self.offset + i), "center": torch.tensor([32, 32]),
+        return {"patches": self.images[i], "index": torch.tensor(self.offset + i), "centers": torch.tensor([32, 32]),
                 "context": torch.tensor([float(self.skin[i]), 500.0]), "patient_id": f"p{i % 7}",
                 "label": torch.tensor(0)}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 
 from experiments import anomaly_maps, evaluation_results
-from experiments.callbacks import EvaluationCallback, heatmap_panel
+from experiments.callbacks import PANEL_HEIGHT, EvaluationCallback, heatmap_panel, panel_at_height
 from lightning_modules.base import AnomalyDetector
 
 PATCH, STRIDE = 64, 16
@@ -33,10 +34,10 @@ class MeanIntensity(AnomalyDetector):
         return x.mean(dim=(1, 2, 3)) * self.scale
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return ((self.score_patches(batch["image"]) - 0.2) ** 2).mean()
+        return ((self.score_patches(batch["patches"]) - 0.2) ** 2).mean()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.log("val/loss", self.score_patches(batch["image"]).mean())
+        self.log("val/loss", self.score_patches(batch["patches"]).mean())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.0)
@@ -61,7 +62,7 @@ def make_item(index: int, lesion: bool = True, h: int = 128, w: int = 96) -> dic
     return {
         "image_id": f"img{index}",
         "patient_id": f"P{index}",
-        "image": torch.from_numpy(image),
+        "scan": torch.from_numpy(image),
         "breast_mask": torch.from_numpy(breast),
         "lesion_mask": torch.from_numpy(lesion_mask),
         "centers": torch.from_numpy(centers.astype(np.int64)),
@@ -154,6 +155,7 @@ def test_wandb_offline_logs_table_and_uint8_images(tmp_path, monkeypatch) -> Non
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))  # where W&B stages artifacts for sync
     logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="mammospn-test")
     logged: list[dict] = []
     real_log = logger.experiment.log
@@ -180,7 +182,6 @@ def test_wandb_offline_logs_table_and_uint8_images(tmp_path, monkeypatch) -> Non
     assert len(payload["test/heatmaps"]) == 2
     assert all(isinstance(img, wandb.Image) for img in payload["test/heatmaps"])
     assert all(" | MeanIntensity: AUC " in caption and " px (" in caption for caption, _ in callback._panels)
-    from experiments.callbacks import PANEL_HEIGHT, panel_at_height
 
     assert panel_at_height(callback._panels[0][1]).shape == (PANEL_HEIGHT, 3 * 192, 3)  # one height, same aspect
     assert isinstance(payload["test/score_distribution"], wandb.Image)
@@ -190,13 +191,46 @@ def test_wandb_offline_logs_table_and_uint8_images(tmp_path, monkeypatch) -> Non
     scalars = next(d for d in logged if "test/pixel_auc" in d)
     assert scalars["test/pixel_auc"] == pytest.approx(expected_pixel_auc(items), abs=1e-6)
     assert list(tmp_path.glob("wandb/offline-run-*"))
+    _assert_offline_table_has_image_files(tmp_path, n_images=2)
+
+
+def _assert_offline_table_has_image_files(tmp_path: Path, n_images: int) -> None:
+    """Reads back what an offline run keeps of ``test/per_image``, as `wandb sync` will upload it.
+
+    W&B writes a table twice: the run folder's ``files/media/table/*.table.json`` is a preview in which
+    every media cell is only its type name ("Image"), by W&B's design; the table itself goes into a
+    ``run_table`` artifact, staged under ``$WANDB_DATA_DIR/artifacts/staging`` until sync, where each
+    heatmap cell references ``media/images/<file>.png`` by SHA-256. Both are checked here.
+    """
+    import hashlib
+
+    [preview] = tmp_path.glob("wandb/offline-run-*/files/media/table/test/per_image_*.table.json")
+    assert [row[-1] for row in json.loads(preview.read_text())["data"]] == ["Image", "Image", None]
+    staged = {}
+    for path in (tmp_path / "wandb-data" / "artifacts" / "staging").iterdir():
+        staged[hashlib.sha256(path.read_bytes()).hexdigest()] = path
+    tables = []
+    for path in staged.values():
+        try:
+            content = json.loads(path.read_bytes())
+        except (UnicodeDecodeError, ValueError):
+            continue
+        if isinstance(content, dict) and content.get("_type") == "table" and "heatmap" in content.get("columns", []):
+            tables.append(content)
+    [table] = tables
+    cells = [row[table["columns"].index("heatmap")] for row in table["data"]]
+    assert [cell["_type"] if cell else None for cell in cells] == ["image-file"] * n_images + [None]
+    for cell in cells[:n_images]:
+        assert cell["path"].startswith("media/images/") and cell["path"].endswith(".png")
+        png = staged[cell["sha256"]].read_bytes()  # the image file itself is staged, byte for byte
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and cell["height"] == PANEL_HEIGHT
 
 
 def test_heatmap_panel_is_uint8_and_marks_masks() -> None:
     item = make_item(0)
     breast, lesion = item["breast_mask"].numpy(), item["lesion_mask"].numpy()
-    amap = np.where(breast, item["image"].numpy(), np.nan).astype(np.float32)
-    panel = heatmap_panel(item["image"].numpy(), breast, lesion, amap, lesion)
+    amap = np.where(breast, item["scan"].numpy(), np.nan).astype(np.float32)
+    panel = heatmap_panel(item["scan"].numpy(), breast, lesion, amap, lesion)
     assert panel.dtype == np.uint8 and panel.shape == (128, 288, 3)
     third = panel[:, 192:]
     r, c = np.argwhere(lesion)[0]
@@ -209,7 +243,7 @@ class LesionValidationData(pl.LightningDataModule):
     def __init__(self) -> None:
         super().__init__()
         healthy = make_item(5, lesion=False)["patches"][:8]
-        self.batches = [{"image": healthy, "label": torch.zeros(len(healthy), dtype=torch.long)}]
+        self.batches = [{"patches": healthy, "label": torch.zeros(len(healthy), dtype=torch.long)}]
         self.items = [make_item(i) for i in range(2)]
 
     def train_dataloader(self) -> DataLoader:

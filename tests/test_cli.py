@@ -37,12 +37,12 @@ class TinyDetector(AnomalyDetector):
         return ((self(x) - x) ** 2).mean()
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        loss = self._loss(batch["image"])
+        loss = self._loss(batch["patches"])
         self.log("train/loss", loss)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.log("val/loss", self._loss(batch["image"]))
+        self.log("val/loss", self._loss(batch["patches"]))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
@@ -61,9 +61,9 @@ class _Patches(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {
-            "image": self.images[i],
+            "patches": self.images[i],
             "index": torch.tensor(i),
-            "center": torch.tensor([32, 32]),
+            "centers": torch.tensor([32, 32]),
             "patient_id": f"p{i % 4}",
             "label": torch.tensor(0),
         }
@@ -83,7 +83,7 @@ def _evaluation_item(k: int, seed: int) -> dict:
     return {
         "image_id": f"img{k}",
         "patient_id": f"q{k}",
-        "image": torch.from_numpy(image),
+        "scan": torch.from_numpy(image),
         "breast_mask": torch.from_numpy(breast),
         "lesion_mask": torch.from_numpy(lesion),
         "centers": torch.from_numpy(centers),
@@ -349,3 +349,13 @@ def test_test_without_a_checkpoint_says_it_scores_initial_weights(workdir: Path)
     config = _write(workdir / "a.yaml", BASE)
     with pytest.warns(UserWarning, match="without --ckpt_path scores the model's initial weights"):
         cli.run_cli(["test", "--config", config, "--run.name", "w"])
+
+
+def test_data_patch_size_is_checked_against_the_models_own() -> None:
+    config = {"model": {"init_args": {"patch_size": 32}}, "data": {"init_args": {"patch_size": 32}}}
+    cli.check_config_values(config)  # a 32-px model on 32-px patches
+    config["data"]["init_args"]["patch_size"] = 64
+    with pytest.raises(cli.ConfigError, match=r"data.init_args.patch_size must be 32, the model's "
+                                             r"model.init_args.patch_size, got 64"):
+        cli.check_config_values(config)
+    cli.check_config_values({"model": {"init_args": {}}, "data": {"init_args": {"patch_size": 32}}})  # RatSpnStage

@@ -72,10 +72,10 @@ def test_healthy_module_batches_and_patient_split(tmp_path) -> None:
     val_patients = set(dm.cache.patch_patient_ids()[dm.val_dataset.indices])
     assert not train_patients & val_patients and len(val_patients) == 1
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"image", "index", "center", "context", "patient_id", "label"}
-    assert batch["image"].shape == (64, 1, 64, 64) and batch["image"].dtype == torch.float32
-    assert 0.0 <= float(batch["image"].min()) and float(batch["image"].max()) <= 1.0
-    assert batch["center"].max() < 120 and (batch["label"] == 0).all()
+    assert set(batch) == {"patches", "index", "centers", "context", "patient_id", "label"}
+    assert batch["patches"].shape == (64, 1, 64, 64) and batch["patches"].dtype == torch.float32
+    assert 0.0 <= float(batch["patches"].min()) and float(batch["patches"].max()) <= 1.0
+    assert batch["centers"].max() < 120 and (batch["label"] == 0).all()
     assert set(batch["patient_id"]) <= train_patients
     # contour patches straddle the skin line: a large share of near-black pixels; inside ones do not
     contour = dm.cache.on_contour
@@ -99,8 +99,8 @@ def test_evaluation_module_items_selection_and_cache(tmp_path) -> None:
     assert len(items) == 1  # m1 larger than 0.25 patch areas (1024 px), m2 has no geometry
     item = items[0]
     assert item["image_id"] == "m0" and item["patient_id"] == "q0"
-    h, w = item["image"].shape
-    assert (h, w) == (120, 80) and item["image"].dtype == torch.float32
+    h, w = item["scan"].shape
+    assert (h, w) == (120, 80) and item["scan"].dtype == torch.float32
     assert item["breast_mask"].dtype == torch.bool and item["lesion_mask"].shape == (h, w)
     # the lesion (radius 15 px at 0.1 mm) is a disc of radius ~7.5 px at 0.2 mm
     assert abs(int(item["lesion_mask"].sum()) - np.pi * 7.5**2) < 25
@@ -109,11 +109,11 @@ def test_evaluation_module_items_selection_and_cache(tmp_path) -> None:
     assert item["breast_mask"][centers[:, 0], centers[:, 1]].all()
     assert item["patches"].shape == (len(centers), 1, 64, 64)
     r, c = centers[3].tolist()
-    assert item["patches"][3, 0, 32, 32] == item["image"][r, c]
+    assert item["patches"][3, 0, 32, 32] == item["scan"][r, c]
     assert item["spacing_mm"] == pytest.approx(0.2) and item["stride"] == 16
     assert item["meta"]["density"] == 3 and item["meta"]["lesion_type"] == "mass"
     assert item["meta"]["has_pixel_annotation"] is True and item["meta"]["source_path"].endswith("m0.png")
-    assert dm.selection["test"]["excluded_by_reason"] == {"too_large": 1, "no_annotation": 1}
+    assert dm.selection("test")["excluded_by_reason"] == {"too_large": 1, "no_annotation": 1}
     report = next((tmp_path / "cache").glob("eval-test-mass-*/selection.json"))
     assert json.loads(report.read_text())["summary"]["selected"] == 1
     # second module: cache reused (no file read), identical items
@@ -125,7 +125,7 @@ def test_evaluation_module_items_selection_and_cache(tmp_path) -> None:
     write_mammogram(recs[0].path, seed=999, lesion=(120, 60, 15))
     third = EvaluationDataModule(recs, test_set="mass", cache_dir=tmp_path / "cache", progress=False,
                               max_lesion_area_patches=0.25)
-    assert not torch.equal(next(iter(third.test_dataloader()))["image"], item["image"])
+    assert not torch.equal(next(iter(third.test_dataloader()))["scan"], item["scan"])
     assert len(list((tmp_path / "cache").glob("eval-*"))) == 2
 
 
@@ -134,7 +134,7 @@ def test_evaluation_calc_set_is_empty_for_mass_images(tmp_path) -> None:
                               progress=False)
     with pytest.raises(DataError, match=r"no evaluable test images: 3 listed, 0 unreadable, 3 excluded .*selection.json"):
         dm.dataset("test")
-    assert dm.selection["test"]["excluded_by_reason"] == {"no_mask": 2, "no_annotation": 1}
+    assert dm.selection("test")["excluded_by_reason"] == {"no_mask": 2, "no_annotation": 1}
 
 
 def test_mammography_module_predict_on_files_and_errors(tmp_path) -> None:
@@ -153,12 +153,12 @@ def test_mammography_module_predict_on_files_and_errors(tmp_path) -> None:
                                  cache_dir=str(tmp_path / "cache"), progress=False)
     items = list(told.predict_dataloader())
     assert not items[0]["lesion_mask"].any() and items[0]["patches"].shape[1:] == (1, 64, 64)
-    assert items[0]["image"].shape == (240, 160)
+    assert items[0]["scan"].shape == (240, 160)
     assert items[0]["meta"]["spacing_source"] == "configured spacing_mm"
     finer = MammographyDataModule(source="manifest", root=str(tmp_path / "none.csv"),
                                   predict_path=str(tmp_path / "files"), predict_options={"spacing_mm": 0.1},
                                   cache_dir=str(tmp_path / "cache"), progress=False)
-    assert next(iter(finer.predict_dataloader()))["image"].shape == (120, 80)
+    assert next(iter(finer.predict_dataloader()))["scan"].shape == (120, 80)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty"):
         MammographyDataModule(predict_path=str(tmp_path / "empty")).predict_dataloader()
@@ -190,7 +190,7 @@ def test_manifest_source_end_to_end(tmp_path) -> None:
     assert len(listed.healthy) == 8 and len(listed.test) + len(listed.lesion_validation) == 3
     assert len(listed.lesion_validation) == 1
     dm.setup("fit")
-    assert next(iter(dm.train_dataloader()))["image"].shape == (32, 1, 64, 64)
+    assert next(iter(dm.train_dataloader()))["patches"].shape == (32, 1, 64, 64)
     assert len(dm.val_dataloader().dataset) == 240  # 1 of 4 patients (rounded up to one), 2 views
     assert len(list(dm.test_dataloader())) == 2
     assert len(list(dm.lesion_validation_dataloader())) == 1
@@ -225,13 +225,13 @@ def test_synthetic_source_tiny(tmp_path) -> None:
     dm.setup("fit")
     assert len(dm.healthy.cache) == 120 * len(listed.healthy)
     batch = next(iter(dm.train_dataloader()))
-    assert batch["image"].shape == (64, 1, 64, 64)
+    assert batch["patches"].shape == (64, 1, 64, 64)
     item = next(iter(dm.test_dataloader()))
     assert item["lesion_mask"].any() and (item["lesion_mask"] & item["breast_mask"]).sum() > 0
     assert item["meta"]["lesion_type"] == "mass"
     # the breast fills a plausible share of a synthetic view and the image uses the [0, 1] range
     assert 0.2 < float(item["breast_mask"].float().mean()) < 0.95
-    assert float(item["image"][item["breast_mask"]].mean()) > 0.2
+    assert float(item["scan"][item["breast_mask"]].mean()) > 0.2
     n_val = len(list(dm.lesion_validation_dataloader()))
     assert n_val == dm.selection_summary()["lesion_validation"]["selected"] > 0
     capped = MammographyDataModule(root=str(root), scale="tiny", cache_dir=str(cache),
@@ -270,7 +270,7 @@ def test_mask_of_other_size_is_named_and_skipped(tmp_path, caplog) -> None:
     with caplog.at_level("WARNING"):
         assert len(dm.dataset("test")) == 1
     assert "wrong_size_mask.png" in caplog.text and "1 of 2 test images skipped" in caplog.text
-    assert dm.selection["test"]["skipped_unreadable"] == 1
+    assert dm.selection("test")["skipped_unreadable"] == 1
 
 
 def test_preview_sheet_from_a_config(tmp_path) -> None:
@@ -314,7 +314,7 @@ def test_single_patient_warns_that_val_loss_is_missing(tmp_path) -> None:
 def test_healthy_images_exclude_women_with_a_lesion_image_of_either_test_set(tmp_path) -> None:
     """mias: woman 3 has a calcification image (mdb005) and a normal one (mdb006); a mass-configured
     training set must not take her normal image, since the calc evaluation scores her other breast."""
-    from datamodules.datamodules import list_source_records
+    from datamodules.sources import list_source_records
 
     info = "\n".join(["mdb001 G CIRC B 535 425 97", "mdb002 G NORM", "mdb003 D NORM", "mdb004 D NORM",
                       "mdb005 F CALC B 300 300 20", "mdb006 F NORM", "mdb007 G NORM", "mdb008 G NORM",

@@ -71,7 +71,7 @@ def _item(image_id: str, lesion_center: tuple[int, int] | None, has_annotation: 
     return {
         "image_id": image_id,
         "patient_id": f"P_{image_id}",
-        "image": np.where(lesion, 0.9, 0.3).astype(np.float32),
+        "scan": np.where(lesion, 0.9, 0.3).astype(np.float32),
         "breast_mask": breast,
         "lesion_mask": lesion,
         "centers": centers,
@@ -229,7 +229,7 @@ def _border_item(image_id: str, centre: tuple[int, int], density: object) -> dic
     lesion = np.hypot(rr - centre[0], cc - centre[1]) < 9
     return {
         "image_id": image_id, "patient_id": f"P_{image_id}",
-        "image": np.where(lesion, 0.9, 0.3).astype(np.float32),
+        "scan": np.where(lesion, 0.9, 0.3).astype(np.float32),
         "breast_mask": breast, "lesion_mask": lesion, "centers": _grid(breast, stride),
         "spacing_mm": 0.2, "stride": stride,
         "meta": {"density": density, "lesion_type": "mass", "has_pixel_annotation": True},

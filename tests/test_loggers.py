@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from experiments import cli, loggers
@@ -157,3 +158,36 @@ def test_progress_is_plain_lines_when_stdout_is_not_a_terminal(
     out = capsys.readouterr().out
     assert "train epoch 1/1: batch 3/3, train/loss" in out and "\r" not in out
     assert "val epoch 1/1: batch 1/1" in out
+
+
+def test_same_size_pads_to_the_largest_height_and_width_with_the_fill() -> None:
+    from experiments.loggers import same_size
+
+    small, wide = np.full((2, 3, 3), 7, np.uint8), np.full((1, 5, 3), 9, np.uint8)
+    out = same_size([small, wide], fill=255)
+    assert [o.shape for o in out] == [(2, 5, 3), (2, 5, 3)]
+    assert (out[0][:2, :3] == 7).all() and (out[0][:, 3:] == 255).all()
+    assert (out[1][:1] == 9).all() and (out[1][1:] == 255).all()
+    assert same_size([]) == [] and same_size([small])[0] is small
+
+
+def test_the_few_workers_hint_is_quiet_but_other_loader_warnings_are_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a machine with more cores Lightning hints at more workers for every loader; the configs choose
+    0 on purpose (memory-mapped cache), so `quiet_irrelevant_messages` drops exactly that hint."""
+    import warnings
+
+    import torch
+    from pytorch_lightning.trainer.connectors import data_connector
+    from torch.utils.data import DataLoader
+
+    monkeypatch.setattr(data_connector, "suggested_max_num_workers", lambda devices: 8)
+    trainer = type("T", (), {"num_devices": 1})()
+    loader = DataLoader(torch.zeros(4, 1))
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        data_connector._worker_check(trainer, loader, "train_dataloader")
+        assert ["does not have many workers" in str(w.message) for w in shown] == [True]  # what users saw
+        loggers.quiet_irrelevant_messages()
+        data_connector._worker_check(trainer, loader, "train_dataloader")
+        warnings.warn("The 'train_dataloader' is something else", UserWarning, stacklevel=1)
+    assert len(shown) == 2 and "something else" in str(shown[1].message)

@@ -169,11 +169,11 @@ def test_vqvae_first_batch_seeds_the_codebook(data) -> None:
     pl.seed_everything(0, verbose=False)
     model = VQVAE(num_embeddings=16)
     assert not bool(model.net.quantizer.initialized)
-    batch = {"image": data["train"][:32]}
+    batch = {"patches": data["train"][:32]}
     model.on_train_batch_start(batch, 0)
     assert bool(model.net.quantizer.initialized)
     with torch.no_grad():
-        z = model.net.encode(batch["image"]).permute(0, 2, 3, 1).reshape(-1, 64)
+        z = model.net.encode(batch["patches"]).permute(0, 2, 3, 1).reshape(-1, 64)
     nearest = torch.cdist(model.net.quantizer.embedding.weight.detach(), z).min(1).values
     assert float(nearest.max()) < 0.05 * float(z.norm(dim=1).mean())
 

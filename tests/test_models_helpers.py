@@ -51,9 +51,9 @@ class PatchDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {
-            "image": self.x[i],
+            "patches": self.x[i],
             "index": torch.tensor(i),
-            "center": torch.tensor([i, i]),
+            "centers": torch.tensor([i, i]),
             "patient_id": f"p{i % 7}",
             "label": torch.tensor(0),
         }

@@ -173,3 +173,32 @@ def test_gradient_penalty_of_real_critic_is_independent_of_the_batch() -> None:
     assert together.requires_grad  # the penalty is differentiable w.r.t. the critic (create_graph)
     together.sum().backward()
     assert critic.fc.weight.grad is not None and float(critic.fc.weight.grad.abs().sum()) > 0
+
+
+def test_networks_take_their_patch_size_and_refuse_one_they_cannot() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 32, 32)
+    dense = DenseAutoencoder(patch_size=32)
+    assert dense.encoder.out_size == 4 and dense(x)[0].shape == x.shape
+    assert VQAutoencoder(num_embeddings=8, num_residual_blocks=0, patch_size=32).encode_codes(x).shape == (2, 16)
+    assert Generator(latent_dim=8, width=4, patch_size=32)(torch.randn(2, 8)).shape == x.shape
+    assert Critic(width=4, patch_size=32)(x).shape == (2,)
+    assert GanEncoder(latent_dim=8, width=4, patch_size=32)(x).shape == (2, 8)
+    with pytest.raises(ValueError, match=r"model.init_args.patch_size must be a positive multiple of 8 .* got 60"):
+        ConvEncoder(patch_size=60)
+    with pytest.raises(ValueError, match=r"multiple of 16 for the f-AnoGAN critic .* got 40"):
+        Critic(patch_size=40)
+
+
+@pytest.mark.parametrize("name", ["CAE", "BetaVAE", "VQVAE", "FAnoGAN", "IntensityBaseline"])
+def test_score_patches_checks_the_models_own_patch_size(name: str) -> None:
+    import lightning_modules
+
+    small = {"FAnoGAN": {"width": 4, "latent_dim": 8}, "VQVAE": {"num_embeddings": 8}}.get(name, {})
+    model = getattr(lightning_modules, name)(patch_size=32, **small)
+    assert model.patch_size == 32 and model.hparams.patch_size == 32
+    assert model.score_patches(torch.rand(3, 1, 32, 32)).shape == (3,)
+    with pytest.raises(ValueError, match=rf"^{name} scores patches of N x 1 x 32 x 32 \(its patch_size\), got "
+                                         r"\(3, 1, 64, 64\); set data.init_args.patch_size"):
+        model.score_patches(torch.rand(3, 1, 64, 64))
+    assert getattr(lightning_modules, name)(**small).patch_size == 64  # the default, also of older checkpoints

@@ -87,13 +87,17 @@ def _build_wheel(out: Path) -> Path:
     return wheel
 
 
-def test_the_wheel_ships_every_config(tmp_path: Path) -> None:
+def test_the_wheel_ships_every_module_and_config_and_no_generic_configs_package(tmp_path: Path) -> None:
     import zipfile
 
     names = set(zipfile.ZipFile(_build_wheel(tmp_path)).namelist())
-    wanted = {f"configs/{p.relative_to(ROOT / 'configs')}" for p in (ROOT / "configs").rglob("*.yaml")}
+    wanted = {f"mammospn_configs/{p.relative_to(ROOT / 'configs')}" for p in (ROOT / "configs").rglob("*.yaml")}
     assert wanted and wanted <= names
-    assert "experiments/predict.py" in names and "experiments/dicom_out.py" in names
+    modules = {str(p.relative_to(ROOT)) for package in ("datamodules", "spn", "lightning_modules", "experiments")
+               for p in (ROOT / package).rglob("*.py")}
+    assert "experiments/predict.py" in modules and modules <= names  # pyproject lists the packages by name
+    assert {name.split("/")[0] for name in names} == {"datamodules", "spn", "lightning_modules", "experiments",
+                                                       "mammospn_configs", "mammospn-0.1.0.dist-info"}
 
 
 @pytest.mark.slow
@@ -116,8 +120,11 @@ def test_pip_install_in_a_fresh_venv_runs_table1_outside_the_checkout(tmp_path: 
     work = tmp_path / "elsewhere"
     work.mkdir()
     code = (
-        "import sys, experiments, configs; from experiments.tools import main;"
+        "import sys, importlib.util, experiments; from experiments.tools import main;"
+        "from experiments.configs import CONFIG_DIR;"
         f"assert not experiments.__file__.startswith({str(ROOT)!r}), experiments.__file__;"
+        f"assert CONFIG_DIR.name == 'mammospn_configs' and not str(CONFIG_DIR).startswith({str(ROOT)!r}), CONFIG_DIR;"
+        "assert importlib.util.find_spec('configs') is None, 'a generic top-level configs package is installed';"
         "sys.exit(main(['table1', '--profile', 'smoke', '--out', 'out']))"
     )
     env_vars = {"PATH": f"{bin_dir}:/usr/bin:/bin", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
@@ -126,3 +133,8 @@ def test_pip_install_in_a_fresh_venv_runs_table1_outside_the_checkout(tmp_path: 
                           timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert (work / "out" / "table1.csv").is_file() and (work / "out" / "table1.md").is_file()
+    # the `lightning` command (python -m: pip --target puts no scripts on PATH) finds configs by name outside too
+    shown = subprocess.run([str(env_python), "-m", "experiments.cli", "fit", "--config", "bvae_spn", "--config", "smoke",
+                            "--print_config"], cwd=work, capture_output=True, text=True, env=env_vars, timeout=300)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "lightning_modules.RatSpnStage" in shown.stdout

@@ -152,21 +152,21 @@ def test_dataset_batches_through_dataloader(tmp_path) -> None:
     batches = list(loader)
     assert [len(b["index"]) for b in batches] == [16, 16, 16, 12]
     b = batches[0]
-    assert b["image"].shape == (16, 1, 64, 64) and b["image"].dtype == torch.float32
-    assert b["index"].dtype == torch.int64 and b["center"].shape == (16, 2) and b["label"].dtype == torch.int64
-    assert float(b["image"].min()) >= 0.0 and float(b["image"].max()) <= 1.0
+    assert b["patches"].shape == (16, 1, 64, 64) and b["patches"].dtype == torch.float32
+    assert b["index"].dtype == torch.int64 and b["centers"].shape == (16, 2) and b["label"].dtype == torch.int64
+    assert float(b["patches"].min()) >= 0.0 and float(b["patches"].max()) <= 1.0
     seen = torch.cat([x["index"] for x in batches]).numpy()
     assert sorted(seen.tolist()) == subset.tolist()
     i = int(b["index"][0])
-    torch.testing.assert_close(b["image"][0, 0], torch.from_numpy(cache.memmap()[i].astype(np.float32) / 255))
+    torch.testing.assert_close(b["patches"][0, 0], torch.from_numpy(cache.memmap()[i].astype(np.float32) / 255))
     assert b["patient_id"][0] == cache.patients[cache.patient_index[i]]
     single = ds[0]
-    assert single["image"].shape == (1, 64, 64) and int(single["index"]) == 20
+    assert single["patches"].shape == (1, 64, 64) and int(single["index"]) == 20
     # picklable for worker processes: the memmap is reopened there
     import pickle
 
     clone = pickle.loads(pickle.dumps(ds))
-    assert clone._data is None and torch.equal(clone[5]["image"], ds[5]["image"])
+    assert clone._data is None and torch.equal(clone[5]["patches"], ds[5]["patches"])
 
 
 def test_cache_format_version_is_in_key(tmp_path, monkeypatch) -> None:

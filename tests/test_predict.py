@@ -52,7 +52,7 @@ def _item(h: int = 64, w: int = 80) -> dict:
     centers = np.array([(r, c) for r in range(0, h, 16) for c in range(0, w, 16) if breast[r, c]])
     return {
         "image_id": "P_1/LEFT CC",
-        "image": np.linspace(0, 1, h * w, dtype=np.float32).reshape(h, w),
+        "scan": np.linspace(0, 1, h * w, dtype=np.float32).reshape(h, w),
         "breast_mask": breast,
         "centers": centers,
         "stride": 16,
@@ -108,8 +108,8 @@ def test_overlay_is_grey_outside_the_breast_and_below_the_threshold(tmp_path: Pa
     breast = item["breast_mask"]
     amap = anomaly_maps.anomaly_map(_peaked_scores(item), item["centers"], breast, 16)
     threshold = anomaly_maps.image_percentile_threshold(amap, breast, 99.0)
-    rgb = predict.overlay_rgb(item["image"], amap, breast, threshold)
-    grey = (item["image"] * 255 + 0.5).astype(np.uint8)
+    rgb = predict.overlay_rgb(item["scan"], amap, breast, threshold)
+    grey = (item["scan"] * 255 + 0.5).astype(np.uint8)
     hot = anomaly_maps.segment(amap, breast, threshold)
     outline = np.all(rgb == predict.OUTLINE_RGB, axis=2)
     # outside the breast: the scan itself at full contrast, untouched

@@ -36,7 +36,7 @@ class TinyAE(AnomalyDetector):
         return self.encode(x).pow(2).sum(1)
 
     def training_step(self, batch, batch_idx):
-        return self.encode(batch["image"]).pow(2).mean()
+        return self.encode(batch["patches"]).pow(2).mean()
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)
@@ -90,9 +90,9 @@ class PatchSet(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {
-            "image": self.images[i],
+            "patches": self.images[i],
             "index": torch.tensor(self.offset + i),
-            "center": torch.tensor([32, 32]),
+            "centers": torch.tensor([32, 32]),
             "patient_id": f"p{i % 7}",
             "label": torch.tensor(0),
         }
@@ -139,7 +139,8 @@ def test_gaussian_stage_fits_by_em_caches_latents_and_scores_anomalies_higher(tm
     stage = RatSpnStage(str(ae_path), num_repetitions=4, num_input_distributions=5, step_size=0.05, init_batches=4, seed=3)
     assert stage.spn is None and stage.autoencoder is None  # nothing read from disk before setup()
     stage.setup("fit")
-    assert stage.leaf == "gaussian" and stage.configure_optimizers() is None
+    [em_step] = stage.configure_optimizers()
+    assert stage.leaf == "gaussian" and em_step.step(lambda: 7) == 7 and not em_step.state
     assert not any(p.requires_grad for p in stage.autoencoder.parameters())
     train, val = _loaders()
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/loss", save_last=True)

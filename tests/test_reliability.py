@@ -476,20 +476,20 @@ def test_damaged_patch_cache_is_named_and_rebuilt(tmp_path: Path, name: str, how
     np.testing.assert_array_equal(np.array(again.healthy.cache.memmap()), expected)  # rebuilt, same patches
     assert again.healthy.cache.path == original.path
     batch = next(iter(again.train_dataloader()))
-    assert batch["image"].shape[1:] == (1, 64, 64)
+    assert batch["patches"].shape[1:] == (1, 64, 64)
 
 
 @pytest.mark.parametrize("how", ["truncate", "garbage"])
 def test_damaged_evaluation_cache_is_named_and_rebuilt(tmp_path: Path, how: str) -> None:
     manifest = _lesion_corpus(tmp_path / "data")
     first = _module(manifest, tmp_path / "cache", lesion_validation_fraction=0.0)
-    files = list(first._listed_evaluation().dataset("test").items)
-    expected = first._listed_evaluation().dataset("test")[0]["image"]
+    files = list(first.evaluation.dataset("test").items)
+    expected = first.evaluation.dataset("test")[0]["scan"]
     _damage(files[0], how)
     again = _module(manifest, tmp_path / "cache", lesion_validation_fraction=0.0)
     with pytest.warns(UserWarning, match=rf"evaluation cache damaged, rebuilding it: {files[0]}: checksum differs"):
-        dataset = again._listed_evaluation().dataset("test")
-    assert len(dataset) == 2 and torch.equal(dataset[0]["image"], expected)
+        dataset = again.evaluation.dataset("test")
+    assert len(dataset) == 2 and torch.equal(dataset[0]["scan"], expected)
     assert again.selection_summary()["test"]["skipped_unreadable"] == 2  # the skips survive the rebuild
 
 

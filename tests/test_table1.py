@@ -118,7 +118,7 @@ def test_reads_the_evaluation_callbacks_files(tmp_path: Path) -> None:
         centers = np.array([(r, c) for r in range(0, h, 16) for c in range(0, w, 16)])
         scores = rng.random(len(centers)) + np.array([1.0 if 20 <= r < 40 and 20 <= c < 40 else 0.0
                                                       for r, c in centers]) * k
-        item = {"image_id": f"i{k}", "patient_id": "p", "image": np.zeros((h, w), np.float32),
+        item = {"image_id": f"i{k}", "patient_id": "p", "scan": np.zeros((h, w), np.float32),
                 "breast_mask": breast, "lesion_mask": lesion, "centers": centers, "spacing_mm": 0.2,
                 "stride": 16, "meta": {}}
         acc.add(item, scores)
