@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for variant in VARIANTS:
         base = _base_args(args, variant.config, variant.fit) + (ae if variant.needs_autoencoder else [])
-        ckpt = table1_stages.checkpoint_path(runs, variant.fit, "best.ckpt" if variant.fit in ("cae",) else "last.ckpt")
+        ckpt = table1_stages.checkpoint_path(runs, variant.fit)  # best.ckpt (else last.ckpt), as Table 1 tests
         if variant.calibration is not None:
             calibrated = ckpt.with_name(f"calibrated-{_slug(variant.name)}.ckpt")
             if not calibrated.is_file():

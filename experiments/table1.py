@@ -62,7 +62,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold-rule", choices=TABLE_THRESHOLD_RULES, default="image_percentile",
                         help="segmentation (H) and FROC operating point: each image's 99th percentile (paper), or "
                              "for the RAT-SPN rows the calibrated threshold their checkpoints carry")
-    parser.add_argument("--scoring", choices=SCORINGS, default="raw",
+    parser.add_argument("--scoring", choices=SCORINGS, default="mondrian",
                         help="the RAT-SPN rows' scores: raw -log p(z) (paper), or conformal -log p-values calibrated "
                              "by border stratum on healthy validation images (mondrian), over a conditional RAT-SPN "
                              "-log p(z | position) (context+mondrian); README 'Border-aware scoring'")

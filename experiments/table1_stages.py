@@ -142,7 +142,7 @@ SCORING_NOTES = {
 
 def build_stages(
     profile: str, data: str = "synthetic", data_root: str | None = None, seed: int = 0,
-    healthy_root: str | None = None, threshold_rule: str = "image_percentile", scoring: str = "raw",
+    healthy_root: str | None = None, threshold_rule: str = "image_percentile", scoring: str = "mondrian",
 ) -> list[Stage]:
     """The reproduction's stages in run order (8 fits, then 16 tests: 8 models x mass/calc).
 

@@ -134,7 +134,7 @@ def test_reads_the_evaluation_callbacks_files(tmp_path: Path) -> None:
 
 def test_stage_plan_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     stages = table1_stages.build_stages("quick", "synthetic", str(tmp_path / "data"), seed=3)
-    assert len(stages) == 8 + 16
+    assert len(stages) == 8 + 3 + 16  # fits, the RAT-SPN calibrations (default scoring: mondrian), tests
     assert [s.name for s in stages[:8]] == ["cae", "bvae", "vqvae", "cae_spn", "bvae_spn", "vqvae_spn",
                                             "fanogan_gan", "fanogan"]
     tests = [s for s in stages if s.kind == "test"]
@@ -150,10 +150,10 @@ def test_stage_plan_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert args[args.index("--data.init_args.seed") + 1] == "3"
     assert tools.main(["table1", "--profile", "smoke", "--dry-run", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 24 and out[0].startswith("[ 1/24] lightning fit --config")
+    assert len(out) == 27 and out[0].startswith("[ 1/27] lightning fit --config")
     assert tools.main(["table1", "--data", "cbis_ddsm", "--data-root", "/d/cbis", "--healthy-root", "/d/ddsm", "--dry-run"]) == 0
     cbis = capsys.readouterr().out.splitlines()
-    assert len(cbis) == 24 and all("configs/data/cbis_ddsm.yaml" in line and "/d/ddsm" in line for line in cbis)
+    assert len(cbis) == 27 and all("configs/data/cbis_ddsm.yaml" in line and "/d/ddsm" in line for line in cbis)
 
 
 def test_intensity_baseline_scores_mean_patch_intensity() -> None:
@@ -185,7 +185,7 @@ def test_run_stages_reuses_finished_stages_and_resumes(tmp_path: Path, monkeypat
             (eval_dir / "metrics.json").write_text("{}")
 
     monkeypatch.setattr(cli, "run_cli", fake_main)
-    stages = table1_stages.build_stages("smoke")
+    stages = table1_stages.build_stages("smoke", scoring="raw")
     lines: list[str] = []
     with pytest.raises(RuntimeError, match="vqvae"):
         table1_stages.run_stages(stages, tmp_path, "g", log=lines.append)
@@ -231,7 +231,7 @@ def test_smoke_profile_runs_the_whole_table(tmp_path: Path, monkeypatch: pytest.
     assert "## Training" in md and (out / "val_loss.png").is_file()
     assert (out / "fig2_mass.png").is_file() and (out / "fig3_cae.png").is_file()
     timings = json.loads((out / "timings.json").read_text())
-    assert len(timings["stages"]) == 24
+    assert len(timings["stages"]) == 27  # 8 fits, 3 calibrations, 16 tests
 
 
 @pytest.mark.parametrize("profile", ["quick", "paper"])
@@ -336,7 +336,7 @@ def test_seeds_run_per_seed_folders_and_a_mean_table(tmp_path: Path, monkeypatch
     monkeypatch.setattr(cli, "run_cli", fake_main)
     out = tmp_path / "out"
     code = tools.main(["table1", "--profile", "smoke", "--out", str(out), "--seeds", "0", "1", "2",
-                       "--seed-models", "pairs"])
+                       "--seed-models", "pairs", "--scoring", "raw"])
     assert code == 0
     assert len(calls) == 24 + 2 * (6 + 12)  # seeds 1 and 2: the 6 AE / RAT-SPN fits and their 12 tests
     assert all((out / f"seed-{s}" / "table1.md").is_file() for s in (0, 1, 2))
@@ -440,6 +440,7 @@ def test_a_refused_value_in_a_stage_ends_in_one_line(tmp_path: Path, monkeypatch
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "stage cae failed: threshold rule 'calibrated'" in err[0] and "finished stages" in err[0]
     # a refused flag combination ends in one line before any stage runs
-    assert tools.main(["table1", "--profile", "smoke", "--out", str(tmp_path), "--threshold-rule", "calibrated"]) == 2
+    assert tools.main(["table1", "--profile", "smoke", "--out", str(tmp_path), "--threshold-rule", "calibrated",
+                       "--scoring", "raw"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs calibrated RAT-SPN rows" in err[0]
