@@ -130,6 +130,8 @@ TABLE_THRESHOLD_RULES = ("image_percentile", "calibrated")
 #: healthy validation images; its tests load ``calibrated.ckpt``); the same over a conditional RAT-SPN
 #: (-log p(z | position), fitted with ``context: true``). README "Border-aware scoring" says which and why.
 SCORINGS = ("raw", "mondrian", "context+mondrian")
+#: fits whose model has a ``seed`` hyper-parameter of its own (the VQ-VAE's code restarts, the RAT-SPN's init)
+SEEDED_FITS = ("vqvae", "cae_spn", "bvae_spn", "vqvae_spn")
 CALIBRATED_CKPT = "calibrated.ckpt"
 SCORING_NOTES = {
     "raw": "-log p(z) of the autoencoder's latents (paper).",
@@ -162,12 +164,19 @@ def build_stages(
         raise ValueError("--threshold-rule calibrated needs calibrated RAT-SPN rows: --scoring mondrian or "
                          "context+mondrian")
     spn_extra = ["--model.init_args.context", "true"] if scoring.startswith("context") else []
+    # models with a seed of their own take the stage's seed too: Lightning refuses a model and a data module
+    # whose logged ``seed`` hyper-parameters differ, and --seed N must move every random choice
+    seeded = ["--model.init_args.seed", str(seed)]
+
+    def extra(spec: FitSpec) -> list[str]:
+        return list(spec.extra) + (spn_extra if spec.model.endswith("-RATSPN") else []) + (
+            seeded if spec.name in SEEDED_FITS else [])
     profile_yaml = str(CONFIG_DIR / "profiles" / f"{profile}.yaml")
     data_first, data_last, data_overrides = data_args(data, data_root, seed, healthy_root)
     estimates = ESTIMATES[profile]
     stages: list[Stage] = []
     for spec in FITS:
-        overrides = list(spec.extra) + (spn_extra if spec.model.endswith("-RATSPN") else []) + list(data_overrides)
+        overrides = extra(spec) + list(data_overrides)
         stages.append(
             Stage(
                 name=spec.name,
@@ -187,7 +196,7 @@ def build_stages(
                 stages.append(Stage(
                     name=f"{spec.name}_calibrate", kind="validate", model=spec.model,
                     configs=next(s.configs for s in stages if s.name == spec.name),
-                    overrides=list(spec.extra) + spn_extra + list(data_overrides), estimate_s=estimates["test"],
+                    overrides=extra(spec) + list(data_overrides), estimate_s=estimates["test"],
                     checkpoint_from=spec.name))
     tested = {spec.model: spec for spec in FITS if spec.name != "fanogan_gan"}
     for test_set, _ in TEST_SETS:
@@ -201,7 +210,7 @@ def build_stages(
                 spec = tested[model]
                 configs = [*data_first, str(CONFIG_DIR / spec.config), profile_yaml, *data_last,
                            *profile_overlays(profile, spec.name)]
-                test_overrides = list(spec.extra) + (spn_extra if model.endswith("-RATSPN") else []) + test_overrides
+                test_overrides = extra(spec) + test_overrides
                 source = spec.name
             rule = threshold_rule if model.endswith("-RATSPN") else "image_percentile"
             suffix = "" if rule == "image_percentile" else f"-{rule}"

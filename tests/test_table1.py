@@ -148,6 +148,9 @@ def test_stage_plan_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture[st
     args = table1_stages.stage_args(intensity, tmp_path / "runs", tmp_path / "eval", "g")
     assert "lightning_modules.IntensityBaseline" in args and "--ckpt_path" not in args
     assert args[args.index("--data.init_args.seed") + 1] == "3"
+    # models with a seed of their own get the stage's seed (Lightning refuses differing logged seeds)
+    assert spn_args[spn_args.index("--model.init_args.seed") + 1] == "3"
+    assert "--model.init_args.seed" not in table1_stages.stage_args(stages[0], tmp_path / "runs", tmp_path / "eval", "g")
     assert tools.main(["table1", "--profile", "smoke", "--dry-run", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 27 and out[0].startswith("[ 1/27] lightning fit --config")
