@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.fileio import atomic_write, read_json, write_json
-from experiments import table1_stages
+from experiments import calibration, table1_stages
 
 #: rank within each stratum: the callback's default strata (16 / 32 / 64 px, at least 50 patches each)
 MONDRIAN = ["--trainer.callbacks.bins_px", "[16,32,64]", "--trainer.callbacks.min_count", "50"]
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
                   "--run.root", str(runs), "--run.results_dir", str(eval_dir)], log)
         summary = read_json(metrics)
         row = {"variant": variant.name, **{key: summary.get(key) for key, _ in COLUMNS}}
-        report = ckpt.with_name(f"{ckpt.stem}.calibration.json")
+        report = calibration.report_path(ckpt)
         if variant.calibration is not None and report.is_file():
             cal = read_json(report)
             rates = dict(zip(cal["alphas"], cal["pixel_rate"]))

@@ -35,6 +35,13 @@ log = logging.getLogger(__name__)
 CHECK_ALPHAS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 
 
+def report_path(checkpoint: Path, suffix: str = ".json") -> Path:
+    """Where the calibration check of a calibrated checkpoint lives: ``<stem>.calibration.json`` (or ``.png``)
+    beside it; the one naming rule for the callback that writes it and the tables that read it."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(f"{checkpoint.stem}.calibration{suffix}")
+
+
 def observed_rates(p_values: np.ndarray, alphas: tuple[float, ...] = CHECK_ALPHAS) -> list[float]:
     """Share of ``p_values`` (any shape, NaN ignored) below each alpha: the calibration curve."""
     p = np.asarray(p_values, dtype=np.float64).reshape(-1)
@@ -118,10 +125,10 @@ class ConformalCalibration(pl.Callback):
         out = self._output(trainer)
         out.parent.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(out)
-        evaluation_results.write_metrics_json(out.with_name(f"{out.stem}.calibration.json"), report)
+        evaluation_results.write_metrics_json(report_path(out), report)
         from experiments.figures import calibration_figure
 
-        calibration_figure(report, out.with_name(f"{out.stem}.calibration.png"))
+        calibration_figure(report, report_path(out, ".png"))
         at = dict(zip(CHECK_ALPHAS, report["pixel_rate"]))
         log.warning("calibrated checkpoint: %s (%d fit patches from %d images; held-out healthy pixels with "
                     "p < 0.05: %.3f, p < 0.01: %.3f)", out, fit_info["n"], n_fit_images, at[0.05], at[0.01])
@@ -150,4 +157,4 @@ def _check_report(checked: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any
             "check_patches": int(patches.size), "check_pixels": int(pixels.size)}
 
 
-__all__ = ["CHECK_ALPHAS", "ConformalCalibration", "observed_rates"]
+__all__ = ["CHECK_ALPHAS", "ConformalCalibration", "observed_rates", "report_path"]

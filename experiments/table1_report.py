@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.fileio import atomic_write
+from experiments import calibration
 from experiments.table1_stages import CALIBRATED_CKPT, MODEL_ORDER, TEST_SETS, Stage, model_slug
 
 #: AE -> its RAT-SPN extension, compared by a paired Wilcoxon signed-rank test on per-image AUCs
@@ -258,7 +259,7 @@ def calibration_notes(stages: Sequence[Stage], runs_dir: Path) -> list[str]:
     """One line per calibration stage: its images and the held-out healthy pixels' p < 0.05 share (ideal 0.05)."""
     lines = []
     for stage in stages:
-        report = runs_dir / str(stage.checkpoint_from) / "checkpoints" / CALIBRATED_CKPT.replace(".ckpt", ".calibration.json")
+        report = calibration.report_path(runs_dir / str(stage.checkpoint_from) / "checkpoints" / CALIBRATED_CKPT)
         if stage.kind != "validate" or not report.is_file():
             continue
         cal = json.loads(report.read_text())
