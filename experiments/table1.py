@@ -32,6 +32,7 @@ from experiments.table1_report import (
 from experiments.table1_stages import (
     DATA_CHOICES,
     FITS,
+    MODEL_ORDER,
     PROFILES,
     SCORING_NOTES,
     SCORINGS,
@@ -40,6 +41,7 @@ from experiments.table1_stages import (
     build_stages,
     data_config,
     run_stages,
+    select_models,
     stage_args,
 )
 
@@ -72,6 +74,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed-models", choices=("all", "pairs"), default="all",
                         help="with --seeds: rerun every model per seed (all), or only the AE / AE-RATSPN pairs "
                              "beyond the first seed (pairs: f-AnoGAN and Intensity from the first seed)")
+    parser.add_argument("--models", nargs="+", default=None, metavar="ROW",
+                        help="only these Table 1 rows (e.g. CAE CAE-RATSPN Intensity) and the stages they need; "
+                             f"rows: {', '.join(MODEL_ORDER)}")
     parser.add_argument("--force", action="store_true", help="rerun stages even when their outputs exist")
     parser.add_argument("--dry-run", action="store_true", help="print the stages' lightning commands and stop")
     parser.add_argument("--report-only", action="store_true",
@@ -143,6 +148,8 @@ def _run_seed(args: argparse.Namespace, seed: int, out_dir: Path, pairs_only: bo
                           args.scoring)
     if pairs_only:
         stages = pair_stages(stages)
+    if args.models:
+        stages = select_models(stages, args.models)
     group = f"table1-{args.profile}-{data_name}-s{seed}"
     runs_dir, eval_dir = out_dir / "runs", out_dir / "eval"
     if args.dry_run:
@@ -203,8 +210,10 @@ def run(args: argparse.Namespace) -> int:
         if args.profile not in PROFILES:
             raise ValueError(f"--profile must be one of {PROFILES}, got {args.profile!r}")
         # the flags together (e.g. --threshold-rule calibrated needs a calibrated --scoring) before any stage runs
-        build_stages(args.profile, args.data, args.data_root, args.seed, args.healthy_root, args.threshold_rule,
-                     args.scoring)
+        stages = build_stages(args.profile, args.data, args.data_root, args.seed, args.healthy_root,
+                              args.threshold_rule, args.scoring)
+        if args.models:
+            select_models(stages, args.models)
     except (ValueError, FileNotFoundError) as err:
         print(f"mammospn table1: {err}", file=sys.stderr)
         return 2

@@ -232,6 +232,29 @@ def build_stages(
     return stages
 
 
+def select_models(stages: Sequence[Stage], models: Sequence[str]) -> list[Stage]:
+    """The stages that Table 1 rows ``models`` need: their tests, and every fit or calibration they load.
+
+    Order is kept. An unknown row name raises ``ValueError`` naming it and the known rows.
+    """
+    unknown = [m for m in models if m not in MODEL_ORDER]
+    if unknown:
+        raise ValueError(f"--models: unknown row {', '.join(map(repr, unknown))}; rows are {', '.join(MODEL_ORDER)}")
+    by_name = {s.name: s for s in stages}
+    keep: set[str] = set()
+    todo = [s for s in stages if s.kind == "test" and s.model in models]
+    while todo:
+        stage = todo.pop()
+        if stage.name in keep:
+            continue
+        keep.add(stage.name)
+        if stage.checkpoint_from in by_name:
+            todo.append(by_name[stage.checkpoint_from])
+        if stage.kind == "test" and stage.checkpoint_file == CALIBRATED_CKPT:
+            todo.append(by_name[f"{stage.checkpoint_from}_calibrate"])
+    return [s for s in stages if s.name in keep]
+
+
 def model_slug(model: str) -> str:
     """A model's display name as a file / stage name part (``CAE-RATSPN`` -> ``cae_ratspn``)."""
     return model.lower().replace("-", "_")

@@ -447,3 +447,25 @@ def test_a_refused_value_in_a_stage_ends_in_one_line(tmp_path: Path, monkeypatch
                        "--scoring", "raw"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs calibrated RAT-SPN rows" in err[0]
+
+
+def test_models_keeps_the_rows_asked_for_and_the_stages_they_load() -> None:
+    stages = table1_stages.build_stages("smoke", scoring="mondrian")
+    kept = table1_stages.select_models(stages, ["CAE-RATSPN", "Intensity"])
+    names = [s.name for s in kept]
+    # the RAT-SPN row loads the calibrated checkpoint, which loads the RAT-SPN fit, which loads the CAE
+    assert names[:3] == ["cae", "cae_spn", "cae_spn_calibrate"]
+    assert {s.model for s in kept if s.kind == "test"} == {"CAE-RATSPN", "Intensity"}
+    assert len(kept) == 3 + 2 * len(table1_stages.TEST_SETS)
+    assert names == [s.name for s in stages if s.name in set(names)]  # run order kept
+    with pytest.raises(ValueError, match=r"--models: unknown row 'CAE-SPN'; rows are CAE, CAE-RATSPN"):
+        table1_stages.select_models(stages, ["CAE-SPN"])
+
+
+def test_models_flag_runs_only_those_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = tools.main(["table1", "--profile", "smoke", "--out", str(tmp_path), "--dry-run", "--models", "CAE"])
+    assert code == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert len(printed) == 1 + len(table1_stages.TEST_SETS)  # the CAE fit and its tests
+    assert tools.main(["table1", "--profile", "smoke", "--out", str(tmp_path), "--models", "Nope"]) == 2
+    assert "--models: unknown row 'Nope'" in capsys.readouterr().err
