@@ -12,12 +12,16 @@ against real data: the smoothed intensity used as an anomaly score (`baseline_ar
 over the evaluated mass test images) lands in [0.6, 0.8], as on real masses (~0.77); the figure is stored
 in ``DONE.json`` (``intensity_baseline.pixel_auc_mass_test``) and printed. `healthy_case` redraws any
 healthy patient exactly as written, for checks against ground truth (true breast mask, optical density).
+
+This module holds the generator (what is drawn, in which order, with which seeds) and its entry points
+(`generate`, `ensure_synthetic`, `read_summary`, `generator_fingerprint`, the CLI). The drawing is in
+`synthetic_anatomy`, the file writers and value conversions in `synthetic_formats`, the difficulty
+yardstick in `synthetic_difficulty` and the preview sheet in `synthetic_preview`.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import hashlib
 import json
@@ -30,33 +34,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
-import imagecodecs
 import numpy as np
-import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ImplicitVRLittleEndian, SecondaryCaptureImageStorage
-from scipy.ndimage import gaussian_filter
-from scipy.stats import rankdata
 
-from datamodules.fileio import atomic_write_with, swap_directory, write_json
+from datamodules import synthetic_anatomy, synthetic_difficulty, synthetic_formats
+from datamodules.fileio import swap_directory, write_json
 from datamodules.records import DataError
 from datamodules.synthetic_anatomy import BreastImage, add_calcification_cluster, add_mass, breast_view
+from datamodules.synthetic_difficulty import (
+    BASELINE_SIGMA_PX,
+    MAX_LESION_AREA_PX,
+    area_eval_px,
+    baseline_arrays,
+    pixel_auc,
+)
+from datamodules.synthetic_formats import (
+    CASE_PREFIX,
+    DIGITISERS,
+    NATIVE_SPACING_MM,
+    dicom_values,
+    grey_levels,
+    new_uid,
+    write_case_csv,
+    write_dicom,
+    write_ics,
+    write_ljpeg,
+    write_roi,
+)
+from datamodules.synthetic_preview import write_preview
 
 FORMAT_VERSION = 1
 GENERATOR = "datamodules.synthetic"
-#: Native pixel spacing of every synthetic image (DDSM-like film digitised at 100 um).
-NATIVE_SPACING_MM = 0.1
-#: Spacing at which the difficulty figure is measured (the project's evaluation spacing).
-EVALUATION_SPACING_MM = 0.2
-#: Gaussian sigma (px at 0.2 mm) of the smoothed-intensity baseline: a quarter patch (64 px) wide.
-BASELINE_SIGMA_PX = 16.0
-#: The patch-area rule of the paper's test sets: lesion area < 4 patches of 64 x 64 px at 0.2 mm.
-MAX_LESION_AREA_PX = 4 * 64 * 64
-#: Optical density of an empty (black) film and of the densest tissue; grey levels come from these.
-OD_BACKGROUND = 3.5
-OD_DENSEST = 0.15
-UID_ROOT = "1.3.6.1.4.1.9590.100.1.2."
+#: The modules whose code decides what a set holds, hashed by `generator_fingerprint`.
+GENERATOR_MODULES = (__file__, synthetic_anatomy.__file__, synthetic_formats.__file__, synthetic_difficulty.__file__)
 
 
 @dataclass(frozen=True)
@@ -77,25 +86,7 @@ SCALES: dict[str, Scale] = {
     "full": Scale(healthy_patients=300, mass_test=160, calc_test=110, mass_val=60, calc_val=40, rows=(1300, 1700)),
 }
 
-#: DDSM scanning sites: case letter -> (DIGITIZER line, grey level from optical density).
-DIGITISERS: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
-    "A": ("HOWTEK", lambda od: (3.789 - od) / 0.00094568),
-    "B": ("LUMISYS LASER", lambda od: 4096.99 - 1009.01 * od),
-    "C": ("LUMISYS LASER", lambda od: 4096.99 - 1009.01 * od),
-    "D": ("HOWTEK", lambda od: (3.96604095240593 - od) / 0.00099055807612),
-}
-
 LESION_SETS = (("mass", "test"), ("calc", "test"), ("mass", "train"), ("calc", "train"))
-_CSV_COLUMNS = {
-    "mass": ["patient_id", "breast_density", "left or right breast", "image view", "abnormality id",
-             "abnormality type", "mass shape", "mass margins", "assessment", "pathology", "subtlety",
-             "image file path", "cropped image file path", "ROI mask file path"],
-    "calc": ["patient_id", "breast density", "left or right breast", "image view", "abnormality id",
-             "abnormality type", "calc type", "calc distribution", "assessment", "pathology", "subtlety",
-             "image file path", "cropped image file path", "ROI mask file path"],
-}
-_CASE_PREFIX = {("mass", "test"): "Mass-Test", ("mass", "train"): "Mass-Training",
-                ("calc", "test"): "Calc-Test", ("calc", "train"): "Calc-Training"}
 _DENSITY_P = [0.15, 0.4, 0.3, 0.15]
 
 
@@ -106,129 +97,6 @@ def _set_key(kind: str, split: str) -> str:
 def _rng(seed: int, *path: int) -> np.random.Generator:
     """An independent generator for one item, so each image depends only on (seed, set, index)."""
     return np.random.default_rng(np.random.SeedSequence([seed, *path]))
-
-
-def od_from_brightness(brightness: np.ndarray) -> np.ndarray:
-    """Film optical density for a brightness in [0, 1] (bright = dense tissue = low density on film)."""
-    return OD_BACKGROUND - (OD_BACKGROUND - OD_DENSEST) * brightness.astype(np.float64)
-
-
-def grey_levels(brightness: np.ndarray, letter: str) -> np.ndarray:
-    """12-bit digitiser grey levels: the inverse of the site's optical-density formula (data README)."""
-    _, gl_of_od = DIGITISERS[letter]
-    return np.clip(np.rint(gl_of_od(od_from_brightness(brightness))), 0, 4095).astype(np.uint16)
-
-
-def dicom_values(brightness: np.ndarray) -> np.ndarray:
-    """uint16 MONOCHROME2 pixel values of a CBIS-DDSM-style full mammogram."""
-    return np.clip(np.rint(brightness.astype(np.float64) * 65535.0), 0, 65535).astype(np.uint16)
-
-
-def _uid(rng: np.random.Generator) -> str:
-    digits = rng.integers(0, 10, size=38)
-    digits[0] = rng.integers(1, 10)
-    return UID_ROOT + "".join(str(d) for d in digits)
-
-
-def _to_eval_spacing(array: np.ndarray, nearest: bool = False) -> np.ndarray:
-    factor = NATIVE_SPACING_MM / EVALUATION_SPACING_MM
-    h, w = array.shape
-    size = (max(1, round(w * factor)), max(1, round(h * factor)))
-    if nearest:
-        return cv2.resize(array.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
-    return cv2.resize(array.astype(np.float32), size, interpolation=cv2.INTER_AREA)
-
-
-def pixel_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Exact ROC AUC (Mann-Whitney U with tie ranks) of ``scores`` for boolean ``labels``."""
-    labels = labels.astype(bool)
-    n_pos = int(labels.sum())
-    n_neg = labels.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(scores)
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def baseline_arrays(pixels: np.ndarray, breast: np.ndarray, lesion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Smoothed-intensity scores and lesion labels over the breast pixels of one native-spacing image.
-
-    The image is brought to 0.2 mm, scaled to [0, 1] by its own min and max, and Gaussian-smoothed
-    (sigma `BASELINE_SIGMA_PX`); this is the "intensity as anomaly score" difficulty yardstick.
-    """
-    image = _to_eval_spacing(pixels.astype(np.float32))
-    lo, hi = float(image.min()), float(image.max())
-    image = (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
-    smooth = gaussian_filter(image, BASELINE_SIGMA_PX)
-    breast_e = _to_eval_spacing(breast, nearest=True)
-    lesion_e = _to_eval_spacing(lesion.astype(np.float32)) >= 0.5
-    return smooth[breast_e], lesion_e[breast_e]
-
-
-# ----------------------------------------------------------------------------------------- writers
-def _write_ljpeg(path: Path, grey: np.ndarray) -> None:
-    """Lossless JPEG of the 12-bit grey levels, 16-bit words byte-swapped as in the real DDSM files."""
-    swapped = grey.astype("<u2").byteswap()
-    path.write_bytes(imagecodecs.ljpeg_encode(swapped, bitspersample=16))
-
-
-def _write_ics(path: Path, case_name: str, density: int, digitiser: str, age: int, study_date: str,
-               views: dict[str, tuple[int, int]]) -> None:
-    """DDSM ``.ics`` header in the real line format (LINES = rows, RESOLUTION in microns)."""
-    lines = [" ", "ics_version 1.0", f"filename {case_name}", f"DATE_OF_STUDY {study_date}",
-             f"PATIENT_AGE {age}", "FILM ", "FILM_TYPE REGULAR", f"DENSITY {density}",
-             "DATE_DIGITIZED 28 4 1998 ", f"DIGITIZER {digitiser}", "SEQUENCE"]
-    resolution = round(NATIVE_SPACING_MM * 1000)
-    for view_name, (rows, cols) in views.items():
-        lines.append(f"{view_name} LINES {rows} PIXELS_PER_LINE {cols} BITS_PER_PIXEL 12 "
-                     f"RESOLUTION {resolution} NON_OVERLAY")
-    path.write_text("\n".join(lines) + "\n")
-
-
-def _write_dicom(path: Path, pixels: np.ndarray, *, patient: str, study_uid: str, series_uid: str,
-                 sop_uid: str, description: str, side: str, view: str, instance: int) -> None:
-    """Uncompressed (Implicit VR Little Endian) uint16 MONOCHROME2 secondary-capture DICOM, as CBIS-DDSM."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ImplicitVRLittleEndian
-    meta.ImplementationClassUID = UID_ROOT + "999"
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyDate = "20161004"
-    ds.StudyTime = "120000"
-    ds.Modality = "MG"
-    ds.ConversionType = "WSD"
-    ds.SeriesDescription = description
-    ds.PatientName = patient
-    ds.PatientID = patient
-    ds.BodyPartExamined = "BREAST"
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.StudyID = "DDSM"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = instance
-    ds.PatientOrientation = view
-    ds.Laterality = side[0]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = int(pixels.shape[0]), int(pixels.shape[1])
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.PixelSpacing = [NATIVE_SPACING_MM, NATIVE_SPACING_MM]
-    ds.PixelData = np.ascontiguousarray(pixels, dtype="<u2").tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-
-
-def _area_eval_px(mask: np.ndarray) -> float:
-    """Area of a native-spacing mask in pixels at the evaluation spacing."""
-    return float(mask.sum()) * (NATIVE_SPACING_MM / EVALUATION_SPACING_MM) ** 2
 
 
 def _image_shape(rng: np.random.Generator, scale: Scale) -> tuple[int, int]:
@@ -274,11 +142,11 @@ def _write_healthy(out: Path, seed: int, scale: Scale, log: Callable[[str], None
         case_dir = normals / f"normal_{k // 25 + 1:02d}" / f"case{case.number:04d}"
         case_dir.mkdir(parents=True, exist_ok=True)
         for view_name, image in case.views.items():
-            _write_ljpeg(case_dir / f"{case.letter}_{case.number:04d}_1.{view_name}.LJPEG",
+            write_ljpeg(case_dir / f"{case.letter}_{case.number:04d}_1.{view_name}.LJPEG",
                          grey_levels(image.brightness, case.letter))
             n_images += 1
         shapes = {view_name: image.brightness.shape for view_name, image in case.views.items()}
-        _write_ics(case_dir / f"{name}.ics", name, case.density, DIGITISERS[case.letter][0], case.age,
+        write_ics(case_dir / f"{name}.ics", name, case.density, DIGITISERS[case.letter][0], case.age,
                    case.study_date, shapes)
         log(f"  healthy: patient {k + 1}/{scale.healthy_patients} ({n_images} images written)")
     return {"patients": scale.healthy_patients, "images": n_images, "folder": "ddsm/cases/normals",
@@ -302,7 +170,7 @@ def _write_lesion_set(out: Path, seed: int, scale: Scale, kind: str, split: str,
     """One CBIS-DDSM set: full-image, ROI-mask and crop DICOMs plus its description CSV with the quirks."""
     set_index = LESION_SETS.index((kind, split)) + 1
     n_target = getattr(scale, _set_key(kind, split))
-    prefix = _CASE_PREFIX[(kind, split)]
+    prefix = CASE_PREFIX[(kind, split)]
     root = out / "cbis-ddsm" / "CBIS-DDSM"
     rows: list[list[str]] = []
     scores: list[np.ndarray] = []
@@ -326,17 +194,17 @@ def _write_lesion_set(out: Path, seed: int, scale: Scale, kind: str, split: str,
             image = _lesion_image(rng, scale, kind, side, view, density)
             pixels = dicom_values(image.brightness)
             case = f"{prefix}_{patient}_{side}_{view}"
-            study, series = _uid(rng), _uid(rng)
+            study, series = new_uid(rng), new_uid(rng)
             full_rel = f"{case}/{study}/{series}/000000.dcm"
-            _write_dicom(root / full_rel, pixels, patient=case, study_uid=study, series_uid=series,
-                         sop_uid=_uid(rng), description="full mammogram images", side=side, view=view, instance=1)
+            write_dicom(root / full_rel, pixels, patient=case, study_uid=study, series_uid=series,
+                        sop_uid=new_uid(rng), description="full mammogram images", side=side, view=view, instance=1)
             union = np.zeros(pixels.shape, bool)
             pathology = str(rng.choice(["MALIGNANT", "BENIGN", "BENIGN_WITHOUT_CALLBACK"],
                                        p=[0.45, 0.4, 0.15] if kind == "mass" else [0.4, 0.35, 0.25]))
             for abn_id, lesion in enumerate(image.lesions, start=1):
-                crop_rel, mask_rel = _write_roi(root, f"{case}_{abn_id}", pixels, lesion.mask, kind, side, view, rng)
+                crop_rel, mask_rel = write_roi(root, f"{case}_{abn_id}", pixels, lesion.mask, kind, side, view, rng)
                 union |= lesion.mask
-                n_pass += _area_eval_px(lesion.mask) < MAX_LESION_AREA_PX
+                n_pass += area_eval_px(lesion.mask) < MAX_LESION_AREA_PX
                 descriptors = [lesion.descriptors["mass shape"], lesion.descriptors["mass margins"]] if kind == "mass" \
                     else [lesion.descriptors["calc type"], lesion.descriptors["calc distribution"]]
                 assessment = str(rng.choice(["3", "4", "4", "5"] if pathology == "MALIGNANT" else ["2", "3", "4", "0"]))
@@ -348,7 +216,7 @@ def _write_lesion_set(out: Path, seed: int, scale: Scale, kind: str, split: str,
                 n_abnormalities += 1
             s, lab = baseline_arrays(pixels, image.breast_mask, union)
             # the difficulty figure uses the images that the evaluation selects (every lesion passes the rule)
-            if all(_area_eval_px(lesion.mask) < MAX_LESION_AREA_PX for lesion in image.lesions):
+            if all(area_eval_px(lesion.mask) < MAX_LESION_AREA_PX for lesion in image.lesions):
                 scores.append(s)
                 labels.append(lab)
             scores_all.append(s)
@@ -358,10 +226,7 @@ def _write_lesion_set(out: Path, seed: int, scale: Scale, kind: str, split: str,
     csv_dir = out / "cbis-ddsm" / "csv"
     csv_dir.mkdir(parents=True, exist_ok=True)
     csv_path = csv_dir / f"{kind}_case_description_{split}_set.csv"
-    with open(csv_path, "w", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\r\n")
-        writer.writerow(_CSV_COLUMNS[kind])
-        writer.writerows(rows)
+    write_case_csv(csv_path, kind, rows)
     auc = pixel_auc(np.concatenate(scores), np.concatenate(labels)) if scores else float("nan")
     auc_all = pixel_auc(np.concatenate(scores_all), np.concatenate(labels_all)) if scores_all else float("nan")
     summary = {"csv": str(csv_path.relative_to(out)), "patients": patients, "images": n_images,
@@ -370,46 +235,6 @@ def _write_lesion_set(out: Path, seed: int, scale: Scale, kind: str, split: str,
                "intensity_baseline_pixel_auc": round(auc, 4),
                "intensity_baseline_pixel_auc_all_images": round(auc_all, 4)}
     return summary, patient_number
-
-
-def _write_roi(root: Path, folder: str, pixels: np.ndarray, mask: np.ndarray, kind: str, side: str, view: str,
-               rng: np.random.Generator) -> tuple[str, str]:
-    """ROI mask (full size, 0/255) and crop DICOMs of one abnormality; returns their CSV paths (crop, mask).
-
-    As in CBIS-DDSM, the ``000000`` / ``000001`` names do not reliably say which file is which: the CSV
-    follows the dataset's usual naming, the files behind those names are sometimes swapped, and a few
-    abnormalities keep crop and mask in separate series (both ``000000.dcm``).
-    """
-    ys, xs = np.nonzero(mask)
-    if len(ys) == 0:  # a lesion clipped away entirely cannot happen (sites are inside the breast); keep safe
-        ys, xs = np.array([pixels.shape[0] // 2]), np.array([pixels.shape[1] // 2])
-    pad_y = max(8, int(0.15 * (ys.max() - ys.min() + 1)))
-    pad_x = max(8, int(0.15 * (xs.max() - xs.min() + 1)))
-    y0, y1 = max(0, ys.min() - pad_y), min(pixels.shape[0], ys.max() + pad_y + 1)
-    x0, x1 = max(0, xs.min() - pad_x), min(pixels.shape[1], xs.max() + pad_x + 1)
-    crop = pixels[y0:y1, x0:x1]
-    roi = np.where(mask, 255, 0).astype(np.uint16)
-    study = _uid(rng)
-    case = folder.rsplit("_", 1)[0]
-    if rng.random() < 0.07:
-        crop_series, mask_series = _uid(rng), _uid(rng)
-        crop_rel = f"{folder}/{study}/{crop_series}/000000.dcm"
-        mask_rel = f"{folder}/{study}/{mask_series}/000000.dcm"
-        files = [(crop_rel, crop, crop_series, "cropped images"), (mask_rel, roi, mask_series, "ROI mask images")]
-    else:
-        series = _uid(rng)
-        crop_name, mask_name = ("000000", "000001") if kind == "mass" else ("000001", "000000")
-        crop_rel = f"{folder}/{study}/{series}/{crop_name}.dcm"
-        mask_rel = f"{folder}/{study}/{series}/{mask_name}.dcm"
-        if rng.random() < 0.3:  # the name lies: the file called the crop holds the mask, and vice versa
-            files = [(crop_rel, roi, series, "ROI mask images"), (mask_rel, crop, series, "ROI mask images")]
-        else:
-            files = [(crop_rel, crop, series, "ROI mask images"), (mask_rel, roi, series, "ROI mask images")]
-    for instance, (rel, array, series_uid, description) in enumerate(files, start=1):
-        _write_dicom(root / rel, array, patient=folder, study_uid=study, series_uid=series_uid, sop_uid=_uid(rng),
-                     description=description, side=side, view=view, instance=instance)
-    del case
-    return crop_rel, mask_rel
 
 
 # ----------------------------------------------------------------------------------------- entry points
@@ -473,16 +298,18 @@ def read_summary(root: str | Path) -> dict[str, Any] | None:
 
 @functools.cache
 def generator_fingerprint() -> str:
-    """sha256 (16 hex digits) of the generator's source, this module and `synthetic_anatomy`.
+    """sha256 (16 hex digits) of the generator's source: every module in `GENERATOR_MODULES`.
 
-    Stored in DONE.json: a set written by other generator code (an older checkout, say) is regenerated
-    instead of silently reused, since any edit there may change pixels, lesions or which images pass
-    the area rule. FORMAT_VERSION alone relied on remembering to bump it, and was not bumped.
+    Those are the modules whose code changes what a set holds: this one (what is drawn, in which order,
+    the summary), `synthetic_anatomy` (the drawing), `synthetic_formats` (the file writers and value
+    conversions) and `synthetic_difficulty` (the area rule and the baseline figures in DONE.json).
+    `synthetic_preview` is left out: it only reads a finished set. Stored in DONE.json: a set written by
+    other generator code (an older checkout, say) is regenerated instead of silently reused, since any
+    edit there may change pixels, lesions or which images pass the area rule. FORMAT_VERSION alone
+    relied on remembering to bump it, and was not bumped.
     """
-    from datamodules import synthetic_anatomy
-
     digest = hashlib.sha256()
-    for module_file in (__file__, synthetic_anatomy.__file__):
+    for module_file in GENERATOR_MODULES:
         digest.update(Path(module_file).read_bytes())
     return digest.hexdigest()[:16]
 
@@ -548,64 +375,6 @@ def ensure_synthetic(root: str | Path, seed: int = 0, scale: str = "quick",
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
-
-
-# ----------------------------------------------------------------------------------------- preview
-def _find_cbis_files(case_root: Path, full_shape: tuple[int, int]) -> np.ndarray | None:
-    """The ROI mask in an abnormality folder: the DICOM of the full image's size holding only 0 and 255."""
-    for path in sorted(case_root.rglob("*.dcm")):
-        array = pydicom.dcmread(path).pixel_array
-        if array.shape == full_shape and set(np.unique(array).tolist()) <= {0, 255}:
-            return array > 0
-    return None
-
-
-def write_preview(root: str | Path, out_png: str | Path, n_mass: int = 4, n_calc: int = 2) -> Path:
-    """Contact sheet (PNG) of a few test-set lesion images at 0.2 mm with their ROI masks outlined in red."""
-    root = Path(root)
-    tiles: list[np.ndarray] = []
-    for kind, count in (("mass", n_mass), ("calc", n_calc)):
-        csv_path = root / "cbis-ddsm" / "csv" / f"{kind}_case_description_test_set.csv"
-        if not csv_path.is_file():
-            raise DataError(f"{csv_path} not found: {root} is not a synthetic set (run `mammospn synth` first)")
-        with open(csv_path, newline="") as handle:
-            records = list(csv.DictReader(handle))
-        seen: list[str] = []
-        for rec in records:
-            full_rel = rec["image file path"].strip()
-            if full_rel in seen:
-                continue
-            seen.append(full_rel)
-            if len(seen) > count:
-                break
-            dicom_root = root / "cbis-ddsm" / "CBIS-DDSM"
-            full = pydicom.dcmread(dicom_root / full_rel).pixel_array
-            image = _to_eval_spacing(full.astype(np.float32) / 65535.0)
-            tile = cv2.cvtColor(np.clip(image * 255, 0, 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
-            case = full_rel.split("/")[0]
-            for abn in (r for r in records if r["image file path"].strip() == full_rel):
-                mask = _find_cbis_files(dicom_root / f"{case}_{abn['abnormality id']}", full.shape)
-                if mask is not None:
-                    small = _to_eval_spacing(mask, nearest=True).astype(np.uint8)
-                    contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-                    cv2.drawContours(tile, contours, -1, (0, 0, 255), 1)
-            cv2.putText(tile, case, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 255, 255), 1, cv2.LINE_AA)
-            tiles.append(tile)
-    if not tiles:
-        raise DataError(f"no lesion images found under {root / 'cbis-ddsm'} to preview")
-    height = max(t.shape[0] for t in tiles)
-    tiles = [cv2.copyMakeBorder(t, 0, height - t.shape[0], 0, 4, cv2.BORDER_CONSTANT) for t in tiles]
-    per_row = 3
-    strips = [np.hstack(tiles[i : i + per_row]) for i in range(0, len(tiles), per_row)]
-    width = max(strip.shape[1] for strip in strips)
-    sheet = np.vstack([cv2.copyMakeBorder(s, 0, 4, 0, width - s.shape[1], cv2.BORDER_CONSTANT) for s in strips])
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        atomic_write_with(out_png, lambda tmp: cv2.imwrite(str(tmp), sheet))
-    except OSError as err:
-        raise DataError(f"could not write the preview image {out_png}") from err
-    return out_png
 
 
 # ----------------------------------------------------------------------------------------- CLI

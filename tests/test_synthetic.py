@@ -17,7 +17,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from datamodules import synthetic
+from datamodules import synthetic, synthetic_difficulty, synthetic_formats, synthetic_preview
 from datamodules.records import DataError
 from datamodules.synthetic_anatomy import add_calcification_cluster, add_mass, breast_view, power_law_noise
 
@@ -78,9 +78,9 @@ def test_pixel_auc_is_exact() -> None:
     scores[labels] += 0.5
     pos, neg = scores[labels], scores[~labels]
     brute = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (pos.size * neg.size)
-    assert synthetic.pixel_auc(scores, labels) == pytest.approx(brute, abs=1e-12)
-    assert synthetic.pixel_auc(np.arange(4.0), np.array([0, 0, 1, 1], bool)) == 1.0
-    assert np.isnan(synthetic.pixel_auc(np.arange(3.0), np.zeros(3, bool)))
+    assert synthetic_difficulty.pixel_auc(scores, labels) == pytest.approx(brute, abs=1e-12)
+    assert synthetic_difficulty.pixel_auc(np.arange(4.0), np.array([0, 0, 1, 1], bool)) == 1.0
+    assert np.isnan(synthetic_difficulty.pixel_auc(np.arange(3.0), np.zeros(3, bool)))
 
 
 # ------------------------------------------------------------------------------------------ determinism
@@ -151,7 +151,7 @@ def test_ics_header_and_ljpeg_format(tiny: Path) -> None:
         lines = ics.read_text().split("\n")
         assert lines[0] == " " and lines[1] == "ics_version 1.0" and lines[2] == f"filename {letter}-{number}-1"
         assert re.fullmatch(r"DENSITY [1-4]", next(x for x in lines if x.startswith("DENSITY")))
-        assert next(x for x in lines if x.startswith("DIGITIZER")) == f"DIGITIZER {synthetic.DIGITISERS[letter][0]}"
+        assert next(x for x in lines if x.startswith("DIGITIZER")) == f"DIGITIZER {synthetic_formats.DIGITISERS[letter][0]}"
         views = [view_line.match(x) for x in lines if view_line.match(x)]
         assert [f"{m[1]}_{m[2]}" for m in views] == ["LEFT_CC", "LEFT_MLO", "RIGHT_CC", "RIGHT_MLO"]
         for m in views:
@@ -164,7 +164,7 @@ def test_ics_header_and_ljpeg_format(tiny: Path) -> None:
 
 def test_grey_levels_invert_each_digitiser_formula() -> None:
     brightness = np.linspace(0.0, 1.0, 101)
-    od = synthetic.od_from_brightness(brightness)
+    od = synthetic_formats.od_from_brightness(brightness)
     formulas = {
         "A": lambda gl: 3.789 - 0.00094568 * gl,
         "B": lambda gl: (gl - 4096.99) / -1009.01,
@@ -172,9 +172,9 @@ def test_grey_levels_invert_each_digitiser_formula() -> None:
         "D": lambda gl: 3.96604095240593 - 0.00099055807612 * gl,
     }
     for letter, od_of_gl in formulas.items():
-        gl = synthetic.grey_levels(brightness, letter).astype(np.float64)
+        gl = synthetic_formats.grey_levels(brightness, letter).astype(np.float64)
         assert np.abs(od_of_gl(gl) - od).max() < 0.001  # one grey level is ~0.001 OD
-    assert od[0] == pytest.approx(synthetic.OD_BACKGROUND) and od[-1] == pytest.approx(synthetic.OD_DENSEST)
+    assert od[0] == pytest.approx(synthetic_formats.OD_BACKGROUND) and od[-1] == pytest.approx(synthetic_formats.OD_DENSEST)
 
 
 # ------------------------------------------------------------------------------------------ CBIS-DDSM format
@@ -184,7 +184,7 @@ def test_csv_columns_and_quirks(tiny: Path) -> None:
         path = tiny / "cbis-ddsm" / "csv" / f"{kind}_case_description_{split}_set.csv"
         raw = path.read_bytes()
         header = raw.split(b"\r\n", 1)[0].decode()
-        assert header.split(",") == synthetic._CSV_COLUMNS[kind]
+        assert header.split(",") == synthetic_formats.CSV_COLUMNS[kind]
         assert ("breast_density" in header) == (kind == "mass") and ("breast density" in header) == (kind == "calc")
         rows = _csv_rows(tiny, kind, split)
         assert len(rows) == summary["lesion_sets"][synthetic._set_key(kind, split)]["abnormalities"]
@@ -192,7 +192,7 @@ def test_csv_columns_and_quirks(tiny: Path) -> None:
         quirk = "ROI mask file path" if kind == "mass" else "cropped image file path"
         # the quoted path field with its newline, as in the real files
         assert raw.count(b'.dcm\n"\r\n' if kind == "mass" else b'.dcm\n",') == len(rows)
-        prefix = synthetic._CASE_PREFIX[(kind, split)]
+        prefix = synthetic_formats.CASE_PREFIX[(kind, split)]
         for row in rows:
             assert row[quirk].endswith("\n")
             assert not row["image file path"].endswith("\n")
@@ -295,6 +295,14 @@ def test_ensure_regenerates_a_set_written_by_other_generator_code(tmp_path: Path
     assert (root / "payload.txt").read_text() == "3 tiny"  # rebuilt, not reused
 
 
+def test_fingerprint_hashes_every_generator_module_but_the_preview() -> None:
+    """A new synthetic_*.py module (a split, say) must join the fingerprint unless, like the preview, it
+    only reads a finished set; otherwise edits there would leave stale sets in use."""
+    hashed = sorted(Path(f).name for f in synthetic.GENERATOR_MODULES)
+    modules = sorted(p.name for p in Path(synthetic.__file__).parent.glob("synthetic*.py"))
+    assert hashed == [name for name in modules if name != "synthetic_preview.py"]
+
+
 def test_ensure_removes_only_stale_leftovers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     stale = tmp_path / ".synthetic.building-dead"
     fresh = tmp_path / ".synthetic.building-alive"
@@ -318,7 +326,7 @@ def test_ensure_refuses_foreign_folder_and_bad_scale(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="non-negative integer, got -1"):
         synthetic.generate(tmp_path / "x", seed=-1, scale="tiny")
     with pytest.raises(DataError, match="is not a synthetic set"):
-        synthetic.write_preview(tmp_path / "mine", tmp_path / "p.png")
+        synthetic_preview.write_preview(tmp_path / "mine", tmp_path / "p.png")
     assert not (tmp_path / "x").exists()
 
 
@@ -353,14 +361,14 @@ def test_ddsm_reader_round_trip_with_od_calibration(tmp_path: Path) -> None:
         views = {}
         for side in ("LEFT", "RIGHT"):
             for view in ("CC", "MLO"):
-                synthetic._write_ljpeg(case / f"{letter}_{number:04d}_1.{side}_{view}.LJPEG",
-                                       synthetic.grey_levels(ramp, letter))
+                synthetic_formats.write_ljpeg(case / f"{letter}_{number:04d}_1.{side}_{view}.LJPEG",
+                                              synthetic_formats.grey_levels(ramp, letter))
                 views[f"{side}_{view}"] = ramp.shape
-        synthetic._write_ics(case / f"{letter}-{number:04d}-1.ics", f"{letter}-{number:04d}-1", 2,
-                             synthetic.DIGITISERS[letter][0], 50, "1 2 1995", views)
+        synthetic_formats.write_ics(case / f"{letter}-{number:04d}-1.ics", f"{letter}-{number:04d}-1", 2,
+                                    synthetic_formats.DIGITISERS[letter][0], 50, "1 2 1995", views)
     records = readers.list_source("ddsm", tmp_path / "ddsm", diagnosis="normals")
     assert len(records) == 16 and {r.meta["site"] for r in records} == set("ABCD")
-    od = synthetic.od_from_brightness(ramp)
+    od = synthetic_formats.od_from_brightness(ramp)
     decoded = []
     for record in records:
         image = readers.read_image(record)
@@ -383,7 +391,7 @@ def test_tiny_set_round_trips_through_real_readers(tiny: Path) -> None:
         # background near OD 3.5, densest tissue near OD 0.15, read as OD_REF - OD
         lo, hi = float(image.pixels.min()), float(image.pixels.max())
         ref = image.meta["value_range"][1]
-        assert ref - hi > synthetic.OD_DENSEST - 0.01 and ref - lo < synthetic.OD_BACKGROUND + 0.15
+        assert ref - hi > synthetic_formats.OD_DENSEST - 0.01 and ref - lo < synthetic_formats.OD_BACKGROUND + 0.15
     patients_healthy = {r.patient_id for r in healthy}
     base = tiny / "cbis-ddsm" / "CBIS-DDSM"
     patients_lesion: set[str] = set()
@@ -406,7 +414,7 @@ def test_tiny_set_round_trips_through_real_readers(tiny: Path) -> None:
             case = record.path.relative_to(base).parts[0]
             for lesion in record.lesions:
                 folder = base / f"{case}_{lesion.meta['abnormality_id']}"
-                found = synthetic._find_cbis_files(folder, image.shape)
+                found = synthetic_preview._find_cbis_files(folder, image.shape)
                 assert found is not None
                 expected |= found
             assert np.array_equal(masks[lesion_kind], expected)
@@ -429,7 +437,7 @@ def test_healthy_views_read_back_as_their_optical_density(tiny: Path) -> None:
             record = records[f"{case.letter}_{case.number:04d}_1.{view_name}"]
             assert record.meta["density"] == case.density and record.meta["site"] == case.letter
             image = readers.read_image(record)
-            expected = image.meta["value_range"][1] - synthetic.od_from_brightness(view.brightness)
+            expected = image.meta["value_range"][1] - synthetic_formats.od_from_brightness(view.brightness)
             assert np.abs(image.pixels - expected).max() < 1.2e-3
             # bright = dense: the breast is brighter than the film background
             assert image.pixels[view.breast_mask].mean() > image.pixels[~view.breast_mask].mean() + 0.5
