@@ -11,16 +11,9 @@ import numpy as np
 import pytest
 
 from datamodules.readers import lesion_masks, list_source, read_image
-from datamodules.readers.ddsm import (
-    chain_code_points,
-    decode_ljpeg,
-    display_from_od,
-    optical_density,
-    parse_ics,
-    parse_overlay,
-    scanner_of,
-    unswap_words,
-)
+from datamodules.readers.ddsm import display_from_od, optical_density, scanner_of
+from datamodules.readers.ddsm_ics_overlay import chain_code_points, parse_ics, parse_overlay
+from datamodules.readers.ljpeg import decode_ljpeg, unswap_words
 from datamodules.records import DataError
 
 ICS = """ics_version 1.0

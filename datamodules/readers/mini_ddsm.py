@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.readers._common import SkipReport, natural_key, sorted_paths
-from datamodules.readers.ddsm import overlay_lesions, parse_ics
+from datamodules.readers.ddsm_ics_overlay import overlay_lesions, parse_ics
 from datamodules.readers.images import name_facts
 from datamodules.records import DataError, ImageRecord, Lesion
 
