@@ -52,10 +52,10 @@ def observed_rates(p_values: np.ndarray, alphas: tuple[float, ...] = CHECK_ALPHA
 
 
 def _item_scores(pl_module: pl.LightningModule, item: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw (uncalibrated) scores and context of one evaluation item's grid patches."""
-    context = item["context"].reshape(-1, 2)
-    raw = pl_module.score_grid(item["patches"], context).detach().cpu()
-    return raw, context.cpu()
+    """Raw (uncalibrated) scores (`AnomalyDetector.grid_scores`: smoothed as the model scores) and context of
+    one evaluation item's grid patches."""
+    raw = pl_module.grid_scores(item).detach().cpu()
+    return raw, item["context"].reshape(-1, 2).cpu()
 
 
 class ConformalCalibration(pl.Callback):

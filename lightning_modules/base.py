@@ -12,6 +12,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 
 from lightning_modules.calibration import MondrianConformal
+from lightning_modules.grid_smoothing import smooth_grid
 from lightning_modules.networks import PATCH_SIZE
 
 
@@ -162,15 +163,29 @@ class AnomalyDetector(pl.LightningModule):
 
         return self._eval_call(score_all, patches)
 
+    def grid_scores(self, item: Mapping[str, Any]) -> Tensor:
+        """Raw (uncalibrated) scores of an evaluation item's grid patches, the one path calibration and scoring share.
+
+        ``score_smoothing_px`` (a model option, default 0) replaces each score by the Gaussian-weighted mean of
+        its neighbouring grid patches' scores (`grid_smoothing.smooth_grid`, over the item's ``centers``).
+        """
+        context = item.get("context")
+        scores = self.score_grid(batch_patches(item), None if context is None else context.reshape(-1, 2))
+        sigma = float(getattr(self.hparams, "score_smoothing_px", 0.0) or 0.0)
+        if sigma > 0:
+            scores = smooth_grid(scores, item["centers"], int(item["stride"]), sigma)
+        return scores
+
     def score_item(self, batch: Mapping[str, Any]) -> Tensor:
-        """Scores of an evaluation item's grid patches: calibrated (-log p) when the calibrator is fitted.
+        """Scores of an evaluation item's grid patches (`grid_scores`): calibrated (-log p) when the calibrator
+        is fitted.
 
         ``border_suppression_px`` (a model option, default 0) gives every patch whose centre lies closer
         than that to the skin line or the chest wall the image's lowest score: the naive border fix,
         kept as a comparison row (it hides lesions by the border too).
         """
         context = batch.get("context")
-        scores = self.score_grid(batch_patches(batch), context)
+        scores = self.grid_scores(batch)
         if context is not None:
             context = context.reshape(-1, 2).to(scores.device)
             if self.calibrator.fitted:

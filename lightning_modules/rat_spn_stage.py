@@ -82,6 +82,9 @@ class RatSpnStage(AnomalyDetector):
             codes keep categorical leaves and the context gets Gaussian ones (`spn.leaves` composite).
         border_suppression_px: the naive border fix, kept as a comparison row: patches whose centre lies
             closer than this to the skin line or the chest wall get the image's lowest score. 0 = off.
+        score_smoothing_px: scoring option: each grid patch's raw score becomes the Gaussian-weighted mean
+            (sigma in px) of the raw scores of its neighbouring grid patches (`grid_smoothing.smooth_grid`),
+            before the calibration, which then ranks smoothed against smoothed healthy scores. 0 = off.
     """
 
     def __init__(
@@ -103,8 +106,11 @@ class RatSpnStage(AnomalyDetector):
         context: bool = False,
         context_scale_px: float = 16.0,
         border_suppression_px: float = 0.0,
+        score_smoothing_px: float = 0.0,
     ) -> None:
         super().__init__()
+        if score_smoothing_px < 0:
+            raise ValueError(f"model.init_args.score_smoothing_px must be >= 0, got {score_smoothing_px}")
         if context_scale_px <= 0:
             raise ValueError(f"model.init_args.context_scale_px must be > 0, got {context_scale_px}")
         if em_batch_size is not None and em_batch_size < 1:

@@ -208,6 +208,30 @@ def test_calibrated_checkpoint_loads_and_scores_minus_log_p(tmp_path):
     assert bool(near.any()) and torch.allclose(scores[near], scores.min().expand(int(near.sum())))
 
 
+def test_score_smoothing_averages_neighbours_before_the_calibrator(tmp_path):
+    from experiments.calibration import _item_scores
+    from lightning_modules.grid_smoothing import smooth_grid
+
+    stage = _fit_stage(tmp_path, context=True)
+    healthy = ContextPatchSet(64, 5)
+    ctx = torch.stack([healthy[i]["context"] for i in range(64)])
+    rows, cols = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    item = {"patches": healthy.images, "context": ctx, "centers": torch.stack([rows, cols], -1).reshape(-1, 2) * 16,
+            "stride": 16}
+    raw = stage.score_grid(healthy.images, ctx)
+    torch.testing.assert_close(stage.grid_scores(item), raw)  # off by default
+    stage.hparams.score_smoothing_px = 24.0
+    smoothed = smooth_grid(raw, item["centers"], 16, 24.0)
+    assert not torch.allclose(smoothed, raw)
+    torch.testing.assert_close(stage.grid_scores(item), smoothed)
+    # the calibration fits on what the model scores: smoothed raw scores, ranked by the calibrator afterwards
+    torch.testing.assert_close(_item_scores(stage, item)[0], smoothed)
+    stage.calibrator.fit(smoothed, ctx)
+    torch.testing.assert_close(stage.score_item(item), stage.calibrator(smoothed, ctx))
+    with pytest.raises(ValueError, match="score_smoothing_px must be >= 0"):
+        RatSpnStage(autoencoder_ckpt="x.ckpt", score_smoothing_px=-1.0)
+
+
 def test_conditional_rat_spn_on_codes_keeps_them_categorical_and_standardises_only_the_context(tmp_path):
     from tests.test_rat_spn_stage import TinyVQ
 
