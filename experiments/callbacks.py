@@ -2,8 +2,9 @@
 
 At ``test`` it turns each evaluation item's grid scores (``outputs["scores"]`` of the model's
 ``test_step``) into an anomaly map, accumulates the metrics, logs the scalars (``test/pixel_auc``, ...)
-to every logger, per-image tables, heatmap panels (uint8) and the score distribution to W&B, and writes
-``metrics.json``, ``per_image.csv``, ``score_hist.npz`` and ``maps/<image_id>.npz`` under ``output_dir``.
+to every logger, per-image tables, heatmap panels (uint8) and the score distribution to W&B (both drawn
+by `figures`), and writes ``metrics.json``, ``per_image.csv``, ``score_hist.npz`` and
+``maps/<image_id>.npz`` under ``output_dir``.
 During ``fit`` it scores the datamodule's lesion validation set (never the test set) every
 ``every_n_epochs`` epochs and logs ``val_lesion/pixel_auc`` etc., so curves show while training and a
 ``ModelCheckpoint`` can monitor them; the latest such evaluation is also written to
@@ -34,6 +35,7 @@ from datamodules.patches import with_progress
 from datamodules.records import DataError
 from experiments import anomaly_maps, evaluation, evaluation_results, metrics
 from experiments.checkpoints import checkpoint_info
+from experiments.figures import heatmap_panel, panel_at_height, score_distribution_image
 from experiments.loggers import same_size
 
 #: scalars of the summary that are logged to every logger (prefix "test/" or ``monitor_prefix``/)
@@ -71,71 +73,6 @@ def _skipped_images(trainer: pl.Trainer, name: str = "test") -> dict[str, Any]:
     skipped = list(selection.get("skipped", []))
     return {"n_skipped": len(skipped), "skipped": skipped,
             "n_excluded_by_selection": int(selection.get("excluded", 0))}
-
-
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-    return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
-def heatmap_panel(
-    image: np.ndarray, breast_mask: np.ndarray, lesion_mask: np.ndarray, amap: np.ndarray, seg: np.ndarray
-) -> np.ndarray:
-    """A uint8 RGB panel (H x 3W x 3): scan | heatmap over the scan | segmentation (green) vs truth (red).
-
-    W&B renders float images black; this is what goes to ``wandb.Image``.
-    """
-    from matplotlib import colormaps
-
-    image = np.nan_to_num(np.asarray(image, np.float32))
-    gray = np.repeat(image[..., None], 3, axis=2)
-    values = amap[breast_mask]
-    norm = np.zeros_like(image)
-    if values.size:
-        low, high = float(np.min(values)), float(np.max(values))
-        norm = np.where(breast_mask, (np.nan_to_num(amap, nan=low) - low) / max(high - low, 1e-12), 0.0)
-    heat = colormaps["inferno"](norm)[..., :3]
-    overlay = np.where(breast_mask[..., None], 0.45 * gray + 0.55 * heat, gray)
-    masks = 0.6 * gray
-    masks[lesion_mask] = 0.5 * masks[lesion_mask] + 0.5 * np.array([1.0, 0.0, 0.0])
-    masks[seg] = 0.5 * masks[seg] + 0.5 * np.array([0.0, 1.0, 0.0])
-    return _to_uint8(np.concatenate([gray, overlay, masks], axis=1))
-
-
-#: Height (px) of every heatmap panel logged to W&B, so panels of different images compare side by side.
-PANEL_HEIGHT = 256
-
-
-def panel_at_height(panel: np.ndarray, height: int = PANEL_HEIGHT) -> np.ndarray:
-    """``panel`` resized (area / linear) to ``height`` rows, keeping its aspect ratio."""
-    import cv2
-
-    width = max(1, round(panel.shape[1] * height / panel.shape[0]))
-    interpolation = cv2.INTER_AREA if panel.shape[0] > height else cv2.INTER_LINEAR
-    return cv2.resize(panel, (width, height), interpolation=interpolation)
-
-
-def score_distribution_image(hist: Mapping[str, np.ndarray], title: str) -> np.ndarray:
-    """A uint8 RGB plot of the healthy vs lesion pixel-score densities (Fig. 3 style)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    edges = np.asarray(hist["bin_edges"])
-    fig = Figure(figsize=(5, 3.2), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for key, color in (("healthy", "tab:blue"), ("lesion", "tab:red")):
-        counts = np.asarray(hist[key], np.float64)
-        total = counts.sum()
-        if total > 0:
-            density = counts / (total * np.diff(edges))
-            ax.stairs(density, edges, fill=True, alpha=0.5, color=color, label=f"{key} ({int(total)} px)")
-    ax.set_xlabel("anomaly score")
-    ax.set_ylabel("density")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
 def _scoring_precision(pl_module: pl.LightningModule) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 from scipy import ndimage
 
-from experiments import metrics
+from experiments import localisation, metrics
 from experiments.anomaly_maps import (
     PATCH_SIZE,
     THRESHOLD_RULES,
@@ -33,7 +33,7 @@ EXCLUSION_REASONS = ("no_scores", "no_pixel_annotation", "no_lesion_in_breast", 
 
 #: FROC levels: each image's candidates are counted at these percentiles of its own breast-pixel scores (dense
 #: at the top, where few candidates remain); 100 = no candidate (0 found, 0 false positives). The pooled FROC
-#: sweeps one global threshold over every image's levels (`metrics.froc_global`); the per-image percentile
+#: sweeps one global threshold over every image's levels (`localisation.froc_global`); the per-image percentile
 #: curve (each image at its own percentile) is kept beside it.
 FROC_PERCENTILES = (50.0, 70.0, 80.0, 85.0, 90.0, 92.0, 94.0, 95.0, 96.0, 97.0, 97.5, 98.0, 98.5, 99.0, 99.25,
                     99.5, 99.6, 99.7, 99.8, 99.85, 99.9, 99.93, 99.95, 99.97, 99.98, 99.99, 99.995, 99.999, 100.0)
@@ -223,8 +223,8 @@ def evaluate_scan(
         interior_tables = _pair_tables(amap, lesion, interior)
         interior_auc = metrics.auc_from_counts(*interior_tables[0], *interior_tables[1])
         h_px = metrics.hausdorff_distance(seg, lesion)
-        hit = metrics.lesion_hit(amap, lesion, breast)
-        labels, n_lesions = metrics.label_lesions(lesion)
+        hit = localisation.lesion_hit(amap, lesion, breast)
+        labels, n_lesions = localisation.label_lesions(lesion)
         centres = ndimage.center_of_mass(lesion, labels, np.arange(1, n_lesions + 1))
         rows = np.clip(np.rint([c[0] for c in centres]).astype(np.int64), 0, breast.shape[0] - 1)
         cols = np.clip(np.rint([c[1] for c in centres]).astype(np.int64), 0, breast.shape[1] - 1)
@@ -234,11 +234,11 @@ def evaluate_scan(
         border_group = "near_border" if near[int(np.argmax(sizes))] else "interior"
         levels = np.percentile(amap[breast], np.minimum(FROC_PERCENTILES, 100.0))
         levels[np.asarray(FROC_PERCENTILES) >= 100.0] = np.inf
-        found, fp = metrics.froc_counts(amap, labels, n_lesions, breast, [*levels, threshold])
+        found, fp = localisation.froc_counts(amap, labels, n_lesions, breast, [*levels, threshold])
         froc = (levels, found[:-1].sum(axis=1), found[:-1][:, near].sum(axis=1), fp[:-1])
         n_found, n_fp = int(found[-1].sum()), int(fp[-1])
         # several candidates may peak in one lesion: the candidates are counted apart from the lesions found
-        n_candidates = int(ndimage.label(breast & (amap > threshold), structure=metrics.CONNECTIVITY)[1])
+        n_candidates = int(ndimage.label(breast & (amap > threshold), structure=localisation.CONNECTIVITY)[1])
     # The top 1 % is the segmentation itself under the default rule: reuse it instead of a second percentile.
     if threshold_rule == "image_percentile" and percentile == 99.0:
         top = seg

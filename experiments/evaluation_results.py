@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.fileio import atomic_write, write_json
-from experiments import metrics
+from experiments import localisation, metrics
 from experiments.anomaly_maps import threshold_rule_name
 from experiments.evaluation import (
     EXCLUSION_REASONS,
@@ -148,7 +148,7 @@ class EvaluationAccumulator:
 
     def froc_summary(self) -> dict:
         """The pooled FROC of the evaluated images (one global threshold swept; all lesions, near the border,
-        interior), the sensitivity at `metrics.FROC_FP_RATES` false positives per image, and beside it the
+        interior), the sensitivity at `localisation.FROC_FP_RATES` false positives per image, and beside it the
         per-image percentile curve (each image at its own percentile)."""
         used = [r for r in self.results if not r.excluded and r.image_id in self.froc]
         n_lesions = sum(r.n_lesions for r in used)
@@ -157,9 +157,9 @@ class EvaluationAccumulator:
         found = [np.asarray(self.froc[r.image_id][1], np.int64) for r in used]
         near = [np.asarray(self.froc[r.image_id][2], np.int64) for r in used]
         fps = [np.asarray(self.froc[r.image_id][3], np.int64) for r in used]
-        thresholds, fp_per_image, sens_all = metrics.froc_global(levels, found, fps, n_lesions)
-        _, _, sens_near = metrics.froc_global(levels, near, fps, n_near)
-        _, _, sens_interior = metrics.froc_global(levels, [f - n for f, n in zip(found, near, strict=True)], fps,
+        thresholds, fp_per_image, sens_all = localisation.froc_global(levels, found, fps, n_lesions)
+        _, _, sens_near = localisation.froc_global(levels, near, fps, n_near)
+        _, _, sens_interior = localisation.froc_global(levels, [f - n for f, n in zip(found, near, strict=True)], fps,
                                                   n_lesions - n_near)
         curves = {"all": sens_all, "near_border": sens_near, "interior": sens_interior}
         out: dict = {
@@ -170,7 +170,7 @@ class EvaluationAccumulator:
         }
         for name, sens in curves.items():
             suffix = "" if name == "all" else f"_{name}"
-            for rate, value in metrics.sensitivity_at_fp(fp_per_image, sens).items():
+            for rate, value in localisation.sensitivity_at_fp(fp_per_image, sens).items():
                 out[f"sensitivity_at_{_rate_key(rate)}_fp{suffix}"] = value
         if used:
             n = len(used)
@@ -178,7 +178,7 @@ class EvaluationAccumulator:
             per_image_sens = np.sum(found, axis=0) / n_lesions if n_lesions else np.full(len(FROC_PERCENTILES), np.nan)
             out["froc_image_percentile"] = {"percentiles": list(FROC_PERCENTILES), "fp_per_image": per_image_fp.tolist(),
                                             "sensitivity_all": per_image_sens.tolist()}
-            for rate, value in metrics.sensitivity_at_fp(per_image_fp, per_image_sens).items():
+            for rate, value in localisation.sensitivity_at_fp(per_image_fp, per_image_sens).items():
                 out[f"sensitivity_at_{_rate_key(rate)}_fp_image_percentile"] = value
         found_t = sum(r.lesions_found_at_threshold for r in used)
         out["sensitivity_at_threshold"] = found_t / n_lesions if n_lesions else math.nan

@@ -15,6 +15,10 @@ of the row because raw scores of different models have different units) and the 
 its Hausdorff distance in px and mm; read from the evaluation callback's ``maps/<image_id>.npz``.
 Fig. 3 (`figure3`): healthy vs lesion pixel score distributions per model, from ``score_hist.npz``,
 with the calibrated threshold when one is known.
+
+W&B panels (uint8 RGB arrays the evaluation callback hands to ``wandb.Image``, no file): `heatmap_panel`
+(scan | heatmap | segmentation vs truth, in the inferno colour map, not `CMAP`), `panel_at_height` (one
+height for every panel) and `score_distribution_image` (the healthy vs lesion densities of one test).
 """
 
 from __future__ import annotations
@@ -355,3 +359,72 @@ def val_loss_figure(curves: Mapping[str, Mapping[int, float]], out_path: str | P
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_ylabel("val/loss", fontsize=8)
     return save_figure(fig, out_path)
+
+
+# --- W&B panels: uint8 RGB arrays for wandb.Image, no file written ------------------------------
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def heatmap_panel(
+    image: np.ndarray, breast_mask: np.ndarray, lesion_mask: np.ndarray, amap: np.ndarray, seg: np.ndarray
+) -> np.ndarray:
+    """A uint8 RGB panel (H x 3W x 3): scan | heatmap over the scan | segmentation (green) vs truth (red).
+
+    W&B renders float images black; this is what goes to ``wandb.Image``.
+    """
+    from matplotlib import colormaps
+
+    image = np.nan_to_num(np.asarray(image, np.float32))
+    gray = np.repeat(image[..., None], 3, axis=2)
+    values = amap[breast_mask]
+    norm = np.zeros_like(image)
+    if values.size:
+        low, high = float(np.min(values)), float(np.max(values))
+        norm = np.where(breast_mask, (np.nan_to_num(amap, nan=low) - low) / max(high - low, 1e-12), 0.0)
+    heat = colormaps["inferno"](norm)[..., :3]
+    overlay = np.where(breast_mask[..., None], 0.45 * gray + 0.55 * heat, gray)
+    masks = 0.6 * gray
+    masks[lesion_mask] = 0.5 * masks[lesion_mask] + 0.5 * np.array([1.0, 0.0, 0.0])
+    masks[seg] = 0.5 * masks[seg] + 0.5 * np.array([0.0, 1.0, 0.0])
+    return _to_uint8(np.concatenate([gray, overlay, masks], axis=1))
+
+
+#: Height (px) of every heatmap panel logged to W&B, so panels of different images compare side by side.
+PANEL_HEIGHT = 256
+
+
+def panel_at_height(panel: np.ndarray, height: int = PANEL_HEIGHT) -> np.ndarray:
+    """``panel`` resized (area / linear) to ``height`` rows, keeping its aspect ratio."""
+    import cv2
+
+    width = max(1, round(panel.shape[1] * height / panel.shape[0]))
+    interpolation = cv2.INTER_AREA if panel.shape[0] > height else cv2.INTER_LINEAR
+    return cv2.resize(panel, (width, height), interpolation=interpolation)
+
+
+def score_distribution_image(hist: Mapping[str, np.ndarray], title: str) -> np.ndarray:
+    """A uint8 RGB plot of the healthy vs lesion pixel-score densities (Fig. 3 style)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    edges = np.asarray(hist["bin_edges"])
+    fig = Figure(figsize=(5, 3.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for key, color in (("healthy", "tab:blue"), ("lesion", "tab:red")):
+        counts = np.asarray(hist[key], np.float64)
+        total = counts.sum()
+        if total > 0:
+            density = counts / (total * np.diff(edges))
+            ax.stairs(density, edges, fill=True, alpha=0.5, color=color, label=f"{key} ({int(total)} px)")
+    ax.set_xlabel("anomaly score")
+    ax.set_ylabel("density")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+

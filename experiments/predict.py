@@ -6,9 +6,9 @@ with one stem in different folders never collide):
 - ``<stem>_map.npy``: float32 anomaly map at evaluation spacing, NaN outside the breast
   (``<stem>_map_native.npy`` on the source's pixel grid with ``prediction.native_grid``);
 - ``<stem>_mask.png``: the thresholded map (255 = above threshold, inside the breast);
-- ``<stem>_overlay.png``: the grey scan at full contrast, heat (`figures.CMAP`) only where the score is
-  above the threshold, the breast outline (magenta), a colorbar in the model's score unit, a scale bar in
-  mm, the image ID and the model;
+- ``<stem>_overlay.png`` (drawn by `overlays`): the grey scan at full contrast, heat (`figures.CMAP`)
+  only where the score is above the threshold, the breast outline (magenta), a colorbar in the model's
+  score unit, a scale bar in mm, the image ID and the model;
 - ``<stem>_regions.json``: connected regions above the threshold (centre, area in mm^2, peak score,
   p-value when the model is calibrated), the spacing used and where it came from;
 - for DICOM inputs (``prediction.dicom``): ``<stem>_seg.dcm``, a DICOM Segmentation of the thresholded
@@ -43,6 +43,7 @@ from pytorch_lightning.callbacks import Callback
 
 from datamodules.fileio import atomic_write, write_json
 from experiments import anomaly_maps, evaluation_results, figures, metrics
+from experiments.overlays import figure_rgb, overlay_figure, overlay_rgb
 
 #: Score unit per model class, for the overlay's colorbar (a model may declare ``score_unit`` itself).
 SCORE_UNITS = {
@@ -53,10 +54,6 @@ SCORE_UNITS = {
     "FAnoGAN": "f-AnoGAN score (MSE + kappa feature MSE)",
     "FAnoGANEncoder": "f-AnoGAN score (MSE + kappa feature MSE)",
 }
-#: Colour of the breast outline on overlays (not in `figures.CMAP`, so never mistaken for heat).
-OUTLINE_RGB = (255, 0, 255)
-#: Opacity of the heat over the scan where the score is above the threshold.
-HEAT_ALPHA = 0.7
 PREDICTIONS_COLUMNS = (
     "image_id", "source_path", "image_score", "top1pct_mean", "threshold", "threshold_rule", "n_regions",
     "largest_region_mm2", "min_p_value", "native_spacing_mm", "spacing_source", "spacing_mm", "model",
@@ -131,67 +128,6 @@ def score_unit(model: Any) -> str:
 # --- per image ---------------------------------------------------------------------------------------
 
 
-def overlay_rgb(image: np.ndarray, amap: np.ndarray, breast: np.ndarray, threshold: float,
-                vmax: float | None = None) -> np.ndarray:
-    """uint8 H x W x 3: the grey scan at full contrast, heat (`figures.CMAP`) only on breast pixels above
-    ``threshold`` (``threshold`` .. ``vmax`` = the colour map's ends), the breast outline in `OUTLINE_RGB`."""
-    import matplotlib
-
-    grey = (np.clip(np.asarray(image, np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    rgb = np.repeat(grey[..., None], 3, axis=2)
-    hot = anomaly_maps.segment(amap, breast, threshold) if math.isfinite(threshold) else np.zeros(breast.shape, bool)
-    if hot.any():
-        top = float(np.nanmax(amap[hot])) if vmax is None else float(vmax)
-        span = top - threshold if top > threshold else 1.0
-        level = np.clip((amap[hot] - threshold) / span, 0.0, 1.0)
-        heat = (matplotlib.colormaps[figures.CMAP](level)[:, :3] * 255.0).astype(np.float32)
-        rgb[hot] = (HEAT_ALPHA * heat + (1.0 - HEAT_ALPHA) * rgb[hot].astype(np.float32) + 0.5).astype(np.uint8)
-    contours, _ = cv2.findContours(breast.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    outline = np.zeros(breast.shape, np.uint8)
-    cv2.drawContours(outline, contours, -1, 1, thickness=1)
-    rgb[(outline > 0) & breast] = OUTLINE_RGB
-    return rgb
-
-
-def scale_bar_mm(width_px: int, spacing_mm: float) -> float:
-    """A round scale-bar length (mm) near a fifth of the image width."""
-    target = 0.2 * width_px * spacing_mm
-    for length in (100.0, 50.0, 20.0, 10.0, 5.0, 2.0, 1.0, 0.5):
-        if length <= target:
-            return length
-    return 0.5
-
-
-def overlay_figure(rgb: np.ndarray, spacing_mm: float, image_id: str, model_name: str, unit: str,
-                   threshold: float, vmax: float, threshold_rule: str, image_score: float) -> Any:
-    """The readable overlay: `overlay_rgb` with a colorbar (score unit), a scale bar in mm, ID and model."""
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-    from matplotlib.patches import Rectangle
-
-    plt = figures._pyplot()
-    height, width = rgb.shape[:2]
-    with figures.style():
-        fig_w = 5.0
-        fig, ax = plt.subplots(figsize=(fig_w + 1.2, fig_w * height / max(width, 1) + 0.8), layout="constrained")
-        ax.imshow(rgb, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(f"{image_id}  |  model: {model_name}\nimage score (peak) {image_score:.4g}; heat above "
-                     f"{threshold_rule} = {threshold:.4g}; breast outline magenta")
-        top = vmax if vmax > threshold else threshold + 1.0
-        mappable = ScalarMappable(norm=Normalize(vmin=threshold, vmax=top), cmap=figures.CMAP)
-        figures.add_colorbar(fig, ax, mappable, f"anomaly score: {unit}")
-        length_mm = scale_bar_mm(width, spacing_mm)
-        length_px = length_mm / spacing_mm
-        x0, y0 = 0.05 * width, 0.95 * height
-        ax.add_patch(Rectangle((x0, y0 - 0.012 * height), length_px, max(0.012 * height, 2.0),
-                               color="white", label="scale bar"))
-        ax.text(x0 + length_px / 2, y0 - 0.03 * height, f"{length_mm:g} mm", color="white", ha="center",
-                va="bottom")
-    return fig
-
-
 def candidate_regions(amap: np.ndarray, seg: np.ndarray, spacing_mm: float, native_spacing_mm: float | None = None,
                       p_value: Callable[[np.ndarray], np.ndarray] | None = None) -> list[dict[str, Any]]:
     """Connected regions of ``seg`` (8-connectivity), highest peak first: centre (px at evaluation spacing,
@@ -243,12 +179,6 @@ def _npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
     return buffer.getvalue()
-
-
-def _figure_rgb(fig: Any) -> np.ndarray:
-    """The rendered figure as uint8 RGB (for the Secondary Capture); the figure stays open."""
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
 @dataclass
@@ -313,7 +243,7 @@ def write_prediction(
     fig = overlay_figure(rgb, spacing, image_id, model_name, unit, threshold, vmax, rule, image_score)
     source = Path(str(meta.get("source_path", "")))
     dicom_in = options.dicom and source.suffix.lower() in (".dcm", ".dicom") and source.is_file()
-    rendered = _figure_rgb(fig) if dicom_in else None
+    rendered = figure_rgb(fig) if dicom_in else None
     paths["overlay"] = figures.save_figure(fig, paths["overlay"], formats=("png",))
     spacing_info = {"spacing_mm": spacing, "native_spacing_mm": native_spacing,
                     "spacing_source": meta.get("spacing_source"), "native_shape": meta.get("native_shape")}

@@ -17,7 +17,8 @@ from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 
 from experiments import anomaly_maps, evaluation_results
-from experiments.callbacks import PANEL_HEIGHT, EvaluationCallback, heatmap_panel, panel_at_height
+from experiments.callbacks import EvaluationCallback
+from experiments.figures import PANEL_HEIGHT, heatmap_panel, panel_at_height
 from lightning_modules.base import AnomalyDetector
 
 PATCH, STRIDE = 64, 16

@@ -11,7 +11,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from datamodules.fileio import json_safe
-from experiments import anomaly_maps, evaluation, evaluation_results, metrics
+from experiments import anomaly_maps, evaluation, evaluation_results, localisation, metrics
 
 
 def _grid(breast: np.ndarray, stride: int, origin: tuple[int, int] = (8, 8)) -> np.ndarray:
@@ -241,13 +241,13 @@ def test_localisation_columns_equal_the_metric_functions() -> None:
     ev = evaluation.evaluate_scan(item, _scores(item))
     result, amap = ev.result, ev.anomaly_map
     breast, lesion = item["breast_mask"], item["lesion_mask"]
-    assert result.lesion_hit == metrics.lesion_hit(amap, lesion, breast) == 1.0
-    assert result.interior_auc == pytest.approx(metrics.interior_pixel_auc([amap], [lesion], [breast], 64))
+    assert result.lesion_hit == localisation.lesion_hit(amap, lesion, breast) == 1.0
+    assert result.interior_auc == pytest.approx(localisation.interior_pixel_auc([amap], [lesion], [breast], 64))
     assert result.hausdorff_cells == pytest.approx(result.hausdorff_px / 16)
     assert result.density_group == "G" and result.border_group == "interior"
     assert result.n_lesions == 1 and result.n_lesions_near_border == 0
-    labels, n = metrics.label_lesions(lesion)
-    found, fp = metrics.froc_counts(amap, labels, n, breast, [result.threshold])
+    labels, n = localisation.label_lesions(lesion)
+    found, fp = localisation.froc_counts(amap, labels, n, breast, [result.threshold])
     assert result.lesions_found_at_threshold == int(found.sum()) == 1
     assert result.false_positives_at_threshold == int(fp[0])
     near = _border_item("n", (20, 100), 3)  # 16 px from the top border
@@ -270,29 +270,29 @@ def test_accumulator_froc_and_group_aucs_equal_pooled_references() -> None:
         scores = _scores(it) + 0.3 * rng.random(len(it["centers"]))  # noise: false positives appear
         amap = acc.add(it, scores).anomaly_map
         maps.append(amap)
-        labels, n = metrics.label_lesions(it["lesion_mask"] & it["breast_mask"])
+        labels, n = localisation.label_lesions(it["lesion_mask"] & it["breast_mask"])
         levels = np.percentile(amap[it["breast_mask"]], evaluation.FROC_PERCENTILES)
         levels[-1] = np.inf
-        f, fp = metrics.froc_counts(amap, labels, n, it["breast_mask"], levels)
+        f, fp = localisation.froc_counts(amap, labels, n, it["breast_mask"], levels)
         found.append(f)
         fps.append(fp)
         all_levels.append(levels)
     s = acc.summary()
-    fp_image, sens_image = metrics.froc_curve(found, fps)
+    fp_image, sens_image = localisation.froc_curve(found, fps)
     np.testing.assert_allclose(s["froc_image_percentile"]["fp_per_image"], fp_image)
     np.testing.assert_allclose(s["froc_image_percentile"]["sensitivity_all"], sens_image)
-    thresholds, fp_per_image, sens = metrics.froc_global(all_levels, [f.sum(axis=1) for f in found], fps, 3)
+    thresholds, fp_per_image, sens = localisation.froc_global(all_levels, [f.sum(axis=1) for f in found], fps, 3)
     np.testing.assert_allclose(s["froc"]["thresholds"], thresholds)
     np.testing.assert_allclose(s["froc"]["fp_per_image"], fp_per_image)
     np.testing.assert_allclose(s["froc"]["sensitivity_all"], sens)
-    expected = metrics.sensitivity_at_fp(fp_per_image, sens)
+    expected = localisation.sensitivity_at_fp(fp_per_image, sens)
     assert [s["sensitivity_at_0.5_fp"], s["sensitivity_at_1_fp"], s["sensitivity_at_2_fp"]] == [
         expected[0.5], expected[1.0], expected[2.0]]
     assert s["n_lesions"] == 3 and s["n_lesions_near_border"] == 1
     assert s["lesion_hit_rate"] == pytest.approx(np.mean([r.lesion_hit for r in acc.results]))
     masks = [(it["lesion_mask"], it["breast_mask"]) for it in items]
     assert s["interior_pixel_auc"] == pytest.approx(
-        metrics.interior_pixel_auc(maps, [m[0] for m in masks], [m[1] for m in masks], 64))
+        localisation.interior_pixel_auc(maps, [m[0] for m in masks], [m[1] for m in masks], 64))
     low = [0, 2]  # BI-RADS 1 and 2
     assert s["pixel_auc_density_1-2"] == pytest.approx(
         metrics.pixel_auc([maps[i] for i in low], [masks[i][0] for i in low], [masks[i][1] for i in low]))
@@ -327,5 +327,5 @@ def test_calibrated_rule_reads_the_models_threshold() -> None:
     result, amap, seg = ev.result, ev.anomaly_map, ev.segmentation
     assert result.threshold_rule == "calibrated_0.6" and result.threshold == pytest.approx(0.6)
     assert seg.sum() == int((amap[item["breast_mask"]] > 0.6).sum())
-    regions = metrics.froc_counts(amap, *metrics.label_lesions(item["lesion_mask"]), item["breast_mask"], [0.6])
+    regions = localisation.froc_counts(amap, *localisation.label_lesions(item["lesion_mask"]), item["breast_mask"], [0.6])
     assert result.false_positives_at_threshold == int(regions[1][0])

@@ -18,7 +18,7 @@ from datamodules import MammographyDataModule
 from datamodules.readers import list_source, read_image
 from datamodules.readers.dicom import read_dicom
 from datamodules.records import DataError
-from experiments import anomaly_maps, predict
+from experiments import anomaly_maps, overlays, predict
 from lightning_modules.base import AnomalyDetector
 from tests.test_datamodules import write_mammogram
 from tests.test_readers_dicom import write_dicom
@@ -108,10 +108,10 @@ def test_overlay_is_grey_outside_the_breast_and_below_the_threshold(tmp_path: Pa
     breast = item["breast_mask"]
     amap = anomaly_maps.anomaly_map(_peaked_scores(item), item["centers"], breast, 16)
     threshold = anomaly_maps.image_percentile_threshold(amap, breast, 99.0)
-    rgb = predict.overlay_rgb(item["scan"], amap, breast, threshold)
+    rgb = overlays.overlay_rgb(item["scan"], amap, breast, threshold)
     grey = (item["scan"] * 255 + 0.5).astype(np.uint8)
     hot = anomaly_maps.segment(amap, breast, threshold)
-    outline = np.all(rgb == predict.OUTLINE_RGB, axis=2)
+    outline = np.all(rgb == overlays.OUTLINE_RGB, axis=2)
     # outside the breast: the scan itself at full contrast, untouched
     np.testing.assert_array_equal(rgb[~breast], np.repeat(grey[~breast][:, None], 3, axis=1))
     # inside, below the threshold and off the outline: grey as well
@@ -125,15 +125,15 @@ def test_overlay_is_grey_outside_the_breast_and_below_the_threshold(tmp_path: Pa
 
 def test_overlay_figure_has_colorbar_units_scale_bar_id_and_model() -> None:
     rgb = np.zeros((100, 80, 3), np.uint8)
-    fig = predict.overlay_figure(rgb, 0.2, "case7/scan", "RatSpnStage", "-log p(z) (nats)", 1.0, 3.0,
-                                 "calibrated threshold", 2.5)
+    fig = overlays.overlay_figure(rgb, 0.2, "case7/scan", "RatSpnStage", "-log p(z) (nats)", 1.0, 3.0,
+                                  "calibrated threshold", 2.5)
     texts = [t.get_text() for t in fig.findobj(match=lambda a: hasattr(a, "get_text"))]
     assert any("case7/scan" in t and "RatSpnStage" in t for t in texts)
     assert any(t == "anomaly score: -log p(z) (nats)" for t in texts)  # the colorbar's label
     assert "2 mm" in texts  # scale bar: a fifth of 80 px x 0.2 mm = 3.2 mm, rounded down to 2 mm
     colorbar_axes = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
     assert len(colorbar_axes) == 1 and colorbar_axes[0].get_ylim() == pytest.approx((1.0, 3.0))
-    assert predict.scale_bar_mm(3000, 0.05) == 20.0
+    assert overlays.scale_bar_mm(3000, 0.05) == 20.0
 
 
 def test_write_prediction_regions_json_and_row_with_the_percentile(tmp_path: Path) -> None:
