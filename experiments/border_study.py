@@ -9,6 +9,8 @@ Reuses Table 1's CAE and CAE-RATSPN fits in ``OUT/runs`` and adds, each one `lig
 - ``context``: the conditional RAT-SPN, -log p(z | position) (`RatSpnStage(context=True)`, a new EM fit);
 - ``mondrian`` / ``normalised``: conformal calibration by border stratum (`experiments.calibration`) of the
   plain RAT-SPN, by rank within each stratum / by per-stratum location and scale and one pooled rank;
+- ``mondrian+smooth``: the grid scores averaged over neighbouring patches (Gaussian, sigma
+  `table1_stages.DEFAULT_SMOOTHING_PX`) before the Mondrian calibration: Table 1's default RAT-SPN rows;
 - ``context+mondrian``, ``context+normalised`` and ``CAE+mondrian`` (the autoencoder alone, calibrated the
   same way).
 
@@ -52,7 +54,7 @@ class Variant:
     config: str  # model YAML
     fit: str  # run folder whose checkpoint is scored ("cae", "cae_spn" from Table 1, or a fit of this study)
     calibration: list[str] | None = None  # ConformalCalibration arguments; None = raw scores
-    hparams: tuple[tuple[str, Any], ...] = ()  # scoring options written into a copy of the checkpoint
+    hparams: tuple[tuple[str, Any], ...] = ()  # scoring options written into a copy of the checkpoint (first)
     needs_autoencoder: bool = True
 
 
@@ -62,6 +64,8 @@ VARIANTS = (
     Variant("suppress", "cae_spn.yaml", "cae_spn", hparams=(("border_suppression_px", 64.0),)),
     Variant("context", "cae_spn.yaml", "border_cae_spn_context"),
     Variant("mondrian", "cae_spn.yaml", "cae_spn", calibration=MONDRIAN),
+    Variant("mondrian+smooth", "cae_spn.yaml", "cae_spn", calibration=MONDRIAN,
+            hparams=(("score_smoothing_px", table1_stages.DEFAULT_SMOOTHING_PX),)),
     Variant("normalised", "cae_spn.yaml", "cae_spn", calibration=NORMALISED),
     Variant("context+mondrian", "cae_spn.yaml", "border_cae_spn_context", calibration=MONDRIAN),
     Variant("context+normalised", "cae_spn.yaml", "border_cae_spn_context", calibration=NORMALISED),
@@ -127,6 +131,11 @@ def run(args: argparse.Namespace) -> int:
     for variant in VARIANTS:
         base = _base_args(args, variant.config, variant.fit) + (ae if variant.needs_autoencoder else [])
         ckpt = table1_stages.checkpoint_path(runs, variant.fit)  # best.ckpt (else last.ckpt), as Table 1 tests
+        if variant.config.endswith("_spn.yaml"):
+            # scoring options before the calibration, which ranks what the model scores; a RAT-SPN variant
+            # scores unsmoothed unless it says so, whatever smoothing Table 1's fit carries
+            hparams = {"score_smoothing_px": 0.0, **dict(variant.hparams)}
+            ckpt = with_hparams(ckpt, ckpt.with_name(f"{_slug(variant.name)}.ckpt"), hparams)
         if variant.calibration is not None:
             calibrated = ckpt.with_name(f"calibrated-{_slug(variant.name)}.ckpt")
             if not calibrated.is_file():
@@ -135,8 +144,6 @@ def run(args: argparse.Namespace) -> int:
                       "--trainer.callbacks+=experiments.calibration.ConformalCalibration",
                       "--trainer.callbacks.output", str(calibrated), *variant.calibration], log)
             ckpt = calibrated
-        if variant.hparams:
-            ckpt = with_hparams(ckpt, ckpt.with_name(f"{_slug(variant.name)}.ckpt"), dict(variant.hparams))
         name = f"{_slug(variant.name)}-{args.split}"
         metrics = eval_dir / name / "metrics.json"
         if not metrics.is_file():

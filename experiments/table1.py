@@ -31,6 +31,7 @@ from experiments.table1_report import (
 )
 from experiments.table1_stages import (
     DATA_CHOICES,
+    DEFAULT_SMOOTHING_PX,
     FITS,
     MODEL_ORDER,
     PROFILES,
@@ -42,6 +43,7 @@ from experiments.table1_stages import (
     data_config,
     run_stages,
     select_models,
+    smoothing_of,
     stage_args,
 )
 
@@ -68,6 +70,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="the RAT-SPN rows' scores: raw -log p(z) (paper), or conformal -log p-values calibrated "
                              "by border stratum on healthy validation images (mondrian), over a conditional RAT-SPN "
                              "-log p(z | position) (context+mondrian); README 'Border-aware scoring'")
+    parser.add_argument("--score-smoothing-px", type=float, default=None, metavar="SIGMA",
+                        help="the RAT-SPN rows' grid scores averaged over neighbouring patches (Gaussian, sigma in px) "
+                             f"before the calibration; default {DEFAULT_SMOOTHING_PX:g} with a calibrated --scoring, "
+                             "0 with raw (the paper's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="several seeds: the stages run once per seed (<out>/seed-<N>/) and the table is the "
                              "mean ± sd over seeds")
@@ -145,7 +151,7 @@ def _run_seed(args: argparse.Namespace, seed: int, out_dir: Path, pairs_only: bo
     """Runs (or reuses) one seed's stages under ``out_dir`` and writes its table; returns its rows or an exit code."""
     data_name = data_config(args.data)[0]
     stages = build_stages(args.profile, args.data, args.data_root, seed, args.healthy_root, args.threshold_rule,
-                          args.scoring)
+                          args.scoring, args.score_smoothing_px)
     if pairs_only:
         stages = pair_stages(stages)
     if args.models:
@@ -174,7 +180,7 @@ def _run_seed(args: argparse.Namespace, seed: int, out_dir: Path, pairs_only: bo
     notes = [
         f"Profile `{args.profile}`, data `{data_name}`, seed {seed}; W&B group `{group}`.",
         "Intensity: score = mean patch intensity, nothing trained (what brightness alone achieves).",
-        f"RAT-SPN rows scored `{args.scoring}`: " + SCORING_NOTES[args.scoring],
+        f"RAT-SPN rows scored `{args.scoring}`: " + SCORING_NOTES[args.scoring] + _smoothing_note(args),
     ]
     if total is not None:
         notes.append(f"Wall time of the stages run: {total / 60:.1f} min (per stage in timings.json).")
@@ -211,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--profile must be one of {PROFILES}, got {args.profile!r}")
         # the flags together (e.g. --threshold-rule calibrated needs a calibrated --scoring) before any stage runs
         stages = build_stages(args.profile, args.data, args.data_root, args.seed, args.healthy_root,
-                              args.threshold_rule, args.scoring)
+                              args.threshold_rule, args.scoring, args.score_smoothing_px)
         if args.models:
             select_models(stages, args.models)
     except (ValueError, FileNotFoundError) as err:
@@ -238,6 +244,12 @@ def run(args: argparse.Namespace) -> int:
     log(md.read_text())
     log(f"wrote {md}, {out_dir / 'table1.csv'} (mean ± sd over seeds {' '.join(map(str, seeds))})")
     return 0
+
+
+def _smoothing_note(args: argparse.Namespace) -> str:
+    sigma = smoothing_of(args.scoring, args.score_smoothing_px)
+    return (f" Grid scores averaged over neighbouring patches (Gaussian, sigma {sigma:g} px) before "
+            "the calibration." if sigma > 0 else "")
 
 
 def _printer() -> Any:

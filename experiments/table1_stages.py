@@ -133,6 +133,10 @@ SCORINGS = ("raw", "mondrian", "context+mondrian")
 #: fits whose model has a ``seed`` hyper-parameter of its own (the VQ-VAE's code restarts, the RAT-SPN's init)
 SEEDED_FITS = ("vqvae", "cae_spn", "bvae_spn", "vqvae_spn")
 CALIBRATED_CKPT = "calibrated.ckpt"
+#: ``--score-smoothing-px`` default of the calibrated RAT-SPN rows: sigma (px) of the Gaussian average of
+#: neighbouring grid scores before the calibration (`RatSpnStage(score_smoothing_px)`); the raw rows keep 0
+#: (the paper's per-patch score). Chosen on lesion validation, README "Border-aware scoring".
+DEFAULT_SMOOTHING_PX = 16.0
 SCORING_NOTES = {
     "raw": "-log p(z) of the autoencoder's latents (paper).",
     "mondrian": "-log of the conformal p-value of -log p(z) among healthy validation patches of the same "
@@ -142,9 +146,20 @@ SCORING_NOTES = {
 }
 
 
+def smoothing_of(scoring: str, smoothing_px: float | None = None) -> float:
+    """The RAT-SPN rows' score smoothing (px): ``smoothing_px`` when given, else `DEFAULT_SMOOTHING_PX` for a
+    calibrated ``scoring`` and 0 for ``raw`` (the paper's)."""
+    if smoothing_px is None:
+        return 0.0 if scoring == "raw" else DEFAULT_SMOOTHING_PX
+    if smoothing_px < 0:
+        raise ValueError(f"--score-smoothing-px must be >= 0, got {smoothing_px:g}")
+    return float(smoothing_px)
+
+
 def build_stages(
     profile: str, data: str = "synthetic", data_root: str | None = None, seed: int = 0,
     healthy_root: str | None = None, threshold_rule: str = "image_percentile", scoring: str = "mondrian",
+    smoothing_px: float | None = None,
 ) -> list[Stage]:
     """The reproduction's stages in run order (8 fits, then 16 tests: 8 models x mass/calc).
 
@@ -152,7 +167,8 @@ def build_stages(
     threshold their checkpoint carries; their test stages are named ``...-calibrated`` so the per-image
     percentile results stay. Every other row keeps the per-image percentile; each row says its rule.
     ``scoring`` (`SCORINGS`) other than "raw" adds a calibration stage after each RAT-SPN fit, whose
-    calibrated checkpoint the RAT-SPN rows are tested with.
+    calibrated checkpoint the RAT-SPN rows are tested with. ``smoothing_px`` (`smoothing_of`) goes to the
+    RAT-SPN fits as ``score_smoothing_px``, so their calibration and tests score the smoothed grid.
     """
     if profile not in PROFILES:
         raise ValueError(f"--profile must be one of {PROFILES}, got {profile!r}")
@@ -164,6 +180,9 @@ def build_stages(
         raise ValueError("--threshold-rule calibrated needs calibrated RAT-SPN rows: --scoring mondrian or "
                          "context+mondrian")
     spn_extra = ["--model.init_args.context", "true"] if scoring.startswith("context") else []
+    smoothing = smoothing_of(scoring, smoothing_px)
+    if smoothing > 0:
+        spn_extra += ["--model.init_args.score_smoothing_px", f"{smoothing:g}"]
     # models with a seed of their own take the stage's seed too: Lightning refuses a model and a data module
     # whose logged ``seed`` hyper-parameters differ, and --seed N must move every random choice
     seeded = ["--model.init_args.seed", str(seed)]

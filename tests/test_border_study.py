@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import border_study, tools
+from experiments import border_study, table1_stages, tools
 
 
 @pytest.mark.slow
@@ -27,11 +27,18 @@ def test_border_study_runs_every_variant_on_a_smoke_table(tmp_path: Path, monkey
         assert 0.0 <= float(r["pixel_auc"]) <= 1.0 and 0.0 <= float(r["lesion_hit_rate"]) <= 1.0
     calibrated = {v.name for v in border_study.VARIANTS if v.calibration is not None}
     assert all((r["healthy p<0.05"] != "") == (r["variant"] in calibrated) for r in rows)
-    # Table 1's CAE-RATSPN row (default scoring: mondrian) is the study's mondrian row: the same best checkpoint,
-    # calibrated with the same strata
+    # Table 1's CAE-RATSPN row (default: mondrian, smoothed) is the study's mondrian+smooth row: the same best
+    # checkpoint, smoothed and calibrated with the same strata; the mondrian row scores the same fit unsmoothed
     table = {r["model"]: r for r in csv.DictReader((out / "table1.csv").open()) if r["test_set"] == "mass"}
-    mondrian = next(r for r in rows if r["variant"] == "mondrian")
-    assert float(mondrian["pixel_auc"]) == pytest.approx(float(table["CAE-RATSPN"]["pixel_auc"]), abs=1e-6)
+    smooth = next(r for r in rows if r["variant"] == "mondrian+smooth")
+    assert float(smooth["pixel_auc"]) == pytest.approx(float(table["CAE-RATSPN"]["pixel_auc"]), abs=1e-6)
+    import torch
+
+    checkpoints = out / "runs" / "cae_spn" / "checkpoints"
+    sigma = {name: torch.load(checkpoints / f"calibrated-{name}.ckpt", map_location="cpu",
+                              weights_only=False)["hyper_parameters"]["score_smoothing_px"]
+             for name in ("mondrian", "mondrian_smooth")}
+    assert sigma == {"mondrian": 0.0, "mondrian_smooth": table1_stages.DEFAULT_SMOOTHING_PX}
     assert (out / "runs" / "cae_spn" / "checkpoints" / "calibrated-mondrian.calibration.png").is_file()
     # two-fold cross-fit: every validation image checked by a calibrator that never saw it, all of them kept
     report = json.loads((out / "runs" / "cae_spn" / "checkpoints" / "calibrated-mondrian.calibration.json").read_text())
