@@ -469,3 +469,41 @@ def test_models_flag_runs_only_those_rows(tmp_path: Path, capsys: pytest.Capture
     assert len(printed) == 1 + len(table1_stages.TEST_SETS)  # the CAE fit and its tests
     assert tools.main(["table1", "--profile", "smoke", "--out", str(tmp_path), "--models", "Nope"]) == 2
     assert "--models: unknown row 'Nope'" in capsys.readouterr().err
+
+
+def test_stages_rerun_when_their_settings_change_and_keep_the_old_outputs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from experiments import cli
+
+    calls: list[str] = []
+
+    def fake_main(args: list[str]) -> None:
+        name = args[args.index("--run.name") + 1]
+        calls.append(name)
+        run_dir = Path(args[args.index("--run.root") + 1]) / name
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / ("config.yaml" if args[0] == "fit" else f"config-{args[0]}.yaml")).write_text("x: 1\n")
+        if args[0] == "fit":
+            (run_dir / "checkpoints" / "best.ckpt").write_text(" ".join(args))
+        elif args[0] == "validate":
+            Path(args[args.index("--trainer.callbacks.output") + 1]).write_text("calibrated")
+        else:
+            evaluation_results.write_metrics_json(Path(args[args.index("--run.results_dir") + 1]) / name / "metrics.json",
+                                                  {"pixel_auc": 0.7, "threshold_rule": "image_percentile_99"})
+
+    monkeypatch.setattr(cli, "run_cli", fake_main)
+    out = tmp_path / "out"
+    base = ["table1", "--profile", "smoke", "--out", str(out), "--models", "CAE-RATSPN"]
+    assert tools.main(base) == 0
+    first = list(calls)
+    assert first[:3] == ["cae", "cae_spn", "cae_spn_calibrate"] and len(first) == 3 + len(table1_stages.TEST_SETS)
+    calls.clear()
+    assert tools.main(base) == 0 and calls == []  # same settings: every stage reused
+    # another smoothing changes the RAT-SPN fit, hence its calibration and tests; the CAE fit stays
+    assert tools.main([*base, "--score-smoothing-px", "8"]) == 0
+    assert calls == first[1:]
+    replaced = sorted(p.name for p in (out / "runs").iterdir() if ".replaced-" in p.name)
+    assert [p.split(".replaced-")[0] for p in replaced] == sorted(first[1:])  # kept beside, nothing deleted
+    assert "score_smoothing_px 8" in (out / "runs" / "cae_spn" / "checkpoints" / "best.ckpt").read_text()
+    calls.clear()
+    assert tools.main([*base, "--score-smoothing-px", "8", "--force"]) == 0 and calls == first
