@@ -29,6 +29,7 @@ from experiments.table1_report import (
     write_figures,
     write_table1,
 )
+from experiments.table1_runs import run_stages
 from experiments.table1_stages import (
     DATA_CHOICES,
     DEFAULT_SMOOTHING_PX,
@@ -41,7 +42,6 @@ from experiments.table1_stages import (
     Stage,
     build_stages,
     data_config,
-    run_stages,
     select_models,
     smoothing_of,
     stage_args,

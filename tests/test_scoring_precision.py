@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments import table1_stages
+from experiments import table1_runs, table1_stages
 from lightning_modules import CAE
 from lightning_modules.base import bf16_supported
 
@@ -46,7 +46,7 @@ def test_smoke_test_stage_in_bf16_keeps_pixel_aucs_within_0_002_of_fp32(
     for precision in ("32-true", "bf16-mixed"):
         runs += [dataclasses.replace(s, name=f"{s.name}-{precision}", overrides=[*s.overrides, "--trainer.precision",
                                                                                 precision]) for s in tests]
-    table1_stages.run_stages(runs, tmp_path, "precision", log=lambda _: None)
+    table1_runs.run_stages(runs, tmp_path, "precision", log=lambda _: None)
     expected = "bf16" if bf16_supported(torch.device("cpu")) else "fp32"  # no fast bf16: scored in fp32
     for stage in tests:
         fp32 = json.loads((tmp_path / "eval" / f"{stage.name}-32-true" / "metrics.json").read_text())
