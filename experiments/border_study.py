@@ -9,8 +9,9 @@ Reuses Table 1's CAE and CAE-RATSPN fits in ``OUT/runs`` and adds, each one `lig
 - ``context``: the conditional RAT-SPN, -log p(z | position) (`RatSpnStage(context=True)`, a new EM fit);
 - ``mondrian`` / ``normalised``: conformal calibration by border stratum (`experiments.calibration`) of the
   plain RAT-SPN, by rank within each stratum / by per-stratum location and scale and one pooled rank;
-- ``mondrian+smooth``: the grid scores averaged over neighbouring patches (Gaussian, sigma
-  `table1_stages.DEFAULT_SMOOTHING_PX`) before the Mondrian calibration: Table 1's default RAT-SPN rows;
+- ``mondrian+smooth<sigma>`` per ``--smoothing-px`` (default `table1_stages.DEFAULT_SMOOTHING_PX`, 16): the
+  grid scores averaged over neighbouring patches (Gaussian, sigma px) before the Mondrian calibration; the
+  default one is Table 1's default RAT-SPN row;
 - ``context+mondrian``, ``context+normalised`` and ``CAE+mondrian`` (the autoencoder alone, calibrated the
   same way).
 
@@ -64,13 +65,18 @@ VARIANTS = (
     Variant("suppress", "cae_spn.yaml", "cae_spn", hparams=(("border_suppression_px", 64.0),)),
     Variant("context", "cae_spn.yaml", "border_cae_spn_context"),
     Variant("mondrian", "cae_spn.yaml", "cae_spn", calibration=MONDRIAN),
-    Variant("mondrian+smooth", "cae_spn.yaml", "cae_spn", calibration=MONDRIAN,
-            hparams=(("score_smoothing_px", table1_stages.DEFAULT_SMOOTHING_PX),)),
     Variant("normalised", "cae_spn.yaml", "cae_spn", calibration=NORMALISED),
     Variant("context+mondrian", "cae_spn.yaml", "border_cae_spn_context", calibration=MONDRIAN),
     Variant("context+normalised", "cae_spn.yaml", "border_cae_spn_context", calibration=NORMALISED),
     Variant("CAE+mondrian", "cae.yaml", "cae", calibration=MONDRIAN, needs_autoencoder=False),
 )
+
+
+def smoothing_variants(sigmas_px: list[float]) -> tuple[Variant, ...]:
+    """``mondrian+smooth<sigma>`` per sigma: the grid scores smoothed (`RatSpnStage(score_smoothing_px)`) before
+    the Mondrian calibration; ``--smoothing-px`` 16 (the default) is Table 1's default RAT-SPN row."""
+    return tuple(Variant(f"mondrian+smooth{sigma:g}", "cae_spn.yaml", "cae_spn", calibration=MONDRIAN,
+                         hparams=(("score_smoothing_px", float(sigma)),)) for sigma in sigmas_px)
 
 
 def _slug(name: str) -> str:
@@ -128,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
               "--run.name", context_fit.name, "--run.root", str(runs), "--run.results_dir", str(eval_dir)], log)
     split = ["--data.init_args.evaluate_on", args.split]
     rows = []
-    for variant in VARIANTS:
+    variants = VARIANTS + smoothing_variants(args.smoothing_px)
+    for variant in variants:
         base = _base_args(args, variant.config, variant.fit) + (ae if variant.needs_autoencoder else [])
         ckpt = table1_stages.checkpoint_path(runs, variant.fit)  # best.ckpt (else last.ckpt), as Table 1 tests
         if variant.config.endswith("_spn.yaml"):
@@ -202,3 +209,5 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", default="test", choices=("test", "lesion_validation"),
                         help="which lesion set the variants are scored on (choose a default on lesion_validation)")
+    parser.add_argument("--smoothing-px", type=float, nargs="+", default=[table1_stages.DEFAULT_SMOOTHING_PX],
+                        metavar="SIGMA", help="a mondrian+smooth<SIGMA> variant per sigma (px) of the grid smoothing")
