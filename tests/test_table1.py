@@ -409,3 +409,6 @@ def test_models_flag_runs_only_those_rows(tmp_path: Path, capsys: pytest.Capture
     assert len(printed) == 1 + len(table1_stages.TEST_SETS)  # the CAE fit and its tests
     assert tools.main(["table1", "--profile", "smoke", "--out", str(tmp_path), "--models", "Nope"]) == 2
     assert "--models: unknown row 'Nope'" in capsys.readouterr().err
+    assert tools.main(["table1", "--profile", "smoke", "--out", str(tmp_path), "--score-smoothing-px", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mammospn table1: --score-smoothing-px must be >= 0, got -1"]
