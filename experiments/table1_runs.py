@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.fileio import write_json
-from experiments.table1_stages import CALIBRATED_CKPT, Stage, checkpoint_path, stage_args
+from experiments.table1_stages import CALIBRATED_CKPT, Stage, checkpoint_path, stage_args, stage_inputs
 
 
 def stage_fingerprints(stages: Sequence[Stage]) -> dict[str, str]:
@@ -39,11 +39,9 @@ def stage_fingerprints(stages: Sequence[Stage]) -> dict[str, str]:
             for part in (*stage.overrides, stage.kind, str(stage.test_set), str(stage.checkpoint_file),
                          stage.threshold_rule):
                 digest.update(part.encode() + b"\0")
-            upstream = [by_name[n] for n in (stage.checkpoint_from, f"{stage.checkpoint_from}_calibrate")
-                        if n in by_name and n != stage.name and (n == stage.checkpoint_from
-                                                                  or stage.checkpoint_file == CALIBRATED_CKPT)]
-            for parent in upstream:
-                digest.update(fingerprint(parent).encode())
+            for name in stage_inputs(stage):
+                if name in by_name:
+                    digest.update(fingerprint(by_name[name]).encode())
             prints[stage.name] = digest.hexdigest()[:16]
         return prints[stage.name]
 

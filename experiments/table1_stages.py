@@ -261,11 +261,17 @@ def select_models(stages: Sequence[Stage], models: Sequence[str]) -> list[Stage]
         if stage.name in keep:
             continue
         keep.add(stage.name)
-        if stage.checkpoint_from in by_name:
-            todo.append(by_name[stage.checkpoint_from])
-        if stage.kind == "test" and stage.checkpoint_file == CALIBRATED_CKPT:
-            todo.append(by_name[f"{stage.checkpoint_from}_calibrate"])
+        todo.extend(by_name[name] for name in stage_inputs(stage) if name in by_name)
     return [s for s in stages if s.name in keep]
+
+
+def stage_inputs(stage: Stage) -> list[str]:
+    """Names of the stages whose outputs ``stage`` loads: the fit it names, and that fit's calibration when it is
+    tested with the calibrated checkpoint."""
+    if stage.checkpoint_from is None:
+        return []
+    calibrated = stage.checkpoint_file == CALIBRATED_CKPT
+    return [stage.checkpoint_from, *([f"{stage.checkpoint_from}_calibrate"] if calibrated else [])]
 
 
 def model_slug(model: str) -> str:
