@@ -425,6 +425,11 @@ def score_distribution_image(hist: Mapping[str, np.ndarray], title: str) -> np.n
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return figure_rgb(fig)
+
+
+def figure_rgb(fig: Any) -> np.ndarray:
+    """The rendered figure as uint8 RGB (a W&B panel, the predict Secondary Capture); the figure stays open."""
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 

@@ -2,8 +2,8 @@
 
 `overlay_rgb`: the grey scan at full contrast, heat (`figures.CMAP`) only on breast pixels above the
 threshold, the breast outline in `OUTLINE_RGB`; `overlay_figure`: that image with a colorbar in the
-model's score unit, a scale bar in mm (`scale_bar_mm`), the image ID and the model; `figure_rgb`: a
-rendered figure as uint8 RGB (the DICOM Secondary Capture of the overlay). Nothing here writes a file.
+model's score unit, a scale bar in mm (`scale_bar_mm`), the image ID and the model (`figures.figure_rgb`
+renders it as uint8 RGB for the DICOM Secondary Capture). Nothing here writes a file.
 """
 
 from __future__ import annotations
@@ -81,10 +81,3 @@ def overlay_figure(rgb: np.ndarray, spacing_mm: float, image_id: str, model_name
         ax.text(x0 + length_px / 2, y0 - 0.03 * height, f"{length_mm:g} mm", color="white", ha="center",
                 va="bottom")
     return fig
-
-
-def figure_rgb(fig: Any) -> np.ndarray:
-    """The rendered figure as uint8 RGB (for the Secondary Capture); the figure stays open."""
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-

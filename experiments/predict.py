@@ -43,7 +43,8 @@ from pytorch_lightning.callbacks import Callback
 
 from datamodules.fileio import atomic_write, write_json
 from experiments import anomaly_maps, evaluation_results, figures, metrics
-from experiments.overlays import figure_rgb, overlay_figure, overlay_rgb
+from experiments.figures import figure_rgb
+from experiments.overlays import overlay_figure, overlay_rgb
 
 #: Score unit per model class, for the overlay's colorbar (a model may declare ``score_unit`` itself).
 SCORE_UNITS = {
