@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,3 +22,17 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data samples not found at {SHARED_DATA} (see ../shared/data/README.md)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb_run_left_open():
+    """Closes a W&B run a test left open (a `WandbLogger` it built itself): wandb keeps one run per process, and
+    the next test in the same worker would otherwise log into it instead of its own (a flaky, order-dependent
+    failure under xdist)."""
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        from experiments.loggers import finish_wandb
+
+        finish_wandb()
+
