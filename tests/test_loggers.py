@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +47,9 @@ def test_a_resumed_fit_continues_its_wandb_run_and_predict_logs_its_table(
     cli.run_cli(["fit", "--config", config, "--run.name", "r", "--trainer.max_epochs", "2",
                  "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])
     records = _records(run_dir)
-    # one W&B run, resumed (offline, each session gets a folder offline-run-<time>-<id>; two sessions in
-    # the same second share one)
-    assert {name.rsplit("-", 1)[1] for name in records} == {run_id}
+    # one W&B run, resumed (offline, each session gets a folder offline-run-<time>-<id>; a second session in
+    # the same second gets offline-run-<time>-<id>-1, wandb's sync-dir suffix)
+    assert {re.fullmatch(r"offline-run-\d{8}_\d{6}-([^-]+)(-\d+)?", name).group(1) for name in records} == {run_id}
     assert all(b"r-fit" in data for data in records.values())
     cli.run_cli(["fit", "--config", config, "--run.name", "r"])  # a fresh fit is a new W&B run
     assert (run_dir / loggers.FIT_RUN_ID_FILE).read_text().strip() != run_id
