@@ -359,3 +359,28 @@ def test_data_patch_size_is_checked_against_the_models_own() -> None:
                                              r"model.init_args.patch_size, got 64"):
         cli.check_config_values(config)
     cli.check_config_values({"model": {"init_args": {}}, "data": {"init_args": {"patch_size": 32}}})  # RatSpnStage
+
+
+@pytest.mark.parametrize(("fast_bf16", "accelerator", "expected"), [
+    (False, "cpu", "32-true"),  # emulated bf16 (~12x slower here): fp32, said in a warning
+    (False, "auto", "32-true"),  # no GPU in the test machine: auto is the CPU
+    (True, "cpu", "bf16-mixed"),  # oneDNN bf16 kernels: what the profile asked for
+])
+def test_bf16_precision_falls_back_to_fp32_only_on_a_cpu_without_fast_bf16(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, fast_bf16: bool, accelerator: str, expected: str
+) -> None:
+    if torch.cuda.is_available() and accelerator == "auto":
+        pytest.skip("auto picks the GPU on this machine")
+    monkeypatch.setattr(cli, "bf16_supported", lambda device: fast_bf16)
+    config = _write(workdir / "a.yaml", BASE)
+    args = ["--config", config, "--trainer.precision", "bf16-mixed", "--trainer.accelerator", accelerator]
+    if fast_bf16:
+        run = cli.run_cli(args, run=False)
+    else:
+        with pytest.warns(UserWarning, match="bf16-mixed -> 32-true"):
+            run = cli.run_cli(args, run=False)
+    assert run.trainer.precision == expected
+    # an fp32 request and a GPU's bf16 are never touched
+    assert cli.fallback_precision({"trainer": {"precision": "32-true", "accelerator": "cpu"}}) is None
+    gpu = {"trainer": {"precision": "bf16-mixed", "accelerator": "gpu"}}
+    assert cli.fallback_precision(gpu) is None and gpu["trainer"]["precision"] == "bf16-mixed"
