@@ -27,6 +27,19 @@ def gaussian_kernel_1d(sigma_cells: float, truncate: float = 3.0, dtype: torch.d
     return torch.exp(-0.5 * (k / sigma_cells) ** 2)
 
 
+def grid_index(centers: Tensor, stride: int, n: int) -> tuple[Tensor, Tensor, int, int]:
+    """Grid row / column (long N) of each of ``n`` patch centres (N x 2 row, col px) on one grid of spacing
+    ``stride``, and the grid's size; ValueError when the count differs or a centre lies off the grid."""
+    c = torch.as_tensor(centers).reshape(-1, 2).long()
+    if c.shape[0] != n:
+        raise ValueError(f"{n} scores for {c.shape[0]} grid centres")
+    offset = c - c.min(dim=0).values
+    if bool((offset % stride).any()):
+        raise ValueError(f"grid centres are not on one grid of stride {stride}")
+    gi, gj = (offset // stride).unbind(1)
+    return gi, gj, int(gi.max()) + 1, int(gj.max()) + 1
+
+
 def smooth_grid(scores: Tensor, centers: Tensor, stride: int, sigma_px: float, truncate: float = 3.0) -> Tensor:
     """Normalised Gaussian smoothing (sigma ``sigma_px`` px) of N scores at grid centres (N x 2 row, col px).
 
@@ -36,15 +49,7 @@ def smooth_grid(scores: Tensor, centers: Tensor, stride: int, sigma_px: float, t
     if sigma_px <= 0 or scores.numel() == 0:
         return scores
     stride = int(stride)
-    c = torch.as_tensor(centers, device=scores.device).reshape(-1, 2).long()
-    if c.shape[0] != scores.numel():
-        raise ValueError(f"{scores.numel()} scores for {c.shape[0]} grid centres")
-    origin = c.min(dim=0).values
-    offset = c - origin
-    if bool((offset % stride).any()):
-        raise ValueError(f"grid centres are not on one grid of stride {stride}")
-    gi, gj = (offset // stride).unbind(1)
-    rows, cols = int(gi.max()) + 1, int(gj.max()) + 1
+    gi, gj, rows, cols = grid_index(torch.as_tensor(centers, device=scores.device), stride, scores.numel())
     values = torch.zeros(rows, cols, dtype=torch.float64, device=scores.device)
     present = torch.zeros_like(values)
     values[gi, gj] = scores.detach().to(torch.float64).reshape(-1)
@@ -60,4 +65,19 @@ def smooth_grid(scores: Tensor, centers: Tensor, stride: int, sigma_px: float, t
     return smoothed[gi, gj].to(scores.dtype)
 
 
-__all__ = ["gaussian_kernel_1d", "smooth_grid"]
+def median_grid(scores: Tensor, centers: Tensor, stride: int, radius: int = 1) -> Tensor:
+    """Each grid score replaced by the median of the grid patches within ``radius`` cells (a (2r+1)^2 window),
+    over the patches that exist (the lower median of an even count; the breast border's windows are smaller, no
+    padding). An order statistic: a lone outlying patch vanishes, a region of several high patches stays.
+    ``radius <= 0``: unchanged."""
+    if radius <= 0 or scores.numel() == 0:
+        return scores
+    gi, gj, rows, cols = grid_index(torch.as_tensor(centers, device=scores.device), int(stride), scores.numel())
+    grid = torch.full((rows + 2 * radius, cols + 2 * radius), math.nan, dtype=torch.float64, device=scores.device)
+    grid[gi + radius, gj + radius] = scores.detach().to(torch.float64).reshape(-1)
+    window = [grid[gi + radius + di, gj + radius + dj]
+              for di in range(-radius, radius + 1) for dj in range(-radius, radius + 1)]
+    return torch.nanmedian(torch.stack(window, dim=1), dim=1).values.to(scores.dtype)
+
+
+__all__ = ["gaussian_kernel_1d", "grid_index", "median_grid", "smooth_grid"]
