@@ -18,7 +18,9 @@ Reuses Table 1's CAE and CAE-RATSPN fits in ``OUT/runs`` and adds, each one `lig
 Every variant is tested on ``--split`` (``test``, or ``lesion_validation`` to choose a default without
 looking at the test set) and ``border_study.md`` / ``.csv`` gather pixel AUC, interior AUC, lesion hit
 rate (all / lesions near the border / interior), FROC sensitivity, the top-1 % near-border share beside
-the border zone's, Hausdorff and the calibration check. Finished steps are reused.
+the border zone's, Hausdorff and the calibration check. Finished steps are reused while Table 1's CAE and
+CAE-RATSPN checkpoints are the ones they came from (their sha256 in ``border-eval/INPUTS.json``); after a refit
+the study's earlier outputs are moved aside (``<name>.replaced-<time>``) and every step is redone.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datamodules.fileio import atomic_write, read_json, write_json
+from datamodules.fileio import atomic_write, file_sha256, read_json, write_json
 from experiments import calibration, table1_stages
+from experiments.table1_runs import move_aside
 
 #: rank within each stratum: the callback's default strata (16 / 32 / 64 px, at least 50 patches each)
 MONDRIAN = ["--trainer.callbacks.bins_px", "[16,32,64]", "--trainer.callbacks.min_count", "50"]
@@ -107,6 +110,33 @@ def with_hparams(ckpt: Path, out: Path, hparams: dict[str, Any]) -> Path:
     return out
 
 
+def _derived_checkpoints(runs: Path, variants: tuple[Variant, ...]) -> list[Path]:
+    """The study's checkpoint copies and calibrations beside Table 1's checkpoints (with their reports)."""
+    paths = []
+    for variant in variants:
+        folder = runs / variant.fit / "checkpoints"
+        for stem in (_slug(variant.name), f"calibrated-{_slug(variant.name)}"):
+            paths += [folder / f"{stem}.ckpt", calibration.report_path(folder / f"{stem}.ckpt"),
+                      calibration.report_path(folder / f"{stem}.ckpt", ".png")]
+    return paths
+
+
+def retire_stale(out: Path, inputs: dict[str, str], variants: tuple[Variant, ...], log: Any) -> list[Path]:
+    """Moves the study's earlier outputs aside when Table 1's checkpoints they came from have changed (a refit),
+    or when their origin is unknown; records ``inputs`` (checkpoint digests) for the next run. Returns what moved."""
+    runs, eval_dir = out / "runs", out / "border-eval"
+    record = eval_dir / "INPUTS.json"
+    if record.is_file() and read_json(record) == inputs:
+        return []
+    derived = [eval_dir, runs / "border_cae_spn_context", *_derived_checkpoints(runs, variants)]
+    moved = [move_aside(path) for path in derived if path.exists()]
+    if moved:
+        log(f"border study: Table 1's checkpoints changed since the last study; earlier outputs moved aside "
+            f"({len(moved)}, e.g. {moved[0]})")
+    write_json(record, inputs)
+    return moved
+
+
 def _run(argv: list[str], log: Any) -> None:
     from experiments import cli
 
@@ -126,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
     if not ae_ckpt.is_file() or not table1_stages.checkpoint_path(runs, "cae_spn").is_file():
         print(f"mammospn border-study: no CAE / CAE-RATSPN fits in {runs}; run `mammospn table1 --out {out}` first")
         return 2
+    variants = VARIANTS + smoothing_variants(args.smoothing_px)
+    spn_ckpt = table1_stages.checkpoint_path(runs, "cae_spn")
+    retire_stale(out, {"cae": file_sha256(ae_ckpt), "cae_spn": file_sha256(spn_ckpt)}, variants, log)
     ae = ["--model.init_args.autoencoder_ckpt", str(ae_ckpt)]
     # the conditional RAT-SPN: the Table 1 stage's settings plus context
     context_fit = runs / "border_cae_spn_context"
@@ -134,7 +167,6 @@ def run(args: argparse.Namespace) -> int:
               "--run.name", context_fit.name, "--run.root", str(runs), "--run.results_dir", str(eval_dir)], log)
     split = ["--data.init_args.evaluate_on", args.split]
     rows = []
-    variants = VARIANTS + smoothing_variants(args.smoothing_px)
     for variant in variants:
         base = _base_args(args, variant.config, variant.fit) + (ae if variant.needs_autoencoder else [])
         ckpt = table1_stages.checkpoint_path(runs, variant.fit)  # best.ckpt (else last.ckpt), as Table 1 tests

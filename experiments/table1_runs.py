@@ -76,27 +76,30 @@ def stage_changed(stage: Stage, runs_dir: Path, fingerprint: str) -> bool:
     return recorded is not None and recorded != fingerprint
 
 
+def move_aside(source: Path, stamp: str | None = None) -> Path:
+    """Moves ``source`` (a file or folder) to ``<name>.replaced-<UTC time>`` beside it (``-2``, ``-3``, ... when two
+    replacements fall within one second): outputs that must not be reused are kept, never deleted."""
+    stamp = stamp or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = source.with_name(f"{source.name}.replaced-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = source.with_name(f"{source.name}.replaced-{stamp}-{n}")
+    os.replace(source, target)
+    return target
+
+
 def retire_stage(stage: Stage, runs_dir: Path, eval_dir: Path) -> list[Path]:
-    """Moves a stage's earlier outputs (its run folder, a test's results, a calibration's checkpoint) to
-    ``<name>.replaced-<UTC time>`` beside them, so a rerun with new settings neither resumes nor reuses them and
-    nothing is deleted. Returns where they went."""
+    """Moves a stage's earlier outputs (its run folder, a test's results, a calibration's checkpoint) aside
+    (`move_aside`), so a rerun with new settings neither resumes nor reuses them and nothing is deleted. Returns
+    where they went."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    moved = []
     sources = [runs_dir / stage.name]
     if stage.kind == "test":
         sources.append(eval_dir / stage.name)
     if stage.kind == "validate":
         sources.append(runs_dir / str(stage.checkpoint_from) / "checkpoints" / CALIBRATED_CKPT)
-    for source in sources:
-        if source.exists():
-            target = source.with_name(f"{source.name}.replaced-{stamp}")
-            n = 1
-            while target.exists():  # two replacements within one second
-                n += 1
-                target = source.with_name(f"{source.name}.replaced-{stamp}-{n}")
-            os.replace(source, target)
-            moved.append(target)
-    return moved
+    return [move_aside(source, stamp) for source in sources if source.exists()]
 
 
 def _fmt_duration(seconds: float) -> str:
