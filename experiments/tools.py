@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "preview": ("datamodules.preview", "contact sheet of a data config: images, breast outline, lesions, patches"),
     "table1": ("experiments.table1", "train and evaluate every model and write the paper's Table 1"),
     "border-study": ("experiments.border_study", "the border-aware RAT-SPN scoring options side by side"),
+    "score-study": ("experiments.score_study", "scoring rules for the CAE-RATSPN over saved grid scores, side by side"),
     "demo": ("experiments.demo", "a small end-to-end run on synthetic data"),
 }
 
