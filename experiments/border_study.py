@@ -110,25 +110,26 @@ def with_hparams(ckpt: Path, out: Path, hparams: dict[str, Any]) -> Path:
     return out
 
 
-def _derived_checkpoints(runs: Path, variants: tuple[Variant, ...]) -> list[Path]:
-    """The study's checkpoint copies and calibrations beside Table 1's checkpoints (with their reports)."""
+def _derived_checkpoints(runs: Path) -> list[Path]:
+    """The study's checkpoint copies and calibrations beside Table 1's checkpoints (with their reports), of
+    every variant a study may have run (any ``--smoothing-px``), never Table 1's own files."""
     paths = []
-    for variant in variants:
-        folder = runs / variant.fit / "checkpoints"
-        for stem in (_slug(variant.name), f"calibrated-{_slug(variant.name)}"):
-            paths += [folder / f"{stem}.ckpt", calibration.report_path(folder / f"{stem}.ckpt"),
-                      calibration.report_path(folder / f"{stem}.ckpt", ".png")]
+    for fit in sorted({v.fit for v in VARIANTS} - {"border_cae_spn_context"}):
+        folder = runs / fit / "checkpoints"
+        copies = [folder / f"{_slug(v.name)}.ckpt" for v in VARIANTS] + sorted(folder.glob("mondrian_smooth*.ckpt"))
+        paths += [p for p in copies if p.exists()]
+        paths += [p for p in sorted(folder.glob("calibrated-*")) if ".replaced-" not in p.name]  # not moved twice
     return paths
 
 
-def retire_stale(out: Path, inputs: dict[str, str], variants: tuple[Variant, ...], log: Any) -> list[Path]:
+def retire_stale(out: Path, inputs: dict[str, str], log: Any) -> list[Path]:
     """Moves the study's earlier outputs aside when Table 1's checkpoints they came from have changed (a refit),
     or when their origin is unknown; records ``inputs`` (checkpoint digests) for the next run. Returns what moved."""
     runs, eval_dir = out / "runs", out / "border-eval"
     record = eval_dir / "INPUTS.json"
     if record.is_file() and read_json(record) == inputs:
         return []
-    derived = [eval_dir, runs / "border_cae_spn_context", *_derived_checkpoints(runs, variants)]
+    derived = [eval_dir, runs / "border_cae_spn_context", *_derived_checkpoints(runs)]
     moved = [move_aside(path) for path in derived if path.exists()]
     if moved:
         log(f"border study: Table 1's checkpoints changed since the last study; earlier outputs moved aside "
@@ -158,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     variants = VARIANTS + smoothing_variants(args.smoothing_px)
     spn_ckpt = table1_stages.checkpoint_path(runs, "cae_spn")
-    retire_stale(out, {"cae": file_sha256(ae_ckpt), "cae_spn": file_sha256(spn_ckpt)}, variants, log)
+    retire_stale(out, {"cae": file_sha256(ae_ckpt), "cae_spn": file_sha256(spn_ckpt)}, log)
     ae = ["--model.init_args.autoencoder_ckpt", str(ae_ckpt)]
     # the conditional RAT-SPN: the Table 1 stage's settings plus context
     context_fit = runs / "border_cae_spn_context"

@@ -109,9 +109,8 @@ def test_score_study_reproduces_table1_rows_from_saved_scores(
 
 def test_study_outputs_are_moved_aside_when_table1_checkpoints_change(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    variants = border_study.VARIANTS + border_study.smoothing_variants([16.0])
     first = {"cae": "a" * 64, "cae_spn": "b" * 64}
-    assert border_study.retire_stale(out, first, variants, log=lambda _: None) == []  # nothing yet
+    assert border_study.retire_stale(out, first, log=lambda _: None) == []  # nothing yet
     eval_dir = out / "border-eval"
     assert json.loads((eval_dir / "INPUTS.json").read_text()) == first
     (eval_dir / "mondrian-test").mkdir(parents=True)
@@ -121,21 +120,27 @@ def test_study_outputs_are_moved_aside_when_table1_checkpoints_change(tmp_path: 
     (context / "last.ckpt").write_bytes(b"old")
     spn = out / "runs" / "cae_spn" / "checkpoints"
     spn.mkdir(parents=True)
+    # a sweep's copies (smooth8: from an earlier --smoothing-px) too, whatever the next run's variants
     for name in ("mondrian.ckpt", "calibrated-mondrian.ckpt", "calibrated-mondrian.calibration.json", "best.ckpt",
-                 "calibrated.ckpt"):
+                 "calibrated.ckpt", "calibrated.calibration.json", "mondrian_smooth8.ckpt",
+                 "calibrated-mondrian_smooth8.ckpt"):
         (spn / name).write_bytes(b"x")
     # the same checkpoints: everything is reused
-    assert border_study.retire_stale(out, dict(first), variants, log=lambda _: None) == []
+    assert border_study.retire_stale(out, dict(first), log=lambda _: None) == []
     assert (eval_dir / "mondrian-test" / "metrics.json").is_file()
     # a refit: the study's own outputs go aside (kept), Table 1's files stay where they are
     said: list[str] = []
     second = {"cae": "a" * 64, "cae_spn": "c" * 64}
-    moved = border_study.retire_stale(out, second, variants, log=said.append)
+    moved = border_study.retire_stale(out, second, log=said.append)
     assert {p.name.split(".replaced-")[0] for p in moved} == {
         "border-eval", "border_cae_spn_context", "mondrian.ckpt", "calibrated-mondrian.ckpt",
-        "calibrated-mondrian.calibration.json"}
+        "calibrated-mondrian.calibration.json", "mondrian_smooth8.ckpt", "calibrated-mondrian_smooth8.ckpt"}
     assert all(p.exists() for p in moved) and len(said) == 1 and "moved aside" in said[0]
     assert not (out / "runs" / "border_cae_spn_context").exists() and not (spn / "mondrian.ckpt").exists()
-    assert (spn / "best.ckpt").is_file() and (spn / "calibrated.ckpt").is_file()
+    assert all((spn / n).is_file() for n in ("best.ckpt", "calibrated.ckpt", "calibrated.calibration.json"))
     assert json.loads((eval_dir / "INPUTS.json").read_text()) == second
     assert sorted(p.name for p in eval_dir.iterdir()) == ["INPUTS.json"]
+    # a second refit moves the new outputs only, not the ones already moved aside
+    (spn / "calibrated-mondrian.ckpt").write_bytes(b"new")
+    again = border_study.retire_stale(out, first, log=lambda _: None)
+    assert [p.name.split(".replaced-")[0] for p in again] == ["border-eval", "calibrated-mondrian.ckpt"]
