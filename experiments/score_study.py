@@ -18,7 +18,8 @@ fitted on every healthy validation image) and evaluation (`EvaluationAccumulator
 
 Every calibrated rule is checked by two-fold cross-fitting over the healthy validation halves (share of held-out
 breast pixels with p < 0.05, ideal 0.05). The saved scores are reused while Table 1's checkpoints are the ones they
-came from (sha256). Choose on ``--split lesion_validation``; the test split only reports.
+came from (sha256). Written to ``OUT/score_study-<split>.md`` / ``.json``. Choose on ``--split lesion_validation``;
+the test split only reports.
 """
 
 from __future__ import annotations
@@ -209,9 +210,10 @@ def run(args: argparse.Namespace) -> int:
             rows.append(row)
             print(f"{test_set:5s} {name:50s} pixel AUC {border_study._cell(row['pixel_auc'])} hit {border_study._cell(row['lesion_hit_rate'])}"
                   f" sens@1 {border_study._cell(row['sensitivity_at_1_fp'])} H {border_study._cell(row['hausdorff_px_mean'])}", flush=True)
-    write_json(out / "score_study.json", {"split": args.split, "data": args.data, "inputs": inputs, "rows": rows})
+    stem = out / f"score_study-{args.split}"  # one per split: a test-split run keeps the validation one
+    write_json(stem.with_suffix(".json"), {"split": args.split, "data": args.data, "inputs": inputs, "rows": rows})
     text = format_markdown(rows, args)
-    atomic_write(out / "score_study.md", text)
+    atomic_write(stem.with_suffix(".md"), text)
     print(text)
     return 0
 

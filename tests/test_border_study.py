@@ -84,7 +84,7 @@ def test_score_study_reproduces_table1_rows_from_saved_scores(
     args = ["score-study", "--table1", str(out), "--profile", "smoke", "--data-root", synth, "--split", "test",
             "--test-sets", "mass"]
     assert tools.main(args) == 0
-    rows = {r["rule"]: r for r in json.loads((out / "score_study.json").read_text())["rows"]}
+    rows = {r["rule"]: r for r in json.loads((out / "score_study-test.json").read_text())["rows"]}
     assert list(rows) == list(score_study.RULES)
     # the saved terms, scored outside Lightning, give Table 1's rows: the CAE alone (its own score), the
     # default RAT-SPN row (smoothed, Mondrian-calibrated on the same healthy images)
@@ -98,7 +98,7 @@ def test_score_study_reproduces_table1_rows_from_saved_scores(
         assert ("healthy p<0.05" in row) == score_study.RULES[name][1]
         if "healthy p<0.05" in row:
             assert 0.0 <= row["healthy p<0.05"] <= 0.5
-    assert (out / "score_study.md").read_text().count("\n| mass | ") == len(score_study.RULES)
+    assert (out / "score_study-test.md").read_text().count("\n| mass | ") == len(score_study.RULES)
     # a second run reuses the saved scores (same checkpoints)
     saved = sorted((out / "score-study").glob("scores-*.pt"))
     assert [p.name for p in saved] == ["scores-healthy.pt", "scores-mass-test.pt"]
