@@ -234,13 +234,19 @@ def format_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
+def add_study_arguments(parser: argparse.ArgumentParser, split_default: str, split_help: str) -> None:
+    """The flags every study of a Table 1 folder takes (this one and `mammospn score-study`): where the fits are,
+    the data and profile they were made with, and which lesion split to score."""
     parser.add_argument("--table1", required=True, help="a `mammospn table1 --out` folder with the CAE fits")
     parser.add_argument("--data", default="synthetic", help="data source name or configs/data/*.yaml (as table1)")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--profile", default="quick", choices=table1_stages.PROFILES)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--split", default="test", choices=("test", "lesion_validation"),
-                        help="which lesion set the variants are scored on (choose a default on lesion_validation)")
+    parser.add_argument("--split", default=split_default, choices=("test", "lesion_validation"), help=split_help)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    add_study_arguments(parser, "test", "which lesion set the variants are scored on (choose a default on "
+                                        "lesion_validation)")
     parser.add_argument("--smoothing-px", type=float, nargs="+", default=[table1_stages.DEFAULT_SMOOTHING_PX],
                         metavar="SIGMA", help="a mondrian+smooth<SIGMA> variant per sigma (px) of the grid smoothing")

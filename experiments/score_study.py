@@ -224,7 +224,8 @@ def format_markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str
              f"seed {args.seed})", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for row in rows:
         cells = [row["test_set"], row["rule"], str(row["images"]),
-                 *[border_study._cell(row.get(k)) for k, _ in border_study.COLUMNS], border_study._cell(row.get("healthy p<0.05"))]
+                 *[border_study._cell(row.get(k)) for k, _ in border_study.COLUMNS],
+                 border_study._cell(row.get("healthy p<0.05"))]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Calibrated rules: Mondrian conformal -log p (border strata 16 / 32 / 64 px) fitted on every healthy",
               "validation image; healthy p<0.05 = share of held-out healthy pixels with p < 0.05 under two-fold",
@@ -234,11 +235,6 @@ def format_markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--table1", required=True, help="a `mammospn table1 --out` folder with the CAE fits")
-    parser.add_argument("--data", default="synthetic", help="data source name or configs/data/*.yaml (as table1)")
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--profile", default="quick", choices=table1_stages.PROFILES)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--split", default="lesion_validation", choices=("test", "lesion_validation"),
-                        help="which lesion images the rules are scored on (choose on lesion_validation)")
+    border_study.add_study_arguments(parser, "lesion_validation",
+                                     "which lesion images the rules are scored on (choose on lesion_validation)")
     parser.add_argument("--test-sets", nargs="+", default=["mass", "calc"], choices=("mass", "calc"))
