@@ -20,7 +20,7 @@ from pytorch_lightning.utilities import move_data_to_device
 from torch import Tensor
 
 from lightning_modules.base import AnomalyDetector, batch_patches, class_tag
-from spn import RatSpn, broadcast_module, is_distributed
+from spn import RatSpn, broadcast_module, em_step_size, is_distributed
 
 #: extra RAT-SPN variables of the conditional model (``context=True``): skin-line and chest-wall distance features
 CONTEXT_VARS = 2
@@ -64,6 +64,10 @@ class RatSpnStage(AnomalyDetector):
             (paper: D = 1, R = 50, I = 45, C = 1).
         step_size: online-EM step (paper 1e-4). ``pseudo_count``: smoothing of each batch M-step
             towards the current parameters (protects components with ~zero responsibility).
+        step_decay_steps, step_decay_power: the step after t EM steps is
+            ``step_size * (1 + t / step_decay_steps) ** -step_decay_power`` (`spn.em_schedule`: fast early
+            progress, then parameters that settle instead of jittering on a noisy plateau); 0 = constant (paper).
+            Read from Lightning's EM-step count, so a resumed fit continues the schedule exactly.
         min_var, max_var: Gaussian leaf variance range (latents are standardised first).
         init_batches: training batches whose latents give the standardisation statistics and the
             data-driven leaf initialisation (all of them if the loader is shorter).
@@ -97,6 +101,8 @@ class RatSpnStage(AnomalyDetector):
         num_sums: int = 10,
         num_roots: int = 1,
         step_size: float = 1e-4,
+        step_decay_steps: float = 0.0,
+        step_decay_power: float = 0.6,
         pseudo_count: float = 0.1,
         min_var: float = 1e-3,
         max_var: float = 100.0,
@@ -109,6 +115,13 @@ class RatSpnStage(AnomalyDetector):
         score_smoothing_px: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0 < step_size <= 1:
+            raise ValueError(f"model.init_args.step_size must be in (0, 1], got {step_size}")
+        if step_decay_steps < 0:
+            raise ValueError(f"model.init_args.step_decay_steps must be >= 0 (0 = constant step), got {step_decay_steps}")
+        if step_decay_steps > 0 and not 0.5 < step_decay_power <= 1:
+            raise ValueError("model.init_args.step_decay_power must be in (0.5, 1] (online EM's convergence "
+                             f"conditions), got {step_decay_power}")
         if score_smoothing_px < 0:
             raise ValueError(f"model.init_args.score_smoothing_px must be >= 0, got {score_smoothing_px}")
         if context_scale_px <= 0:
@@ -379,13 +392,22 @@ class RatSpnStage(AnomalyDetector):
             # Each EM update is one manual-optimisation step (public `LightningOptimizer.step(closure)`), so
             # Lightning counts it in global_step, which checkpointing (best/last), max_steps and step-based
             # logging read, and saves the count with its loop state: a resumed fit continues exactly.
-            info = em_step.step(closure=lambda chunk=chunk: spn.em_update(chunk, step_size=self.hparams.step_size))
+            step = self.em_step_size()
+            info = em_step.step(closure=lambda chunk=chunk, step=step: spn.em_update(chunk, step_size=step))
             total, count = total + info["log_likelihood"] * chunk.shape[0], count + chunk.shape[0]
         if count:
             self.log("train/log_likelihood", total / count, on_step=False, on_epoch=True, prog_bar=True, batch_size=count)
 
+    def em_step_size(self) -> float:
+        """The online-EM step for the next update: ``step_size``, decayed by the EM steps taken so far when
+        ``step_decay_steps`` > 0 (`spn.em_schedule.em_step_size`)."""
+        hp = self.hparams
+        return em_step_size(hp.step_size, self.trainer.global_step, hp.get("step_decay_steps", 0.0),
+                            hp.get("step_decay_power", 0.6))
+
     def on_train_epoch_end(self) -> None:
         spn = self._require()
+        self.log("em/step_size", self.em_step_size())
         if not self._init_snapshot:
             return
         self.log("em/weight_distance_from_init", (self._sum_weights() - self._init_snapshot["weights"]).abs().mean())

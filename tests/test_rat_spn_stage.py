@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_modules.base import AnomalyDetector
 from lightning_modules.rat_spn_stage import RatSpnStage
+from spn import em_step_size
 
 
 def _tag(obj: object) -> str:
@@ -242,15 +243,17 @@ def test_vq_stage_uses_categorical_leaves_over_the_codebook(tmp_path):
     torch.testing.assert_close(restored.score_grid(healthy), scores[:32])
 
 
-def test_resumed_em_fit_continues_at_the_same_step_with_the_same_parameters(tmp_path):
+@pytest.mark.parametrize("decay_steps", [0.0, 4.0])
+def test_resumed_em_fit_continues_at_the_same_step_with_the_same_parameters(tmp_path, decay_steps):
     """A fit stopped after epoch 1 and resumed from its last.ckpt ends where an uninterrupted fit ends: the EM
-    steps are counted by Lightning (global_step, saved with the loop state), the circuit is restored exactly."""
+    steps are counted by Lightning (global_step, saved with the loop state), the circuit is restored exactly,
+    and a decaying EM step continues its schedule from the restored count."""
     ae_path = _save_autoencoder(TinyAE(seed=4), tmp_path, "ae")
     loader = DataLoader(PatchSet(_images(96, seed=7)), batch_size=32)  # a fixed order: the same batches on resume
 
     def stage() -> RatSpnStage:
         return RatSpnStage(str(ae_path), num_repetitions=3, num_input_distributions=4, step_size=0.05,
-                           init_batches=2, em_batch_size=16)
+                           init_batches=2, em_batch_size=16, step_decay_steps=decay_steps)
 
     whole = stage()
     trainer = _trainer(tmp_path / "whole", 2, enable_checkpointing=False)
@@ -265,3 +268,32 @@ def test_resumed_em_fit_continues_at_the_same_step_with_the_same_parameters(tmp_
     assert again.global_step == trainer.global_step
     for key, value in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_em_steps_follow_the_decay_schedule_and_bad_settings_name_their_key(tmp_path):
+    """Each EM update gets `em_step_size(step_size, EM steps so far, decay)`: constant without decay (the paper),
+    shrinking with it; the epoch's last step is logged as em/step_size."""
+    ae_path = _save_autoencoder(TinyAE(seed=5), tmp_path, "ae")
+    loader = DataLoader(PatchSet(_images(64, seed=8)), batch_size=32)
+    for decay in (0.0, 3.0):
+        stage = RatSpnStage(str(ae_path), num_repetitions=3, num_input_distributions=4, step_size=0.2,
+                            init_batches=1, em_batch_size=8, step_decay_steps=decay, step_decay_power=0.75)
+        stage.setup("fit")
+        used = []
+        update = stage.spn.em_update
+
+        def recording(x, step_size, used=used, update=update, **kw):
+            used.append(step_size)
+            return update(x, step_size=step_size, **kw)
+
+        stage.spn.em_update = recording
+        trainer = _trainer(tmp_path / f"d{decay}", 2, enable_checkpointing=False)
+        trainer.fit(stage, loader)
+        expected = [em_step_size(0.2, t, decay, 0.75) for t in range(16)]
+        assert used == pytest.approx(expected, rel=1e-12)
+        assert float(trainer.callback_metrics["em/step_size"]) == pytest.approx(em_step_size(0.2, 16, decay, 0.75))
+    assert used[0] == pytest.approx(0.2) and used[-1] == pytest.approx(0.2 * (1 + 15 / 3) ** -0.75)
+    for kwargs, key in (({"step_size": 0.0}, "step_size"), ({"step_decay_steps": -1.0}, "step_decay_steps"),
+                        ({"step_decay_steps": 10.0, "step_decay_power": 0.5}, "step_decay_power")):
+        with pytest.raises(ValueError, match=f"model.init_args.{key} "):
+            RatSpnStage(str(ae_path), **kwargs)
