@@ -5,8 +5,9 @@
 
 `mammospn border-study` tests each option of the model as its own `lightning` command; this study scores
 every grid patch of the lesion images (``--split``, both test sets) and of the healthy validation images once,
-keeps three raw terms per patch (``likelihood``: the RAT-SPN's -log p(z); ``reconstruction``: the autoencoder's
-own score; ``intensity``: the patch's mean brightness) in ``OUT/score-study/scores-*.pt``, and then evaluates
+keeps four raw terms per patch (``likelihood``: the RAT-SPN's -log p(z); ``reconstruction``: the autoencoder's
+own score; ``intensity``: the patch's mean brightness; ``likelihood_flips``: -log p(z) averaged over the patch and
+its three mirror images) in ``OUT/score-study/scores-*.pt``, and then evaluates
 rules built from them through the project's calibrator (`MondrianConformal`, border strata 16 / 32 / 64 px,
 fitted on every healthy validation image) and evaluation (`EvaluationAccumulator`), as the model would:
 
@@ -14,7 +15,9 @@ fitted on every healthy validation image) and evaluation (`EvaluationAccumulator
   median-filtered (`grid_smoothing.median_grid`) first;
 - Fisher's combination of calibrated terms (the sum of their -log p, calibrated again on the same healthy
   images), e.g. the likelihood with the reconstruction error, which a latent density cannot see;
-- a calibrated score minus its image's median, calibrated again (an image-level shift, e.g. breast density).
+- a calibrated score minus its image's median, calibrated again (an image-level shift, e.g. breast density);
+- finer border strata (to 128 px), smoothing after the calibration (then calibrated again), and the likelihood
+  averaged over the patch's left-right / top-bottom flips (``likelihood_flips``, test-time augmentation).
 
 Every calibrated rule is checked by two-fold cross-fitting over the healthy validation halves (share of held-out
 breast pixels with p < 0.05, ideal 0.05). The saved scores are reused while Table 1's checkpoints are the ones they
@@ -41,7 +44,7 @@ from experiments.evaluation_results import EvaluationAccumulator
 from lightning_modules.calibration import MondrianConformal
 from lightning_modules.grid_smoothing import median_grid, smooth_grid
 
-TERMS = ("likelihood", "reconstruction", "intensity")
+TERMS = ("likelihood", "reconstruction", "intensity", "likelihood_flips")
 #: the calibration of Table 1's RAT-SPN rows (`experiments.calibration.ConformalCalibration` defaults)
 BINS_PX, MIN_COUNT = (16.0, 32.0, 64.0), 50
 Image = dict[str, Any]
@@ -51,13 +54,21 @@ Rule = Callable[[Image], Tensor]
 # --- scoring every patch once ---------------------------------------------------------------------------------
 
 def _image(model: Any, item: dict) -> Image:
-    """The three raw terms of one evaluation item's grid patches, with what its evaluation needs."""
+    """The raw terms (`TERMS`) of one evaluation item's grid patches, with what its evaluation needs."""
     patches = item["patches"]
     context = item.get("context")
     context = None if context is None else context.reshape(-1, 2)
-    terms = {"likelihood": model.score_grid(patches, context if model.uses_context else None),
+
+    def likelihood(x: Tensor) -> Tensor:
+        return model.score_grid(x.contiguous(), context if model.uses_context else None)
+
+    terms = {"likelihood": likelihood(patches),
              "reconstruction": model.autoencoder.score_grid(patches),
              "intensity": patches.mean(dim=(1, 2, 3)).float()}
+    # test-time flips: the mean -log p(z) of the patch mirrored left-right, top-bottom and both (a lone patch's
+    # score is partly the noise of its latent; a lesion stays unlikely under every view)
+    terms["likelihood_flips"] = torch.stack([terms["likelihood"], *(likelihood(patches.flip(dims)) for dims in
+                                                                    ((-1,), (-2,), (-1, -2)))]).mean(0)
     keep = ("image_id", "patient_id", "breast_mask", "lesion_mask", "centers", "spacing_mm", "stride", "meta")
     return {"terms": {k: v.cpu() for k, v in terms.items()}, "context": None if context is None else context.cpu(),
             "patch_size": int(patches.shape[-1]), **{k: item[k] for k in keep if k in item}}
@@ -122,13 +133,21 @@ def term(name: str, smoothing_px: float = 0.0, median_cells: int = 0) -> Callabl
     return fitted
 
 
-def mondrian(inner: Callable[[list[Image]], Rule]) -> Callable[[list[Image]], Rule]:
+def mondrian(inner: Callable[[list[Image]], Rule], bins_px: tuple[float, ...] = BINS_PX) -> Callable[[list[Image]], Rule]:
     """-log p of ``inner``'s scores among the healthy images' scores of the same border stratum."""
     def fitted(healthy: list[Image]) -> Rule:
         score = inner(healthy)
-        calibrator = MondrianConformal(BINS_PX, MIN_COUNT)
+        calibrator = MondrianConformal(bins_px, MIN_COUNT)
         calibrator.fit(torch.cat([score(i) for i in healthy]), torch.cat([i["context"] for i in healthy]))
         return lambda image: calibrator(score(image), image["context"])
+    return fitted
+
+
+def smoothed(inner: Callable[[list[Image]], Rule], sigma_px: float) -> Callable[[list[Image]], Rule]:
+    """``inner``'s scores smoothed over the grid afterwards (e.g. calibrated -log p; calibrate again to keep p-values)."""
+    def fitted(healthy: list[Image]) -> Rule:
+        score = inner(healthy)
+        return lambda image: smooth_grid(score(image), image["centers"], image["stride"], sigma_px)
     return fitted
 
 
@@ -164,6 +183,12 @@ RULES: dict[str, tuple[Callable[[list[Image]], Rule], bool]] = {  # name: (rule,
     "likelihood + reconstruction + intensity (Fisher)": (
         fisher(DEFAULT, mondrian(term("reconstruction", SMOOTH)), mondrian(term("intensity", SMOOTH))), True),
     "default minus image median": (minus_image_median(DEFAULT), True),
+    # the ring just past the last border stratum (64-128 px) calibrated on its own
+    f"likelihood mondrian (strata to 128 px)+smooth{SMOOTH:g}": (
+        mondrian(term("likelihood", SMOOTH), (*BINS_PX, 96.0, 128.0)), True),
+    # smoothing the calibrated -log p (no border excess leaks inwards), calibrated again (valid p-values)
+    f"likelihood mondrian, smooth{SMOOTH:g}, mondrian": (mondrian(smoothed(mondrian(term("likelihood")), SMOOTH)), True),
+    f"likelihood over 4 flips mondrian+smooth{SMOOTH:g}": (mondrian(term("likelihood_flips", SMOOTH)), True),
 }
 
 
@@ -197,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"mammospn score-study: no CAE / CAE-RATSPN fits in {runs}; run `mammospn table1 --out {out}` first")
         return 2
     inputs = {name: file_sha256(p) for name, p in ckpts.items()}
+    inputs["terms"] = ",".join(TERMS)  # a cache written before a term was added is rebuilt, not read half
     rows = []
     for test_set in args.test_sets:
         images = score_images(args, test_set, args.split, inputs)
