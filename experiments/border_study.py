@@ -10,8 +10,8 @@ Reuses Table 1's CAE and CAE-RATSPN fits in ``OUT/runs`` and adds, each one `lig
 - ``mondrian`` / ``normalised``: conformal calibration by border stratum (`experiments.calibration`) of the
   plain RAT-SPN, by rank within each stratum / by per-stratum location and scale and one pooled rank;
 - ``mondrian+smooth<sigma>`` per ``--smoothing-px`` (default `table1_stages.DEFAULT_SMOOTHING_PX`, 16): the
-  grid scores averaged over neighbouring patches (Gaussian, sigma px) before the Mondrian calibration; the
-  default one is Table 1's default RAT-SPN row;
+  -log p of a first Mondrian calibration averaged over neighbouring patches (Gaussian, sigma px), then calibrated
+  again (`RatSpnStage(smooth_calibrated=True)`); the default one is Table 1's default RAT-SPN row;
 - ``context+mondrian``, ``context+normalised`` and ``CAE+mondrian`` (the autoencoder alone, calibrated the
   same way).
 
@@ -76,10 +76,11 @@ VARIANTS = (
 
 
 def smoothing_variants(sigmas_px: list[float]) -> tuple[Variant, ...]:
-    """``mondrian+smooth<sigma>`` per sigma: the grid scores smoothed (`RatSpnStage(score_smoothing_px)`) before
-    the Mondrian calibration; ``--smoothing-px`` 16 (the default) is Table 1's default RAT-SPN row."""
+    """``mondrian+smooth<sigma>`` per sigma: the calibrated grid scores smoothed (`RatSpnStage(score_smoothing_px,
+    smooth_calibrated=True)`) and calibrated again; ``--smoothing-px`` 16 (the default) is Table 1's default row."""
     return tuple(Variant(f"mondrian+smooth{sigma:g}", "cae_spn.yaml", "cae_spn", calibration=MONDRIAN,
-                         hparams=(("score_smoothing_px", float(sigma)),)) for sigma in sigmas_px)
+                         hparams=(("score_smoothing_px", float(sigma)), ("smooth_calibrated", True)))
+                 for sigma in sigmas_px)
 
 
 def _slug(name: str) -> str:
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         if variant.config.endswith("_spn.yaml"):
             # scoring options before the calibration, which ranks what the model scores; a RAT-SPN variant
             # scores unsmoothed unless it says so, whatever smoothing Table 1's fit carries
-            hparams = {"score_smoothing_px": 0.0, **dict(variant.hparams)}
+            hparams = {"score_smoothing_px": 0.0, "smooth_calibrated": False, **dict(variant.hparams)}
             ckpt = with_hparams(ckpt, ckpt.with_name(f"{_slug(variant.name)}.ckpt"), hparams)
         if variant.calibration is not None:
             calibrated = ckpt.with_name(f"calibrated-{_slug(variant.name)}.ckpt")

@@ -28,6 +28,7 @@ import pytorch_lightning as pl
 import torch
 
 from experiments import anomaly_maps, evaluation_results
+from lightning_modules.base import batch_patches
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +50,6 @@ def observed_rates(p_values: np.ndarray, alphas: tuple[float, ...] = CHECK_ALPHA
     if p.size == 0:
         return [float("nan")] * len(alphas)
     return [float((p < a).mean()) for a in alphas]
-
-
-def _item_scores(pl_module: pl.LightningModule, item: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw (uncalibrated) scores (`AnomalyDetector.grid_scores`: smoothed as the model scores) and context of
-    one evaluation item's grid patches."""
-    raw = pl_module.grid_scores(item).detach().cpu()
-    return raw, item["context"].reshape(-1, 2).cpu()
 
 
 class ConformalCalibration(pl.Callback):
@@ -99,25 +93,37 @@ class ConformalCalibration(pl.Callback):
             raise RuntimeError("ConformalCalibration needs a datamodule with calibration_dataloader(part)")
         from lightning_modules.calibration import MondrianConformal
 
-        def make(images: list[dict[str, Any]]) -> tuple[MondrianConformal, dict[str, Any]]:
+        def conformal(images: list[dict[str, Any]], key: str) -> tuple[MondrianConformal, dict[str, Any]]:
             calibrator = MondrianConformal(self.bins_px, self.min_count, self.normalise).to(pl_module.device)
-            info = calibrator.fit(torch.cat([i["raw"] for i in images]), torch.cat([i["context"] for i in images]))
+            info = calibrator.fit(torch.cat([i[key] for i in images]), torch.cat([i["context"] for i in images]))
             return calibrator, info
+
+        def make(images: list[dict[str, Any]]) -> tuple[MondrianConformal, MondrianConformal, dict[str, Any]]:
+            """The calibrator pair fitted on ``images``: the first calibration of the raw scores (fitted only
+            when the model smooths calibrated scores) and the calibrator of what the model then ranks."""
+            pre = conformal(images, "raw")[0] if pl_module.smooths_calibrated else MondrianConformal()
+            for image in images:
+                image["input"] = _input(pl_module, image, pre)
+            calibrator, info = conformal(images, "input")
+            return pre, calibrator, info
 
         halves = {part: [_scored(pl_module, item) for item in dm.calibration_dataloader(part)]
                   for part in ("fit", "check")}
         folds = [("fit", "check"), ("check", "fit")] if self.cross_fit else [("fit", "check")]
         checked = []
         for fit_part, check_part in folds:
-            calibrator, _ = make(halves[fit_part])
-            checked += [_p_values(calibrator, image, pl_module.device) for image in halves[check_part]]
+            pre, calibrator, _ = make(halves[fit_part])
+            checked += [_p_values(calibrator, image, _input(pl_module, image, pre), pl_module.device)
+                        for image in halves[check_part]]
         kept = halves["fit"] + halves["check"] if self.cross_fit else halves["fit"]
-        calibrator, fit_info = make(kept)
+        pre, calibrator, fit_info = make(kept)
+        pl_module.pre_calibrator = pre.to(pl_module.device)
         pl_module.calibrator = calibrator
         pl_module.calibration_alpha.fill_(self.alpha)
         report = _check_report(checked)
         n_fit_images = len(kept)
         report.update(alpha=self.alpha, bins_px=self.bins_px, normalise=self.normalise, min_count=self.min_count,
+                      smooth_calibrated=pl_module.smooths_calibrated,
                       fit_images=n_fit_images, check="two-fold cross-fit" if self.cross_fit else "held-out half",
                       fit_patches=fit_info["n"], stratum_counts=fit_info["counts"], stratum_pooled=fit_info["pooled"],
                       stratum_median_raw_score=fit_info["median_raw_score"],
@@ -135,15 +141,24 @@ class ConformalCalibration(pl.Callback):
 
 
 def _scored(pl_module: pl.LightningModule, item: dict) -> dict[str, Any]:
-    """One healthy validation image, scored once: raw scores, context, and what its pixel map needs."""
-    raw, context = _item_scores(pl_module, item)
-    return {"raw": raw, "context": context, "centers": item["centers"], "breast_mask": item["breast_mask"],
+    """One healthy validation image, scored once: raw grid scores (`AnomalyDetector.score_grid`, unsmoothed),
+    context, and what its smoothing and pixel map need."""
+    context = item["context"].reshape(-1, 2)
+    raw = pl_module.score_grid(batch_patches(item), context).detach().cpu()
+    return {"raw": raw, "context": context.cpu(), "centers": item["centers"], "breast_mask": item["breast_mask"],
             "stride": int(item["stride"])}
 
 
-def _p_values(calibrator: Any, image: dict[str, Any], device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """(patch, breast-pixel) p-values of one scored image under ``calibrator``."""
-    calibrated = calibrator(image["raw"].to(device), image["context"].to(device)).cpu()
+def _input(pl_module: pl.LightningModule, image: dict[str, Any], pre: Any) -> torch.Tensor:
+    """What the model's calibrator ranks for one scored image, given the first calibrator ``pre``
+    (`AnomalyDetector.calibration_input`: smoothed, after ``pre`` when the model smooths calibrated scores)."""
+    return pl_module.calibration_input(image["raw"], image, pre.cpu()).detach().cpu()
+
+
+def _p_values(calibrator: Any, image: dict[str, Any], values: torch.Tensor,
+              device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(patch, breast-pixel) p-values of one scored image's calibrator input ``values`` under ``calibrator``."""
+    calibrated = calibrator(values.to(device), image["context"].to(device)).cpu()
     amap = anomaly_maps.anomaly_map(calibrated.numpy(), image["centers"], image["breast_mask"], image["stride"])
     return torch.exp(-calibrated).numpy(), np.exp(-amap[np.isfinite(amap)])
 

@@ -168,13 +168,17 @@ def minus_image_median(inner: Callable[[list[Image]], Rule]) -> Callable[[list[I
 
 
 SMOOTH = table1_stages.DEFAULT_SMOOTHING_PX
-DEFAULT = mondrian(term("likelihood", SMOOTH))
+#: Table 1's default RAT-SPN row: the calibrated -log p smoothed, calibrated again (`RatSpnStage(smooth_calibrated)`)
+DEFAULT = mondrian(smoothed(mondrian(term("likelihood")), SMOOTH))
+DEFAULT_NAME = f"likelihood mondrian, smooth{SMOOTH:g}, mondrian (default)"
 RULES: dict[str, tuple[Callable[[list[Image]], Rule], bool]] = {  # name: (rule, calibrated)
     "likelihood raw (paper)": (term("likelihood"), False),
     "reconstruction raw (CAE)": (term("reconstruction"), False),
     "intensity raw": (term("intensity"), False),
     "likelihood mondrian": (mondrian(term("likelihood")), True),
-    f"likelihood mondrian+smooth{SMOOTH:g} (default)": (DEFAULT, True),
+    f"likelihood mondrian+smooth{SMOOTH:g} (raw scores smoothed; the default before)": (
+        mondrian(term("likelihood", SMOOTH)), True),
+    DEFAULT_NAME: (DEFAULT, True),
     "likelihood mondrian+median1": (mondrian(term("likelihood", median_cells=1)), True),
     f"reconstruction mondrian+smooth{SMOOTH:g}": (mondrian(term("reconstruction", SMOOTH)), True),
     f"intensity mondrian+smooth{SMOOTH:g}": (mondrian(term("intensity", SMOOTH)), True),
@@ -186,8 +190,6 @@ RULES: dict[str, tuple[Callable[[list[Image]], Rule], bool]] = {  # name: (rule,
     # the ring just past the last border stratum (64-128 px) calibrated on its own
     f"likelihood mondrian (strata to 128 px)+smooth{SMOOTH:g}": (
         mondrian(term("likelihood", SMOOTH), (*BINS_PX, 96.0, 128.0)), True),
-    # smoothing the calibrated -log p (no border excess leaks inwards), calibrated again (valid p-values)
-    f"likelihood mondrian, smooth{SMOOTH:g}, mondrian": (mondrian(smoothed(mondrian(term("likelihood")), SMOOTH)), True),
     f"likelihood over 4 flips mondrian+smooth{SMOOTH:g}": (mondrian(term("likelihood_flips", SMOOTH)), True),
 }
 

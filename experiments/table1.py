@@ -38,6 +38,7 @@ from experiments.table1_stages import (
     PROFILES,
     SCORING_NOTES,
     SCORINGS,
+    SMOOTHING_SPACES,
     TABLE_THRESHOLD_RULES,
     Stage,
     build_stages,
@@ -74,6 +75,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="the RAT-SPN rows' grid scores averaged over neighbouring patches (Gaussian, sigma in px) "
                              f"before the calibration; default {DEFAULT_SMOOTHING_PX:g} with a calibrated --scoring, "
                              "0 with raw (the paper's)")
+    parser.add_argument("--smoothing-space", choices=SMOOTHING_SPACES, default="calibrated",
+                        help="with a calibrated --scoring: smooth the -log p of a first calibration and calibrate the "
+                             "smoothed values again (calibrated, default), or smooth the raw -log p(z) and calibrate "
+                             "once (raw)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="several seeds: the stages run once per seed (<out>/seed-<N>/) and the table is the "
                              "mean ± sd over seeds")
@@ -151,7 +156,7 @@ def _run_seed(args: argparse.Namespace, seed: int, out_dir: Path, pairs_only: bo
     """Runs (or reuses) one seed's stages under ``out_dir`` and writes its table; returns its rows or an exit code."""
     data_name = data_config(args.data)[0]
     stages = build_stages(args.profile, args.data, args.data_root, seed, args.healthy_root, args.threshold_rule,
-                          args.scoring, args.score_smoothing_px)
+                          args.scoring, args.score_smoothing_px, args.smoothing_space)
     if pairs_only:
         stages = pair_stages(stages)
     if args.models:
@@ -217,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--profile must be one of {PROFILES}, got {args.profile!r}")
         # the flags together (e.g. --threshold-rule calibrated needs a calibrated --scoring) before any stage runs
         stages = build_stages(args.profile, args.data, args.data_root, args.seed, args.healthy_root,
-                              args.threshold_rule, args.scoring, args.score_smoothing_px)
+                              args.threshold_rule, args.scoring, args.score_smoothing_px, args.smoothing_space)
         if args.models:
             select_models(stages, args.models)
     except (ValueError, FileNotFoundError) as err:
@@ -248,8 +253,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _smoothing_note(args: argparse.Namespace) -> str:
     sigma = smoothing_of(args.scoring, args.score_smoothing_px)
-    return (f" Grid scores averaged over neighbouring patches (Gaussian, sigma {sigma:g} px) before "
-            "the calibration." if sigma > 0 else "")
+    if sigma <= 0:
+        return ""
+    if args.scoring != "raw" and args.smoothing_space == "calibrated":
+        return (f" The -log p of a first calibration averaged over neighbouring patches (Gaussian, sigma {sigma:g} px),"
+                " then calibrated again (`--smoothing-space calibrated`).")
+    return f" Grid scores averaged over neighbouring patches (Gaussian, sigma {sigma:g} px) before the calibration."
 
 
 def _printer() -> Any:

@@ -131,6 +131,10 @@ CALIBRATED_CKPT = "calibrated.ckpt"
 #: neighbouring grid scores before the calibration (`RatSpnStage(score_smoothing_px)`); the raw rows keep 0
 #: (the paper's per-patch score). Chosen on lesion validation, README "Border-aware scoring".
 DEFAULT_SMOOTHING_PX = 16.0
+#: ``--smoothing-space``: what the calibrated RAT-SPN rows smooth. ``calibrated`` (default): the -log p of a first
+#: Mondrian calibration of the raw scores, calibrated again after smoothing (`RatSpnStage(smooth_calibrated)`);
+#: ``raw``: the raw -log p(z), calibrated once. Chosen on lesion validation, README "Border-aware scoring".
+SMOOTHING_SPACES = ("calibrated", "raw")
 SCORING_NOTES = {
     "raw": "-log p(z) of the autoencoder's latents (paper).",
     "mondrian": "-log of the conformal p-value of -log p(z) among healthy validation patches of the same "
@@ -153,7 +157,7 @@ def smoothing_of(scoring: str, smoothing_px: float | None = None) -> float:
 def build_stages(
     profile: str, data: str = "synthetic", data_root: str | None = None, seed: int = 0,
     healthy_root: str | None = None, threshold_rule: str = "image_percentile", scoring: str = "mondrian",
-    smoothing_px: float | None = None,
+    smoothing_px: float | None = None, smoothing_space: str = "calibrated",
 ) -> list[Stage]:
     """The reproduction's stages in run order (8 fits, then 16 tests: 8 models x mass/calc).
 
@@ -162,7 +166,8 @@ def build_stages(
     percentile results stay. Every other row keeps the per-image percentile; each row says its rule.
     ``scoring`` (`SCORINGS`) other than "raw" adds a calibration stage after each RAT-SPN fit, whose
     calibrated checkpoint the RAT-SPN rows are tested with. ``smoothing_px`` (`smoothing_of`) goes to the
-    RAT-SPN fits as ``score_smoothing_px``, so their calibration and tests score the smoothed grid.
+    RAT-SPN fits as ``score_smoothing_px``, so their calibration and tests score the smoothed grid; with a
+    calibrated ``scoring`` and ``smoothing_space`` "calibrated" (`SMOOTHING_SPACES`) they smooth calibrated scores.
     """
     if profile not in PROFILES:
         raise ValueError(f"--profile must be one of {PROFILES}, got {profile!r}")
@@ -174,9 +179,13 @@ def build_stages(
         raise ValueError("--threshold-rule calibrated needs calibrated RAT-SPN rows: --scoring mondrian or "
                          "context+mondrian")
     spn_extra = ["--model.init_args.context", "true"] if scoring.startswith("context") else []
+    if smoothing_space not in SMOOTHING_SPACES:
+        raise ValueError(f"--smoothing-space must be one of {SMOOTHING_SPACES}, got {smoothing_space!r}")
     smoothing = smoothing_of(scoring, smoothing_px)
     if smoothing > 0:
         spn_extra += ["--model.init_args.score_smoothing_px", f"{smoothing:g}"]
+        if scoring != "raw" and smoothing_space == "calibrated":
+            spn_extra += ["--model.init_args.smooth_calibrated", "true"]
     # models with a seed of their own take the stage's seed too: Lightning refuses a model and a data module
     # whose logged ``seed`` hyper-parameters differ, and --seed N must move every random choice
     seeded = ["--model.init_args.seed", str(seed)]

@@ -67,6 +67,9 @@ class AnomalyDetector(pl.LightningModule):
         super().__init__(*args, **kwargs)
         # conformal calibration (empty until `mammospn calibrate` fits it on healthy validation images)
         self.calibrator = MondrianConformal()
+        # a first calibration of the raw scores, fitted only for a model that smooths calibrated scores
+        # (`smooths_calibrated`): its -log p are smoothed over the grid and `calibrator` ranks those
+        self.pre_calibrator = MondrianConformal()
         self.register_buffer("calibration_alpha", torch.tensor(0.0))  # 0 = no calibrated threshold
 
     def score_patches(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -163,14 +166,32 @@ class AnomalyDetector(pl.LightningModule):
 
         return self._eval_call(score_all, patches)
 
+    @property
+    def smooths_calibrated(self) -> bool:
+        """True when the grid smoothing applies to calibrated scores (``smooth_calibrated``, a model option)."""
+        return bool(getattr(self.hparams, "smooth_calibrated", False))
+
     def grid_scores(self, item: Mapping[str, Any]) -> Tensor:
-        """Raw (uncalibrated) scores of an evaluation item's grid patches, the one path calibration and scoring share.
+        """The scores `calibrator` ranks, of an evaluation item's grid patches: the one path calibration and scoring
+        share (`score_grid`, then `calibration_input`)."""
+        context = item.get("context")
+        raw = self.score_grid(batch_patches(item), None if context is None else context.reshape(-1, 2))
+        return self.calibration_input(raw, item)
+
+    def calibration_input(self, raw: Tensor, item: Mapping[str, Any],
+                          pre_calibrator: MondrianConformal | None = None) -> Tensor:
+        """From an item's raw grid scores to what `calibrator` ranks.
 
         ``score_smoothing_px`` (a model option, default 0) replaces each score by the Gaussian-weighted mean of
-        its neighbouring grid patches' scores (`grid_smoothing.smooth_grid`, over the item's ``centers``).
+        its neighbouring grid patches' scores (`grid_smoothing.smooth_grid`, over the item's ``centers``). With
+        ``smooth_calibrated`` the smoothed scores are the -log p of a first calibration (``pre_calibrator``, default
+        the model's own, once fitted): the border strata's raw excess then never leaks into the patches inside
+        them, and `calibrator`, fitted on the same smoothed healthy values, turns them into valid p-values again.
         """
-        context = item.get("context")
-        scores = self.score_grid(batch_patches(item), None if context is None else context.reshape(-1, 2))
+        pre = self.pre_calibrator if pre_calibrator is None else pre_calibrator
+        scores = raw
+        if self.smooths_calibrated and pre.fitted:
+            scores = pre(scores, item["context"].reshape(-1, 2).to(scores.device))
         sigma = float(getattr(self.hparams, "score_smoothing_px", 0.0) or 0.0)
         if sigma > 0:
             scores = smooth_grid(scores, item["centers"], int(item["stride"]), sigma)

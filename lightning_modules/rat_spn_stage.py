@@ -89,6 +89,9 @@ class RatSpnStage(AnomalyDetector):
         score_smoothing_px: scoring option: each grid patch's raw score becomes the Gaussian-weighted mean
             (sigma in px) of the raw scores of its neighbouring grid patches (`grid_smoothing.smooth_grid`),
             before the calibration, which then ranks smoothed against smoothed healthy scores. 0 = off.
+        smooth_calibrated: scoring option: smooth the -log p of a first Mondrian calibration of the raw scores
+            instead of the raw scores, and calibrate the smoothed values again (`AnomalyDetector.calibration_input`;
+            both calibrators fitted by `experiments.calibration.ConformalCalibration`).
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class RatSpnStage(AnomalyDetector):
         context_scale_px: float = 16.0,
         border_suppression_px: float = 0.0,
         score_smoothing_px: float = 0.0,
+        smooth_calibrated: bool = False,
     ) -> None:
         super().__init__()
         if not 0 < step_size <= 1:

@@ -89,7 +89,7 @@ def test_score_study_reproduces_table1_rows_from_saved_scores(
     # the saved terms, scored outside Lightning, give Table 1's rows: the CAE alone (its own score), the
     # default RAT-SPN row (smoothed, Mondrian-calibrated on the same healthy images)
     table = {r["model"]: r for r in csv.DictReader((out / "table1.csv").open()) if r["test_set"] == "mass"}
-    default = f"likelihood mondrian+smooth{table1_stages.DEFAULT_SMOOTHING_PX:g} (default)"
+    default = score_study.DEFAULT_NAME
     assert rows[default]["pixel_auc"] == pytest.approx(float(table["CAE-RATSPN"]["pixel_auc"]), abs=1e-5)
     assert rows["reconstruction raw (CAE)"]["pixel_auc"] == pytest.approx(float(table["CAE"]["pixel_auc"]), abs=1e-5)
     assert rows["intensity raw"]["pixel_auc"] == pytest.approx(float(table["Intensity"]["pixel_auc"]), abs=1e-5)

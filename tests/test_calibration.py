@@ -208,16 +208,22 @@ def test_calibrated_checkpoint_loads_and_scores_minus_log_p(tmp_path):
     assert bool(near.any()) and torch.allclose(scores[near], scores.min().expand(int(near.sum())))
 
 
+def _grid_item(healthy: ContextPatchSet) -> tuple[dict, torch.Tensor]:
+    """The 64 patches of ``healthy`` as one evaluation item on an 8 x 8 grid of stride 16, and their context."""
+    ctx = torch.stack([healthy[i]["context"] for i in range(64)])
+    rows, cols = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    item = {"patches": healthy.images[:64], "context": ctx, "stride": 16,
+            "centers": torch.stack([rows, cols], -1).reshape(-1, 2) * 16, "breast_mask": torch.ones(128, 128, dtype=torch.bool)}
+    return item, ctx
+
+
 def test_score_smoothing_averages_neighbours_before_the_calibrator(tmp_path):
-    from experiments.calibration import _item_scores
+    from experiments.calibration import _input, _scored
     from lightning_modules.grid_smoothing import smooth_grid
 
     stage = _fit_stage(tmp_path, context=True)
     healthy = ContextPatchSet(64, 5)
-    ctx = torch.stack([healthy[i]["context"] for i in range(64)])
-    rows, cols = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
-    item = {"patches": healthy.images, "context": ctx, "centers": torch.stack([rows, cols], -1).reshape(-1, 2) * 16,
-            "stride": 16}
+    item, ctx = _grid_item(healthy)
     raw = stage.score_grid(healthy.images, ctx)
     torch.testing.assert_close(stage.grid_scores(item), raw)  # off by default
     stage.hparams.score_smoothing_px = 24.0
@@ -225,11 +231,48 @@ def test_score_smoothing_averages_neighbours_before_the_calibrator(tmp_path):
     assert not torch.allclose(smoothed, raw)
     torch.testing.assert_close(stage.grid_scores(item), smoothed)
     # the calibration fits on what the model scores: smoothed raw scores, ranked by the calibrator afterwards
-    torch.testing.assert_close(_item_scores(stage, item)[0], smoothed)
+    torch.testing.assert_close(_input(stage, _scored(stage, item), MondrianConformal()), smoothed)
     stage.calibrator.fit(smoothed, ctx)
     torch.testing.assert_close(stage.score_item(item), stage.calibrator(smoothed, ctx))
     with pytest.raises(ValueError, match="score_smoothing_px must be >= 0"):
         RatSpnStage(autoencoder_ckpt="x.ckpt", score_smoothing_px=-1.0)
+
+
+def test_smooth_calibrated_smooths_a_first_calibration_and_calibrates_again(tmp_path):
+    """``smooth_calibrated``: raw -> first calibrator (-log p) -> grid smoothing -> calibrator; the pair travels in
+    the checkpoint, and until the first calibrator is fitted the model smooths raw scores as before."""
+    from experiments.calibration import _input, _scored
+    from lightning_modules.grid_smoothing import smooth_grid
+
+    stage = _fit_stage(tmp_path, context=True)
+    stage.hparams.score_smoothing_px = 24.0
+    stage.hparams.smooth_calibrated = True
+    item, ctx = _grid_item(ContextPatchSet(64, 5))
+    raw = stage.score_grid(item["patches"], ctx)
+    torch.testing.assert_close(stage.grid_scores(item), smooth_grid(raw, item["centers"], 16, 24.0))  # not fitted
+    healthy = ContextPatchSet(256, 6)
+    h_ctx = torch.stack([healthy[i]["context"] for i in range(256)])
+    pre = MondrianConformal(bins_px=(16.0,), min_count=20)
+    pre.fit(stage.score_grid(healthy.images, h_ctx), h_ctx)
+    first = pre(raw, ctx)
+    assert not torch.allclose(first, raw)
+    expected_input = smooth_grid(first, item["centers"], 16, 24.0)
+    # the callback's path (a candidate first calibrator) and the model's (its own, once set) agree
+    torch.testing.assert_close(_input(stage, _scored(stage, item), pre), expected_input)
+    stage.pre_calibrator = pre
+    torch.testing.assert_close(stage.grid_scores(item), expected_input)
+    stage.calibrator = MondrianConformal(bins_px=(16.0,), min_count=20)
+    stage.calibrator.fit(expected_input, ctx)
+    stage.calibration_alpha.fill_(0.05)
+    expected = stage.calibrator(expected_input, ctx)
+    torch.testing.assert_close(stage.score_item(item), expected)
+    trainer = _trainer(tmp_path / "save2", 1)
+    trainer.strategy.connect(stage)
+    trainer.save_checkpoint(tmp_path / "calibrated2.ckpt")
+    restored = RatSpnStage.load_from_checkpoint(tmp_path / "calibrated2.ckpt")
+    assert restored.smooths_calibrated and restored.pre_calibrator.fitted
+    torch.testing.assert_close(restored.score_item(item), expected)
+    assert restored.threshold == pytest.approx(-math.log(0.05))
 
 
 def test_conditional_rat_spn_on_codes_keeps_them_categorical_and_standardises_only_the_context(tmp_path):
