@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import pytorch_lightning as pl
 import yaml
 from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from datamodules.fileio import atomic_write
 from datamodules.records import DataError
@@ -399,7 +401,14 @@ def main(args: list[str] | None = None) -> int:
     except (FileNotFoundError, DataError, ConfigError, CheckpointError) as err:
         print(f"lightning: {err}", file=sys.stderr)
         return 2
+    except SIGTERMException:  # a SystemExit without a code: Python would exit 0, as if the run had finished
+        print(f"lightning: {STOPPED_BY_SIGTERM}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
+
+
+#: Lightning raises `SIGTERMException` (a `SystemExit` with no code) when a run receives SIGTERM
+STOPPED_BY_SIGTERM = "stopped by SIGTERM before it finished (a fit resumes from its last.ckpt with --ckpt_path last)"
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> MammoCLI:

@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
 from datamodules.fileio import write_json
 from experiments.table1_stages import CALIBRATED_CKPT, Stage, checkpoint_path, stage_args, stage_inputs
 
@@ -151,6 +153,9 @@ def run_stages(
         t0, cpu0 = time.perf_counter(), time.process_time()
         try:
             cli.run_cli(args)
+        except SIGTERMException as err:  # a SystemExit without a code: not a finished stage, and no next one
+            raise RuntimeError(f"stage {stage.name} {cli.STOPPED_BY_SIGTERM}; not marked done, the same command "
+                               "resumes it") from err
         except SystemExit as err:  # a config error: jsonargparse already printed the key at fault
             if err.code not in (0, None):
                 raise RuntimeError(f"stage {stage.name} failed: lightning {' '.join(args)}") from err

@@ -106,3 +106,75 @@ def test_stages_rerun_when_their_settings_change_and_keep_the_old_outputs(
     assert "score_smoothing_px 8" in (out / "runs" / "cae_spn" / "checkpoints" / "best.ckpt").read_text()
     calls.clear()
     assert tools.main([*base, "--score-smoothing-px", "8", "--force"]) == 0 and calls == first
+
+
+def test_a_stage_stopped_by_sigterm_is_not_marked_done_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Lightning answers SIGTERM with `SIGTERMException`, a SystemExit without a code: the runner took it for a
+    finished stage (a RAT-SPN fit stopped after 9 of its epochs was reused as finished) and went on. Now the stage
+    is not marked done, nothing after it runs, and the same command resumes it; `lightning` exits 143."""
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from experiments import cli
+
+    calls: list[str] = []
+
+    def fake_main(args: list[str]) -> None:
+        name = args[args.index("--run.name") + 1]
+        calls.append(name)
+        run_dir = Path(args[args.index("--run.root") + 1]) / name
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / ("config.yaml" if args[0] == "fit" else f"config-{args[0]}.yaml")).write_text("x: 1\n")
+        for f in ("best.ckpt", "last.ckpt"):
+            (run_dir / "checkpoints" / f).write_text("ckpt")
+        if name == "bvae" and calls.count("bvae") == 1:
+            raise SIGTERMException
+
+    monkeypatch.setattr(cli, "run_cli", fake_main)
+    stages = [s for s in table1_stages.build_stages("smoke", scoring="raw") if s.kind == "fit"]
+    with pytest.raises(RuntimeError, match="stage bvae stopped by SIGTERM"):
+        table1_runs.run_stages(stages, tmp_path, "g", log=lambda _: None)
+    assert calls == ["cae", "bvae"] and not (tmp_path / "runs" / "bvae" / "DONE.json").exists()
+    table1_runs.run_stages(stages, tmp_path, "g", log=lambda _: None)
+    assert calls[2] == "bvae" and (tmp_path / "runs" / "bvae" / "DONE.json").is_file()
+    # `lightning fit` itself: one line and the shell's code for a SIGTERM, not 0
+    calls.clear()
+    args = ["fit", "--run.name", "bvae", "--run.root", str(tmp_path / "alone")]
+    assert cli.main(args) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stopped by SIGTERM" in err[0]
+
+
+def test_lightning_raises_sigterm_exception_out_of_fit(tmp_path: Path) -> None:
+    """What the runner relies on: a SIGTERM during `Trainer.fit` ends it with `SIGTERMException` (a SystemExit
+    with no code) after the running step."""
+    import os
+    import signal
+
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    class Model(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.steps = 0
+
+        def training_step(self, batch, batch_idx):
+            self.steps += 1
+            if self.steps == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return (self.w - batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(40, 1)), batch_size=4)
+    model = Model()
+    trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(SIGTERMException) as stopped:
+        trainer.fit(model, data)
+    assert stopped.value.code is None and model.steps == 2 and trainer.received_sigterm
