@@ -77,11 +77,7 @@ def test_stages_rerun_when_their_settings_change_and_keep_the_old_outputs(
     calls: list[str] = []
 
     def fake_main(args: list[str]) -> None:
-        name = args[args.index("--run.name") + 1]
-        calls.append(name)
-        run_dir = Path(args[args.index("--run.root") + 1]) / name
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run_dir / ("config.yaml" if args[0] == "fit" else f"config-{args[0]}.yaml")).write_text("x: 1\n")
+        name, run_dir = _fake_run_folder(args, calls)
         if args[0] == "fit":
             (run_dir / "checkpoints" / "best.ckpt").write_text(" ".join(args))
         elif args[0] == "validate":
@@ -121,11 +117,7 @@ def test_a_stage_stopped_by_sigterm_is_not_marked_done_and_resumes(
     calls: list[str] = []
 
     def fake_main(args: list[str]) -> None:
-        name = args[args.index("--run.name") + 1]
-        calls.append(name)
-        run_dir = Path(args[args.index("--run.root") + 1]) / name
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run_dir / ("config.yaml" if args[0] == "fit" else f"config-{args[0]}.yaml")).write_text("x: 1\n")
+        name, run_dir = _fake_run_folder(args, calls)
         for f in ("best.ckpt", "last.ckpt"):
             (run_dir / "checkpoints" / f).write_text("ckpt")
         if name == "bvae" and calls.count("bvae") == 1:
@@ -178,3 +170,13 @@ def test_lightning_raises_sigterm_exception_out_of_fit(tmp_path: Path) -> None:
     with pytest.raises(SIGTERMException) as stopped:
         trainer.fit(model, data)
     assert stopped.value.code is None and model.steps == 2 and trainer.received_sigterm
+
+
+def _fake_run_folder(args: list[str], calls: list[str]) -> tuple[str, Path]:
+    """What a stand-in for `cli.run_cli` writes first: the run folder with its config; records the stage's name."""
+    name = args[args.index("--run.name") + 1]
+    calls.append(name)
+    run_dir = Path(args[args.index("--run.root") + 1]) / name
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run_dir / ("config.yaml" if args[0] == "fit" else f"config-{args[0]}.yaml")).write_text("x: 1\n")
+    return name, run_dir
