@@ -45,6 +45,7 @@ from experiments.table1_stages import (
     data_config,
     select_models,
     smoothing_of,
+    smooths_calibrated,
     stage_args,
 )
 
@@ -255,7 +256,7 @@ def _smoothing_note(args: argparse.Namespace) -> str:
     sigma = smoothing_of(args.scoring, args.score_smoothing_px)
     if sigma <= 0:
         return ""
-    if args.scoring != "raw" and args.smoothing_space == "calibrated":
+    if smooths_calibrated(args.scoring, args.smoothing_space):
         return (f" The -log p of a first calibration averaged over neighbouring patches (Gaussian, sigma {sigma:g} px),"
                 " then calibrated again (`--smoothing-space calibrated`).")
     return f" Grid scores averaged over neighbouring patches (Gaussian, sigma {sigma:g} px) before the calibration."

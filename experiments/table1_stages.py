@@ -154,6 +154,12 @@ def smoothing_of(scoring: str, smoothing_px: float | None = None) -> float:
     return float(smoothing_px)
 
 
+def smooths_calibrated(scoring: str, smoothing_space: str) -> bool:
+    """Whether the RAT-SPN rows smooth calibrated scores (`RatSpnStage(smooth_calibrated)`): with a calibrated
+    ``scoring`` and ``smoothing_space`` "calibrated" (`SMOOTHING_SPACES`); the one rule for the stages and the notes."""
+    return scoring != "raw" and smoothing_space == "calibrated"
+
+
 def build_stages(
     profile: str, data: str = "synthetic", data_root: str | None = None, seed: int = 0,
     healthy_root: str | None = None, threshold_rule: str = "image_percentile", scoring: str = "mondrian",
@@ -184,7 +190,7 @@ def build_stages(
     smoothing = smoothing_of(scoring, smoothing_px)
     if smoothing > 0:
         spn_extra += ["--model.init_args.score_smoothing_px", f"{smoothing:g}"]
-        if scoring != "raw" and smoothing_space == "calibrated":
+        if smooths_calibrated(scoring, smoothing_space):
             spn_extra += ["--model.init_args.smooth_calibrated", "true"]
     # models with a seed of their own take the stage's seed too: Lightning refuses a model and a data module
     # whose logged ``seed`` hyper-parameters differ, and --seed N must move every random choice
