@@ -93,18 +93,19 @@ class ConformalCalibration(pl.Callback):
             raise RuntimeError("ConformalCalibration needs a datamodule with calibration_dataloader(part)")
         from lightning_modules.calibration import MondrianConformal
 
-        def conformal(images: list[dict[str, Any]], key: str) -> tuple[MondrianConformal, dict[str, Any]]:
-            calibrator = MondrianConformal(self.bins_px, self.min_count, self.normalise).to(pl_module.device)
-            info = calibrator.fit(torch.cat([i[key] for i in images]), torch.cat([i["context"] for i in images]))
+        def conformal(values: list[torch.Tensor], images: list[dict[str, Any]],
+                      device: torch.device | str) -> tuple[MondrianConformal, dict[str, Any]]:
+            calibrator = MondrianConformal(self.bins_px, self.min_count, self.normalise).to(device)
+            info = calibrator.fit(torch.cat(values), torch.cat([i["context"] for i in images]))
             return calibrator, info
 
         def make(images: list[dict[str, Any]]) -> tuple[MondrianConformal, MondrianConformal, dict[str, Any]]:
             """The calibrator pair fitted on ``images``: the first calibration of the raw scores (fitted only
-            when the model smooths calibrated scores) and the calibrator of what the model then ranks."""
-            pre = conformal(images, "raw")[0] if pl_module.smooths_calibrated else MondrianConformal()
-            for image in images:
-                image["input"] = _input(pl_module, image, pre)
-            calibrator, info = conformal(images, "input")
+            when the model smooths calibrated scores; on the CPU, beside the scored images) and the calibrator
+            of what the model then ranks."""
+            pre = (conformal([i["raw"] for i in images], images, "cpu")[0] if pl_module.smooths_calibrated
+                   else MondrianConformal())
+            calibrator, info = conformal([_input(pl_module, i, pre) for i in images], images, pl_module.device)
             return pre, calibrator, info
 
         halves = {part: [_scored(pl_module, item) for item in dm.calibration_dataloader(part)]
@@ -150,9 +151,10 @@ def _scored(pl_module: pl.LightningModule, item: dict) -> dict[str, Any]:
 
 
 def _input(pl_module: pl.LightningModule, image: dict[str, Any], pre: Any) -> torch.Tensor:
-    """What the model's calibrator ranks for one scored image, given the first calibrator ``pre``
-    (`AnomalyDetector.calibration_input`: smoothed, after ``pre`` when the model smooths calibrated scores)."""
-    return pl_module.calibration_input(image["raw"], image, pre.cpu()).detach().cpu()
+    """What the model's calibrator ranks for one scored image (on the CPU, like its raw scores), given the first
+    calibrator ``pre`` (`AnomalyDetector.calibration_input`: smoothed, after ``pre`` when the model smooths
+    calibrated scores)."""
+    return pl_module.calibration_input(image["raw"], image, pre).detach().cpu()
 
 
 def _p_values(calibrator: Any, image: dict[str, Any], values: torch.Tensor,
