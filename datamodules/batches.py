@@ -22,6 +22,7 @@ from typing import Any, TypedDict
 
 import torch
 from torch import Tensor
+from typing_extensions import NotRequired  # typing's from Python 3.11; a torch dependency
 
 
 class PatchBatch(TypedDict):
@@ -67,7 +68,9 @@ class ScanItem(GridPatches):
     - ``breast_mask``, ``lesion_mask``: bool H x W (the lesion mask is all False for healthy / predict scans);
     - ``spacing_mm``: float (the evaluation spacing); ``stride``: int (grid step, px);
     - ``meta``: dict (``density``, ``lesion_type``, ``pathology``, ``side``, ``view``, ``source_path``,
-      ``has_pixel_annotation``, native spacing and shape when known).
+      ``has_pixel_annotation``, native spacing and shape when known);
+    - ``contralateral`` (only where the other breast's image of the same woman and view is known and asked for,
+      ``data.contralateral``): that image's `ScanItem` (its lesion mask all False), for bilateral scoring.
     """
 
     patient_id: str
@@ -77,6 +80,7 @@ class ScanItem(GridPatches):
     spacing_mm: float
     stride: int
     meta: dict[str, Any]
+    contralateral: NotRequired[ScanItem]
 
 
 class SkippedScan(GridPatches):
@@ -151,6 +155,11 @@ def check_scan_item(item: Mapping, patch_size: int | None = None) -> ScanItem | 
     for key, kind in (("image_id", str), ("patient_id", str), ("meta", dict), ("stride", int), ("spacing_mm", float)):
         if not isinstance(item.get(key), kind):
             _fail(where, key, f"a {kind.__name__}", item.get(key), missing=key not in item)
+    other = item.get("contralateral")
+    if other is not None:
+        if not isinstance(other, Mapping) or "skipped" in other:
+            _fail(where, "contralateral", "the scan item of the other breast", other)
+        check_scan_item(other, patch_size)
     return item  # type: ignore[return-value]
 
 

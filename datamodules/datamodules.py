@@ -27,7 +27,13 @@ from datamodules.patches import (
     split_patients,
 )
 from datamodules.records import DataError, ImageRecord
-from datamodules.sources import SOURCES, TEST_SET_KINDS, SourceRecords, list_source_records
+from datamodules.sources import (
+    SOURCES,
+    TEST_SET_KINDS,
+    SourceRecords,
+    contralateral_pairs,
+    list_source_records,
+)
 
 
 class DataValueError(DataError, ValueError):
@@ -198,6 +204,10 @@ class MammographyDataModule(pl.LightningDataModule):
             latter picks a scoring option without looking at the test set.
         max_lesion_validation_images: score only a seeded (``data_seed``) sample of N lesion validation
             images during fit (CBIS-DDSM's train split has ~1,200 per lesion type; None = all).
+        contralateral: every evaluation item (test, lesion validation, calibration, predict) carries the item of
+            the same woman's other breast in the same view where one is listed (`sources.contralateral_pairs`;
+            predict files pair among themselves), for a model that scores bilateral asymmetry
+            (`RatSpnStage(contralateral=...)`). Default False: nothing extra is read.
         num_workers: training / validation DataLoader workers. 0 is fastest here: the memmapped cache
             serves ~100,000 patches/s in the main process, and worker IPC only slows it down.
         eval_num_workers: workers of the test / predict / lesion-validation loaders (reading and
@@ -237,6 +247,7 @@ class MammographyDataModule(pl.LightningDataModule):
         contour_edge: bool = False,
         contour_band_px: float = 32.0,
         evaluate_on: str = "test",
+        contralateral: bool = False,
     ) -> None:
         super().__init__()
         _check_values(source=source, test_set=test_set, pixel_spacing_mm=pixel_spacing_mm, patch_size=patch_size,
@@ -280,6 +291,7 @@ class MammographyDataModule(pl.LightningDataModule):
         if evaluate_on not in ("test", "lesion_validation"):
             raise DataError(f"data.init_args.evaluate_on must be 'test' or 'lesion_validation', got {evaluate_on!r}")
         self.evaluate_on = evaluate_on
+        self.contralateral = bool(contralateral)
         self._records: SourceRecords | None = None
         self._healthy: HealthyPatchDataModule | None = None
         self._evaluation: EvaluationDataModule | None = None
@@ -325,8 +337,15 @@ class MammographyDataModule(pl.LightningDataModule):
             [] if predict else self.records.test, [] if predict else self.records.lesion_validation, predict,
             self.test_set, self.cache_dir, self.pixel_spacing_mm, self.patch_size, self.stride,
             self.max_lesion_area_patches, self.eval_num_workers, self.remove_pectoral, self._key_extra(),
-            self.progress,
+            self.progress, self._pairs(predict),
         )
+
+    def _pairs(self, predict: Sequence[ImageRecord] = ()) -> dict[str, ImageRecord]:
+        """The other breast's record of each image (``contralateral``; empty when off): the source's pairs, or for
+        predict files the pairs among them (their names or DICOM tags give patient, side and view)."""
+        if not self.contralateral:
+            return {}
+        return contralateral_pairs(predict) if predict else self.records.contralateral
 
     @property
     def evaluation(self) -> EvaluationDataModule:
@@ -411,7 +430,8 @@ class MammographyDataModule(pl.LightningDataModule):
     def calibration_dataloader(self, part: str = "fit") -> DataLoader:
         """Evaluation items (whole grids, with ``context``) of `calibration_records` ``part``."""
         ds = EvaluationDataset(self.calibration_records(part), stride=self.stride, patch_size=self.patch_size,
-                               spacing_mm=self.pixel_spacing_mm, kind=None, remove_pectoral=self.remove_pectoral)
+                               spacing_mm=self.pixel_spacing_mm, kind=None, remove_pectoral=self.remove_pectoral,
+                               contralateral=self._pairs())
         return DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.eval_num_workers)
 
     def selection_summary(self) -> dict[str, Any]:

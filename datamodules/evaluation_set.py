@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +74,10 @@ class EvaluationDataset(Dataset):
         kind: str | None = None,
         remove_pectoral: bool = False,
         skip_unreadable: bool = False,
+        contralateral: Mapping[str, ImageRecord] | None = None,
     ) -> None:
         self.items = list(items)
+        self.contralateral = dict(contralateral or {})
         self.skip_unreadable = skip_unreadable
         self.stride = int(stride)
         self.patch_size = int(patch_size)
@@ -86,10 +88,10 @@ class EvaluationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def _load(self, entry: Path | ImageRecord) -> dict[str, Any]:
+    def _load(self, entry: Path | ImageRecord, kind: str | None = None) -> dict[str, Any]:
         if isinstance(entry, ImageRecord):
-            pre = preprocess_record(entry, self.spacing_mm, self.remove_pectoral, with_lesions=self.kind is not None)
-            lesion = pre.lesion_masks.get(self.kind) if self.kind else None
+            pre = preprocess_record(entry, self.spacing_mm, self.remove_pectoral, with_lesions=kind is not None)
+            lesion = pre.lesion_masks.get(kind) if kind else None
             return {
                 "image_id": entry.image_id,
                 "patient_id": entry.patient_id,
@@ -97,7 +99,7 @@ class EvaluationDataset(Dataset):
                 "breast_mask": pre.breast_mask,
                 "lesion_mask": lesion if lesion is not None else np.zeros_like(pre.breast_mask),
                 "spacing_mm": pre.spacing_mm,
-                "meta": _item_meta(entry, pre.meta, self.kind),
+                "meta": _item_meta(entry, pre.meta, kind),
             }
         with np.load(entry, allow_pickle=False) as z:
             return {
@@ -123,19 +125,35 @@ class EvaluationDataset(Dataset):
         }
 
     def __getitem__(self, index: int) -> ScanItem | SkippedScan:
-        """One evaluation item; with ``skip_unreadable`` (predict) a `DataError` gives a skipped item instead."""
+        """One evaluation item; with ``skip_unreadable`` (predict) a `DataError` gives a skipped item instead.
+
+        An image whose other breast is known (``contralateral``, `sources.contralateral_pairs`) carries that
+        image's item under ``"contralateral"`` (no lesion mask); an unreadable other breast is reported in one line
+        and the image is scored alone.
+        """
         try:
-            raw = self._load(self.items[index])
+            raw = self._load(self.items[index], self.kind)
         except DataError as err:
             if not self.skip_unreadable:
                 raise
             return self._skipped(self.items[index], str(err))
+        item = self._grid_item(raw)
+        other = self.contralateral.get(raw["image_id"])
+        if other is not None:
+            try:
+                item["contralateral"] = self._grid_item(self._load(other))
+            except DataError as err:
+                log.warning("%s: its other breast %s is unreadable, so it is scored alone: %s",
+                            raw["image_id"], other.image_id, err)
+        return check_scan_item(item, self.patch_size)
+
+    def _grid_item(self, raw: dict[str, Any]) -> dict[str, Any]:
         image = raw["image"].astype(np.float32) / 255.0
         breast = raw["breast_mask"].astype(bool)
         centers = grid_centers(breast, self.stride)
         patches = extract_patches(image, centers, self.patch_size)
         context = patch_context(breast, centers)
-        return check_scan_item({
+        return {
             "image_id": raw["image_id"],
             "patient_id": raw["patient_id"],
             "scan": torch.from_numpy(image),
@@ -147,7 +165,7 @@ class EvaluationDataset(Dataset):
             "spacing_mm": raw["spacing_mm"],
             "stride": self.stride,
             "meta": raw["meta"],
-        }, self.patch_size)
+        }
 
 
 def open_evaluation_cache(path: Path) -> dict[str, Any]:
@@ -279,9 +297,11 @@ class EvaluationDataModule(pl.LightningDataModule):
         remove_pectoral: bool = False,
         cache_key_extra: dict[str, Any] | None = None,
         progress: bool = True,
+        contralateral: Mapping[str, ImageRecord] | None = None,
     ) -> None:
         super().__init__()
         lesion_kind(test_set)
+        self.contralateral = dict(contralateral or {})
         self.test_records = list(test_records)
         self.lesion_validation_records = list(lesion_validation_records)
         self.predict_records = list(predict_records)
@@ -332,7 +352,7 @@ class EvaluationDataModule(pl.LightningDataModule):
         if name in self._datasets:
             return self._datasets[name]
         common = dict(stride=self.stride, patch_size=self.patch_size, spacing_mm=self.pixel_spacing_mm,
-                      remove_pectoral=self.remove_pectoral)
+                      remove_pectoral=self.remove_pectoral, contralateral=self.contralateral)
         if name == "predict":
             if not self.predict_records:
                 raise DataError("nothing to predict: set data.predict_path to an image file or folder")

@@ -2,12 +2,15 @@
 
 The readers (`datamodules.readers`) list one folder each; this module combines them per source name
 (``synthetic`` = the generated DDSM normals + CBIS-DDSM lesions), splits lesion patients into test and
-validation when the source has no split of its own, and drops healthy images of women with a lesion image.
+validation when the source has no split of its own, drops healthy images of women with a lesion image, and
+pairs each image with the other breast's of the same woman and view (`contralateral_pairs`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +33,35 @@ def lesion_kind(test_set: str) -> str:
 
 @dataclass
 class SourceRecords:
-    """What a data source lists: healthy images, lesion test images, lesion validation images."""
+    """What a data source lists: healthy images, lesion test images, lesion validation images, and the other
+    breast's image of every image that has one (`contralateral_pairs` over everything listed, also the healthy
+    images dropped from training and the other test set's lesion images)."""
 
     healthy: list[ImageRecord]
     test: list[ImageRecord]
     lesion_validation: list[ImageRecord]
+    contralateral: dict[str, ImageRecord] = field(default_factory=dict)
+
+
+def contralateral_pairs(records: Iterable[ImageRecord]) -> dict[str, ImageRecord]:
+    """image_id -> the image of the same woman (``patient_id``) and view (``meta["view"]``) of the other breast.
+
+    Where both sides are known (``meta["side"]``, LEFT / RIGHT or L / R), the one image of each side pairs; where
+    they are not (mini-MIAS lists one MLO per breast without saying which), a woman's two images of one view pair.
+    Anything else (three images of a view, two of one side, an image alone) stays unpaired: no guess is made.
+    """
+    groups: dict[tuple[str, str], dict[str, ImageRecord]] = defaultdict(dict)
+    for record in records:
+        groups[(record.patient_id, str(record.meta.get("view") or "").upper())][record.image_id] = record
+    pairs: dict[str, ImageRecord] = {}
+    for group in groups.values():
+        if len(group) != 2:
+            continue
+        a, b = group.values()
+        sides = {str(r.meta.get("side") or "").upper()[:1] for r in (a, b)}
+        if sides == {"L", "R"} or not ({"L", "R"} & sides):  # opposite sides, or neither side known
+            pairs[a.image_id], pairs[b.image_id] = b, a
+    return pairs
 
 
 def _split_lesion_records(
@@ -105,12 +132,14 @@ def list_source_records(
         lesion = [r for d in diagnoses for r in list_source("ddsm", root, diagnosis=d, **opts)]
         test, val = _split_lesion_records([r for r in lesion if has_kind(r)], lesion_validation_fraction, data_seed)
         every_lesion = [r for r in lesion if in_a_test_set(r)]
+        everything = [*healthy, *lesion]
     else:  # mini_ddsm, mias, manifest: one listing, healthy = label 0
         listed = list_source(source, root, **opts)
         healthy = [r for r in listed if r.label == 0]
         lesion = [r for r in listed if r.label != 0 and has_kind(r)]
         test, val = _split_lesion_records(lesion, lesion_validation_fraction, data_seed)
         every_lesion = [r for r in listed if r.label != 0 and in_a_test_set(r)]
+        everything = listed  # also the lesions of neither test set (MIAS ARCH, ASYM): their other breast pairs
     if healthy_root is not None:
         hsource = healthy_source or "ddsm"
         if hsource == "ddsm":
@@ -120,10 +149,14 @@ def list_source_records(
             healthy = [r for r in healthy if r.label == 0]
     # every woman with a lesion image in a test or lesion-validation set of this source, of either test_set
     # (a calc evaluation must not meet the other breast of its women in a mass-configured training set)
+    if source in ("synthetic", "cbis_ddsm"):
+        everything = [*healthy, *test, *val, *every_lesion]
+    contralateral = contralateral_pairs({r.image_id: r for r in [*everything, *healthy]}.values())
     lesion_patients = {r.patient_id for r in [*test, *val, *every_lesion]}
     overlap = [r for r in healthy if r.patient_id in lesion_patients]
     if overlap:
         rank_zero_info("%d healthy images dropped: their patients have lesion images in the test/validation sets",
                  len(overlap))
         healthy = [r for r in healthy if r.patient_id not in lesion_patients]
-    return SourceRecords(healthy=list(healthy), test=list(test), lesion_validation=list(val))
+    return SourceRecords(healthy=list(healthy), test=list(test), lesion_validation=list(val),
+                         contralateral=contralateral)

@@ -24,7 +24,10 @@ def scan_item(m: int = 4, p: int = 8) -> dict:
 def test_well_formed_batches_pass_unchanged() -> None:
     batch, item = patch_batch(), scan_item()
     assert check_patch_batch(batch, 8) is batch and check_scan_item(item, 8) is item
-    assert set(batch) == set(PatchBatch.__annotations__) and set(item) == set(ScanItem.__annotations__)
+    optional = {"contralateral"}  # only where the other breast is known and asked for
+    assert set(batch) == set(PatchBatch.__annotations__) and set(item) == set(ScanItem.__annotations__) - optional
+    paired = {**scan_item(), "contralateral": {**scan_item(), "image_id": "i1"}}
+    assert check_scan_item(paired, 8) is paired
     skipped = {"image_id": "x", "skipped": "unreadable", "source_path": "/x.png",
                "centers": torch.zeros(0, 2, dtype=torch.int64), "context": torch.zeros(0, 2),
                "patches": torch.zeros(0, 1, 8, 8)}
@@ -63,6 +66,12 @@ def test_a_malformed_scan_item_names_its_image_and_key() -> None:
     item["stride"] = 16.0
     with pytest.raises(ValueError, match=r"'stride' must be a int, got float"):
         check_scan_item(item)
+    item = {**scan_item(), "contralateral": {**scan_item(), "image_id": "i1"}}
+    item["contralateral"].pop("breast_mask")
+    with pytest.raises(ValueError, match=r"^scan item 'i1': 'breast_mask' must be bool 20 x 10, missing$"):
+        check_scan_item(item)
+    with pytest.raises(ValueError, match=r"^scan item 'i0': 'contralateral' must be the scan item of the other breast"):
+        check_scan_item({**scan_item(), "contralateral": torch.zeros(3)})
     with pytest.raises(KeyError, match=r"batch has no 'patches' .*got keys \['image'\]"):
         batch_patches({"image": torch.rand(1, 1, 8, 8)})
     with pytest.raises(KeyError, match=r"got Tensor"):
