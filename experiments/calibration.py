@@ -99,32 +99,46 @@ class ConformalCalibration(pl.Callback):
             info = calibrator.fit(torch.cat(values), torch.cat([i["context"] for i in images]))
             return calibrator, info
 
-        def make(images: list[dict[str, Any]]) -> tuple[MondrianConformal, MondrianConformal, dict[str, Any]]:
-            """The calibrator pair fitted on ``images``: the first calibration of the raw scores (fitted only
-            when the model smooths calibrated scores; on the CPU, beside the scored images) and the calibrator
-            of what the model then ranks."""
+        def make(images: list[dict[str, Any]]) -> tuple[MondrianConformal, MondrianConformal, MondrianConformal,
+                                                        dict[str, Any]]:
+            """The calibrators fitted on ``images``: the first calibration of the raw scores (fitted only when the
+            model smooths calibrated scores; on the CPU, beside the scored images), the calibrator of what the
+            model then ranks, and the calibrator of the bilateral asymmetry (fitted only when the model scores
+            it, on the images that carry their other breast)."""
             pre = (conformal([i["raw"] for i in images], images, "cpu")[0] if pl_module.smooths_calibrated
                    else MondrianConformal())
             calibrator, info = conformal([_input(pl_module, i, pre) for i in images], images, pl_module.device)
-            return pre, calibrator, info
+            bilateral = MondrianConformal()
+            paired = [i for i in images if i.get("other") is not None]
+            if pl_module.contralateral_reference and paired:
+                bilateral = conformal([_bilateral(pl_module, i, pre, calibrator) for i in paired], paired, "cpu")[0]
+            info["paired_images"] = len(paired)
+            return pre, calibrator, bilateral, info
 
         halves = {part: [_scored(pl_module, item) for item in dm.calibration_dataloader(part)]
                   for part in ("fit", "check")}
+        if pl_module.contralateral_reference and not any(i.get("other") is not None for h in halves.values()
+                                                         for i in h):
+            log.warning("calibration: the model scores bilateral asymmetry (contralateral %s) but no healthy "
+                        "validation image came with its other breast (data.contralateral: true? pairs listed?), so "
+                        "every image is scored one-sided", pl_module.contralateral_reference)
         folds = [("fit", "check"), ("check", "fit")] if self.cross_fit else [("fit", "check")]
         checked = []
         for fit_part, check_part in folds:
-            pre, calibrator, _ = make(halves[fit_part])
-            checked += [_p_values(calibrator, image, _input(pl_module, image, pre), pl_module.device)
+            pre, calibrator, bilateral, _ = make(halves[fit_part])
+            checked += [_p_values(image, _final(pl_module, image, pre, calibrator, bilateral))
                         for image in halves[check_part]]
         kept = halves["fit"] + halves["check"] if self.cross_fit else halves["fit"]
-        pre, calibrator, fit_info = make(kept)
+        pre, calibrator, bilateral, fit_info = make(kept)
         pl_module.pre_calibrator = pre.to(pl_module.device)
         pl_module.calibrator = calibrator
+        pl_module.bilateral_calibrator = bilateral.to(pl_module.device)
         pl_module.calibration_alpha.fill_(self.alpha)
         report = _check_report(checked)
         n_fit_images = len(kept)
         report.update(alpha=self.alpha, bins_px=self.bins_px, normalise=self.normalise, min_count=self.min_count,
                       smooth_calibrated=pl_module.smooths_calibrated,
+                      contralateral=pl_module.contralateral_reference, paired_fit_images=fit_info["paired_images"],
                       fit_images=n_fit_images, check="two-fold cross-fit" if self.cross_fit else "held-out half",
                       fit_patches=fit_info["n"], stratum_counts=fit_info["counts"], stratum_pooled=fit_info["pooled"],
                       stratum_median_raw_score=fit_info["median_raw_score"],
@@ -143,11 +157,14 @@ class ConformalCalibration(pl.Callback):
 
 def _scored(pl_module: pl.LightningModule, item: dict) -> dict[str, Any]:
     """One healthy validation image, scored once: raw grid scores (`AnomalyDetector.score_grid`, unsmoothed),
-    context, and what its smoothing and pixel map need."""
+    context, and what its smoothing and pixel map need; for a model that scores bilateral asymmetry, its other
+    breast's (``other``) too, when the item carries it."""
     context = item["context"].reshape(-1, 2)
     raw = pl_module.score_grid(batch_patches(item), context).detach().cpu()
+    other = item.get("contralateral")
     return {"raw": raw, "context": context.cpu(), "centers": item["centers"], "breast_mask": item["breast_mask"],
-            "stride": int(item["stride"])}
+            "stride": int(item["stride"]),
+            "other": _scored(pl_module, other) if other is not None and pl_module.contralateral_reference else None}
 
 
 def _input(pl_module: pl.LightningModule, image: dict[str, Any], pre: Any) -> torch.Tensor:
@@ -157,10 +174,30 @@ def _input(pl_module: pl.LightningModule, image: dict[str, Any], pre: Any) -> to
     return pl_module.calibration_input(image["raw"], image, pre).detach().cpu()
 
 
-def _p_values(calibrator: Any, image: dict[str, Any], values: torch.Tensor,
-              device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """(patch, breast-pixel) p-values of one scored image's calibrator input ``values`` under ``calibrator``."""
-    calibrated = calibrator(values.to(device), image["context"].to(device)).cpu()
+def _one_sided(pl_module: pl.LightningModule, image: dict[str, Any], pre: Any, calibrator: Any) -> torch.Tensor:
+    """One scored image's calibrated -log p (CPU) under the calibrator pair (``pre``, ``calibrator``)."""
+    device = calibrator.sorted_scores.device
+    values = _input(pl_module, image, pre).to(device)
+    return calibrator(values, image["context"].to(device)).detach().cpu()
+
+
+def _bilateral(pl_module: pl.LightningModule, image: dict[str, Any], pre: Any, calibrator: Any) -> torch.Tensor:
+    """What the bilateral calibrator ranks for a scored image with its other breast (`AnomalyDetector.bilateral_input`)."""
+    return pl_module.bilateral_input(_one_sided(pl_module, image, pre, calibrator), image,
+                                     _one_sided(pl_module, image["other"], pre, calibrator), image["other"]).cpu()
+
+
+def _final(pl_module: pl.LightningModule, image: dict[str, Any], pre: Any, calibrator: Any,
+           bilateral: Any) -> torch.Tensor:
+    """A scored image's -log p as the model would score it with these calibrators (`AnomalyDetector.score_item`):
+    the calibrated bilateral asymmetry where it has its other breast and ``bilateral`` is fitted, else one-sided."""
+    if image.get("other") is not None and bilateral.fitted:
+        return bilateral(_bilateral(pl_module, image, pre, calibrator), image["context"])
+    return _one_sided(pl_module, image, pre, calibrator)
+
+
+def _p_values(image: dict[str, Any], calibrated: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(patch, breast-pixel) p-values of one scored image's calibrated -log p ``calibrated`` (CPU)."""
     amap = anomaly_maps.anomaly_map(calibrated.numpy(), image["centers"], image["breast_mask"], image["stride"])
     return torch.exp(-calibrated).numpy(), np.exp(-amap[np.isfinite(amap)])
 

@@ -31,7 +31,9 @@ from experiments.table1_report import (
 )
 from experiments.table1_runs import run_stages
 from experiments.table1_stages import (
+    CONTRALATERAL,
     DATA_CHOICES,
+    DEFAULT_CONTRALATERAL_RADIUS_PX,
     DEFAULT_SMOOTHING_PX,
     FITS,
     MODEL_ORDER,
@@ -80,6 +82,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="with a calibrated --scoring: smooth the -log p of a first calibration and calibrate the "
                              "smoothed values again (calibrated, default), or smooth the raw -log p(z) and calibrate "
                              "once (raw)")
+    parser.add_argument("--contralateral", choices=CONTRALATERAL, default="none",
+                        help="with a calibrated --scoring: the RAT-SPN rows score each patch against the same place "
+                             "in the woman's other breast (mirrored, registered by the breast masks): their calibrated "
+                             "-log p minus the other breast's mean / max within --contralateral-radius-px, calibrated "
+                             "again on healthy women's pairs; images without a pair stay one-sided")
+    parser.add_argument("--contralateral-radius-px", type=float, default=DEFAULT_CONTRALATERAL_RADIUS_PX,
+                        metavar="PX", help="half the side of the square whose other-breast scores form the reference")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="several seeds: the stages run once per seed (<out>/seed-<N>/) and the table is the "
                              "mean ± sd over seeds")
@@ -157,7 +166,8 @@ def _run_seed(args: argparse.Namespace, seed: int, out_dir: Path, pairs_only: bo
     """Runs (or reuses) one seed's stages under ``out_dir`` and writes its table; returns its rows or an exit code."""
     data_name = data_config(args.data)[0]
     stages = build_stages(args.profile, args.data, args.data_root, seed, args.healthy_root, args.threshold_rule,
-                          args.scoring, args.score_smoothing_px, args.smoothing_space)
+                          args.scoring, args.score_smoothing_px, args.smoothing_space, args.contralateral,
+                          args.contralateral_radius_px)
     if pairs_only:
         stages = pair_stages(stages)
     if args.models:
@@ -186,7 +196,7 @@ def _run_seed(args: argparse.Namespace, seed: int, out_dir: Path, pairs_only: bo
     notes = [
         f"Profile `{args.profile}`, data `{data_name}`, seed {seed}; W&B group `{group}`.",
         "Intensity: score = mean patch intensity, nothing trained (what brightness alone achieves).",
-        f"RAT-SPN rows scored `{args.scoring}`: " + SCORING_NOTES[args.scoring] + _smoothing_note(args),
+        f"RAT-SPN rows scored `{args.scoring}`: " + SCORING_NOTES[args.scoring] + _smoothing_note(args) + _contralateral_note(args),
     ]
     if total is not None:
         notes.append(f"Wall time of the stages run: {total / 60:.1f} min (per stage in timings.json).")
@@ -223,7 +233,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--profile must be one of {PROFILES}, got {args.profile!r}")
         # the flags together (e.g. --threshold-rule calibrated needs a calibrated --scoring) before any stage runs
         stages = build_stages(args.profile, args.data, args.data_root, args.seed, args.healthy_root,
-                              args.threshold_rule, args.scoring, args.score_smoothing_px, args.smoothing_space)
+                              args.threshold_rule, args.scoring, args.score_smoothing_px, args.smoothing_space,
+                              args.contralateral, args.contralateral_radius_px)
         if args.models:
             select_models(stages, args.models)
     except (ValueError, FileNotFoundError) as err:
@@ -260,6 +271,14 @@ def _smoothing_note(args: argparse.Namespace) -> str:
         return (f" The -log p of a first calibration averaged over neighbouring patches (Gaussian, sigma {sigma:g} px),"
                 " then calibrated again (`--smoothing-space calibrated`).")
     return f" Grid scores averaged over neighbouring patches (Gaussian, sigma {sigma:g} px) before the calibration."
+
+
+def _contralateral_note(args: argparse.Namespace) -> str:
+    if getattr(args, "contralateral", "none") == "none" or args.scoring == "raw":
+        return ""
+    return (f" Bilateral: each calibrated -log p minus the {args.contralateral} of the other breast's within "
+            f"{args.contralateral_radius_px:g} px of the mirrored place, calibrated again on healthy pairs "
+            "(`--contralateral`; images without a pair one-sided).")
 
 
 def _printer() -> Any:

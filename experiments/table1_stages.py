@@ -135,6 +135,11 @@ DEFAULT_SMOOTHING_PX = 16.0
 #: Mondrian calibration of the raw scores, calibrated again after smoothing (`RatSpnStage(smooth_calibrated)`);
 #: ``raw``: the raw -log p(z), calibrated once. Chosen on lesion validation, README "Border-aware scoring".
 SMOOTHING_SPACES = ("calibrated", "raw")
+#: ``--contralateral``: the calibrated RAT-SPN rows score bilateral asymmetry against the woman's other breast
+#: (`RatSpnStage(contralateral=...)`, ``data.contralateral``); "none" = one-sided
+CONTRALATERAL = ("none", "mean", "max")
+#: ``--contralateral-radius-px`` default: half the side of the reference square around the mirrored place
+DEFAULT_CONTRALATERAL_RADIUS_PX = 32.0
 SCORING_NOTES = {
     "raw": "-log p(z) of the autoencoder's latents (paper).",
     "mondrian": "-log of the conformal p-value of -log p(z) among healthy validation patches of the same "
@@ -163,7 +168,8 @@ def smooths_calibrated(scoring: str, smoothing_space: str) -> bool:
 def build_stages(
     profile: str, data: str = "synthetic", data_root: str | None = None, seed: int = 0,
     healthy_root: str | None = None, threshold_rule: str = "image_percentile", scoring: str = "mondrian",
-    smoothing_px: float | None = None, smoothing_space: str = "calibrated",
+    smoothing_px: float | None = None, smoothing_space: str = "calibrated", contralateral: str = "none",
+    contralateral_radius_px: float = DEFAULT_CONTRALATERAL_RADIUS_PX,
 ) -> list[Stage]:
     """The reproduction's stages in run order (8 fits, then 16 tests: 8 models x mass/calc).
 
@@ -174,6 +180,8 @@ def build_stages(
     calibrated checkpoint the RAT-SPN rows are tested with. ``smoothing_px`` (`smoothing_of`) goes to the
     RAT-SPN fits as ``score_smoothing_px``, so their calibration and tests score the smoothed grid; with a
     calibrated ``scoring`` and ``smoothing_space`` "calibrated" (`SMOOTHING_SPACES`) they smooth calibrated scores.
+    ``contralateral`` "mean" / "max" (`CONTRALATERAL`) makes the calibrated RAT-SPN rows score the bilateral
+    asymmetry against the woman's other breast within ``contralateral_radius_px`` (their data items carry it).
     """
     if profile not in PROFILES:
         raise ValueError(f"--profile must be one of {PROFILES}, got {profile!r}")
@@ -192,6 +200,15 @@ def build_stages(
         spn_extra += ["--model.init_args.score_smoothing_px", f"{smoothing:g}"]
         if smooths_calibrated(scoring, smoothing_space):
             spn_extra += ["--model.init_args.smooth_calibrated", "true"]
+    if contralateral not in CONTRALATERAL:
+        raise ValueError(f"--contralateral must be one of {CONTRALATERAL}, got {contralateral!r}")
+    if contralateral != "none":
+        if scoring == "raw":
+            raise ValueError("--contralateral needs calibrated RAT-SPN rows: --scoring mondrian or context+mondrian")
+        if not contralateral_radius_px >= 0:
+            raise ValueError(f"--contralateral-radius-px must be >= 0, got {contralateral_radius_px:g}")
+        spn_extra += ["--model.init_args.contralateral", contralateral, "--model.init_args.contralateral_radius_px",
+                      f"{contralateral_radius_px:g}", "--data.init_args.contralateral", "true"]
     # models with a seed of their own take the stage's seed too: Lightning refuses a model and a data module
     # whose logged ``seed`` hyper-parameters differ, and --seed N must move every random choice
     seeded = ["--model.init_args.seed", str(seed)]

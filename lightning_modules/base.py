@@ -12,6 +12,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 
 from lightning_modules.calibration import MondrianConformal
+from lightning_modules.contralateral import contralateral_reference, register_mirrored
 from lightning_modules.grid_smoothing import smooth_grid
 from lightning_modules.networks import PATCH_SIZE
 
@@ -70,6 +71,8 @@ class AnomalyDetector(pl.LightningModule):
         # a first calibration of the raw scores, fitted only for a model that smooths calibrated scores
         # (`smooths_calibrated`): its -log p are smoothed over the grid and `calibrator` ranks those
         self.pre_calibrator = MondrianConformal()
+        # the calibration of the bilateral asymmetry (`bilateral_input`), fitted only for a model that scores it
+        self.bilateral_calibrator = MondrianConformal()
         self.register_buffer("calibration_alpha", torch.tensor(0.0))  # 0 = no calibrated threshold
 
     def score_patches(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -197,20 +200,54 @@ class AnomalyDetector(pl.LightningModule):
             scores = smooth_grid(scores, item["centers"], int(item["stride"]), sigma)
         return scores
 
+    @property
+    def contralateral_reference(self) -> str | None:
+        """"mean" or "max" when the model scores bilateral asymmetry (the ``contralateral`` option), else None."""
+        reference = getattr(self.hparams, "contralateral", "none") or "none"
+        return None if reference == "none" else str(reference)
+
+    def bilateral_input(self, scores: Tensor, item: Mapping[str, Any], other_scores: Tensor,
+                        other: Mapping[str, Any]) -> Tensor:
+        """What `bilateral_calibrator` ranks: an item's calibrated grid ``scores`` minus the calibrated
+        ``other_scores`` of the woman's other breast (the item ``other``) around the same place
+        (`contralateral.contralateral_reference` over ``contralateral_radius_px``, after
+        `contralateral.register_mirrored` of the two breast masks)."""
+        shift = register_mirrored(torch.as_tensor(item["breast_mask"]).cpu(), torch.as_tensor(other["breast_mask"]).cpu())
+        reference = contralateral_reference(
+            scores.cpu(), item["centers"], other_scores.cpu(), other["centers"], int(other["breast_mask"].shape[-1]),
+            shift, float(getattr(self.hparams, "contralateral_radius_px", 32.0)), self.contralateral_reference)
+        return scores - reference.to(scores.device)
+
+    def one_sided_scores(self, item: Mapping[str, Any]) -> Tensor:
+        """An item's grid scores (`grid_scores`), calibrated (-log p) when the calibrator is fitted."""
+        scores = self.grid_scores(item)
+        context = item.get("context")
+        if context is not None and self.calibrator.fitted:
+            scores = self.calibrator(scores, context.reshape(-1, 2).to(scores.device))
+        return scores
+
     def score_item(self, batch: Mapping[str, Any]) -> Tensor:
-        """Scores of an evaluation item's grid patches (`grid_scores`): calibrated (-log p) when the calibrator
+        """Scores of an evaluation item's grid patches (`one_sided_scores`): calibrated (-log p) when the calibrator
         is fitted.
 
+        With the ``contralateral`` option and a fitted `bilateral_calibrator`, an item that carries its other
+        breast (``batch["contralateral"]``, ``data.contralateral: true``) scores the calibrated bilateral asymmetry
+        instead (`bilateral_input`, then `bilateral_calibrator`); without a pair it keeps its one-sided score.
         ``border_suppression_px`` (a model option, default 0) gives every patch whose centre lies closer
         than that to the skin line or the chest wall the image's lowest score: the naive border fix,
         kept as a comparison row (it hides lesions by the border too).
         """
         context = batch.get("context")
-        scores = self.grid_scores(batch)
+        scores = self.one_sided_scores(batch)
+        other = batch.get("contralateral")
+        if (other is not None and self.contralateral_reference and self.bilateral_calibrator.fitted
+                and scores.numel()):
+            other_scores = self.one_sided_scores(other)
+            if other_scores.numel():
+                scores = self.bilateral_calibrator(self.bilateral_input(scores, batch, other_scores, other),
+                                                   context.reshape(-1, 2).to(scores.device))
         if context is not None:
             context = context.reshape(-1, 2).to(scores.device)
-            if self.calibrator.fitted:
-                scores = self.calibrator(scores, context)
             suppress = float(getattr(self.hparams, "border_suppression_px", 0.0) or 0.0)
             if suppress > 0 and scores.numel():
                 near = torch.minimum(context[:, 0], context[:, 1]) < suppress

@@ -20,6 +20,7 @@ from pytorch_lightning.utilities import move_data_to_device
 from torch import Tensor
 
 from lightning_modules.base import AnomalyDetector, batch_patches, class_tag
+from lightning_modules.contralateral import REFERENCES
 from spn import RatSpn, broadcast_module, em_step_size, is_distributed
 
 #: extra RAT-SPN variables of the conditional model (``context=True``): skin-line and chest-wall distance features
@@ -92,6 +93,13 @@ class RatSpnStage(AnomalyDetector):
         smooth_calibrated: scoring option: smooth the -log p of a first Mondrian calibration of the raw scores
             instead of the raw scores, and calibrate the smoothed values again (`AnomalyDetector.calibration_input`;
             both calibrators fitted by `experiments.calibration.ConformalCalibration`).
+        contralateral: scoring option, bilateral asymmetry (`lightning_modules.contralateral`): "none" (default),
+            or "mean" / "max": each calibrated grid score minus the mean / maximum calibrated score of the woman's
+            other breast (mirrored and registered by the breast masks) within ``contralateral_radius_px``,
+            calibrated again on healthy women's pairs (a third calibrator). Needs ``data.contralateral: true``;
+            an image without a pair keeps its one-sided calibrated score.
+        contralateral_radius_px: half the side of the square around a patch's mirrored place whose contralateral
+            scores form its reference (px at evaluation spacing).
     """
 
     def __init__(
@@ -117,8 +125,14 @@ class RatSpnStage(AnomalyDetector):
         border_suppression_px: float = 0.0,
         score_smoothing_px: float = 0.0,
         smooth_calibrated: bool = False,
+        contralateral: str = "none",
+        contralateral_radius_px: float = 32.0,
     ) -> None:
         super().__init__()
+        if contralateral not in ("none", *REFERENCES):
+            raise ValueError(f"model.init_args.contralateral must be one of {('none', *REFERENCES)}, got {contralateral!r}")
+        if not contralateral_radius_px >= 0:
+            raise ValueError(f"model.init_args.contralateral_radius_px must be >= 0, got {contralateral_radius_px}")
         if not 0 < step_size <= 1:
             raise ValueError(f"model.init_args.step_size must be in (0, 1], got {step_size}")
         if step_decay_steps < 0:

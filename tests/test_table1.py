@@ -369,6 +369,37 @@ def test_scoring_adds_a_calibration_stage_per_ratspn(scoring: str, tmp_path: Pat
     assert all("calibrated" not in " ".join(table1_stages.stage_args(s, runs, evals, "g")) for s in raw)
 
 
+def test_contralateral_scores_the_ratspn_rows_against_the_other_breast(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """``--contralateral mean``: every RAT-SPN stage (fit, calibration, tests) gets the model option, the radius and
+    ``data.contralateral``, which the CLI accepts; no other row does; raw scoring or a bad value is refused."""
+    import yaml
+
+    from experiments import cli
+
+    runs, evals = tmp_path / "runs", tmp_path / "eval"
+    stages = table1_stages.build_stages("smoke", contralateral="mean", contralateral_radius_px=48.0)
+    for stage in stages:
+        paired = "--data.init_args.contralateral" in stage.overrides
+        assert paired == stage.model.endswith("-RATSPN"), stage.name
+        if paired:
+            o = stage.overrides
+            assert o[o.index("--model.init_args.contralateral") + 1] == "mean"
+            assert o[o.index("--model.init_args.contralateral_radius_px") + 1] == "48"
+    spn_fit = next(s for s in stages if s.name == "cae_spn")
+    with pytest.raises(SystemExit):
+        cli.run_cli([*table1_stages.stage_args(spn_fit, runs, evals, "g"), "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["init_args"]["contralateral"] == "mean" and config["data"]["init_args"]["contralateral"]
+    assert all("contralateral" not in " ".join(s.overrides) for s in table1_stages.build_stages("smoke"))
+    with pytest.raises(ValueError, match="--contralateral needs calibrated RAT-SPN rows"):
+        table1_stages.build_stages("smoke", scoring="raw", contralateral="max")
+    with pytest.raises(ValueError, match="--contralateral must be one of"):
+        table1_stages.build_stages("smoke", contralateral="min")
+    with pytest.raises(ValueError, match="--contralateral-radius-px must be >= 0"):
+        table1_stages.build_stages("smoke", contralateral="max", contralateral_radius_px=-1.0)
+
+
 def test_training_summary_reads_the_val_loss_curves_of_resumed_fits(tmp_path: Path) -> None:
     logs = tmp_path / "runs" / "cae" / "logs"
     (logs / "version_0").mkdir(parents=True)
