@@ -70,7 +70,7 @@ class ScanItem(GridPatches):
     - ``meta``: dict (``density``, ``lesion_type``, ``pathology``, ``side``, ``view``, ``source_path``,
       ``has_pixel_annotation``, native spacing and shape when known);
     - ``contralateral`` (only where the other breast's image of the same woman and view is known and asked for,
-      ``data.contralateral``): that image's `ScanItem` (its lesion mask all False), for bilateral scoring.
+      ``data.with_contralateral``): that image's `ScanItem` (its lesion mask all False), for bilateral scoring.
     """
 
     patient_id: str

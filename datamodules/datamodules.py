@@ -204,7 +204,7 @@ class MammographyDataModule(pl.LightningDataModule):
             latter picks a scoring option without looking at the test set.
         max_lesion_validation_images: score only a seeded (``data_seed``) sample of N lesion validation
             images during fit (CBIS-DDSM's train split has ~1,200 per lesion type; None = all).
-        contralateral: every evaluation item (test, lesion validation, calibration, predict) carries the item of
+        with_contralateral: every evaluation item (test, lesion validation, calibration, predict) carries the item of
             the same woman's other breast in the same view where one is listed (`sources.contralateral_pairs`;
             predict files pair among themselves), for a model that scores bilateral asymmetry
             (`RatSpnStage(contralateral=...)`). Default False: nothing extra is read.
@@ -247,7 +247,7 @@ class MammographyDataModule(pl.LightningDataModule):
         contour_edge: bool = False,
         contour_band_px: float = 32.0,
         evaluate_on: str = "test",
-        contralateral: bool = False,
+        with_contralateral: bool = False,
     ) -> None:
         super().__init__()
         _check_values(source=source, test_set=test_set, pixel_spacing_mm=pixel_spacing_mm, patch_size=patch_size,
@@ -291,7 +291,7 @@ class MammographyDataModule(pl.LightningDataModule):
         if evaluate_on not in ("test", "lesion_validation"):
             raise DataError(f"data.init_args.evaluate_on must be 'test' or 'lesion_validation', got {evaluate_on!r}")
         self.evaluate_on = evaluate_on
-        self.contralateral = bool(contralateral)
+        self.with_contralateral = bool(with_contralateral)
         self._records: SourceRecords | None = None
         self._healthy: HealthyPatchDataModule | None = None
         self._evaluation: EvaluationDataModule | None = None
@@ -341,9 +341,9 @@ class MammographyDataModule(pl.LightningDataModule):
         )
 
     def _pairs(self, predict: Sequence[ImageRecord] = ()) -> dict[str, ImageRecord]:
-        """The other breast's record of each image (``contralateral``; empty when off): the source's pairs, or for
+        """The other breast's record of each image (``with_contralateral``; empty when off): the source's pairs, or for
         predict files the pairs among them (their names or DICOM tags give patient, side and view)."""
-        if not self.contralateral:
+        if not self.with_contralateral:
             return {}
         return contralateral_pairs(predict) if predict else self.records.contralateral
 

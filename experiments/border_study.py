@@ -13,7 +13,11 @@ Reuses Table 1's CAE and CAE-RATSPN fits in ``OUT/runs`` and adds, each one `lig
   -log p of a first Mondrian calibration averaged over neighbouring patches (Gaussian, sigma px), then calibrated
   again (`RatSpnStage(smooth_calibrated=True)`); the default one is Table 1's default RAT-SPN row;
 - ``context+mondrian``, ``context+normalised`` and ``CAE+mondrian`` (the autoencoder alone, calibrated the
-  same way).
+  same way);
+- ``mondrian+smooth16+bilateral-<mean|max><radius>`` per ``--bilateral-radius-px`` (default 32): Table 1's default
+  row scored against the woman's other breast (`RatSpnStage(contralateral=...)`, ``data.with_contralateral``).
+
+``--variants NAME ...`` runs only those.
 
 Every variant is tested on ``--split`` (``test``, or ``lesion_validation`` to choose a default without
 looking at the test set) and ``border_study.md`` / ``.csv`` gather pixel AUC, interior AUC, lesion hit
@@ -29,6 +33,7 @@ import argparse
 import csv
 import io
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +65,7 @@ class Variant:
     calibration: list[str] | None = None  # ConformalCalibration arguments; None = raw scores
     hparams: tuple[tuple[str, Any], ...] = ()  # scoring options written into a copy of the checkpoint (first)
     needs_autoencoder: bool = True
+    data: tuple[str, ...] = ()  # data options of its calibration and test (e.g. the other breast's item)
 
 
 VARIANTS = (
@@ -81,6 +87,17 @@ def smoothing_variants(sigmas_px: list[float]) -> tuple[Variant, ...]:
     return tuple(Variant(f"mondrian+smooth{sigma:g}", "cae_spn.yaml", "cae_spn", calibration=MONDRIAN,
                          hparams=(("score_smoothing_px", float(sigma)), ("smooth_calibrated", True)))
                  for sigma in sigmas_px)
+
+
+def bilateral_variants(sigma_px: float, radii_px: list[float]) -> tuple[Variant, ...]:
+    """``mondrian+smooth<sigma>+bilateral-<mean|max><radius>``: Table 1's default scoring (the ``sigma`` row of
+    `smoothing_variants`), then each calibrated score minus the other breast's mean / max within the radius,
+    calibrated again on healthy pairs (`RatSpnStage(contralateral=...)`, ``table1 --contralateral``)."""
+    smooth = (("score_smoothing_px", float(sigma_px)), ("smooth_calibrated", True))
+    return tuple(Variant(f"mondrian+smooth{sigma_px:g}+bilateral-{ref}{radius:g}", "cae_spn.yaml", "cae_spn",
+                         calibration=MONDRIAN, data=("--data.init_args.with_contralateral", "true"),
+                         hparams=(*smooth, ("contralateral", ref), ("contralateral_radius_px", float(radius))))
+                 for ref in ("mean", "max") for radius in radii_px)
 
 
 def _slug(name: str) -> str:
@@ -158,24 +175,33 @@ def run(args: argparse.Namespace) -> int:
     if not ae_ckpt.is_file() or not table1_stages.checkpoint_path(runs, "cae_spn").is_file():
         print(f"mammospn border-study: no CAE / CAE-RATSPN fits in {runs}; run `mammospn table1 --out {out}` first")
         return 2
-    variants = VARIANTS + smoothing_variants(args.smoothing_px)
+    variants = (VARIANTS + smoothing_variants(args.smoothing_px)
+                + bilateral_variants(table1_stages.DEFAULT_SMOOTHING_PX, args.bilateral_radius_px))
+    if args.variants:
+        unknown = sorted(set(args.variants) - {v.name for v in variants})
+        if unknown:
+            print(f"mammospn border-study: unknown --variants {', '.join(unknown)}; one of: "
+                  f"{', '.join(v.name for v in variants)}", file=sys.stderr)
+            return 2
+        variants = tuple(v for v in variants if v.name in args.variants)
     spn_ckpt = table1_stages.checkpoint_path(runs, "cae_spn")
     retire_stale(out, {"cae": file_sha256(ae_ckpt), "cae_spn": file_sha256(spn_ckpt)}, log)
     ae = ["--model.init_args.autoencoder_ckpt", str(ae_ckpt)]
     # the conditional RAT-SPN: the Table 1 stage's settings plus context
     context_fit = runs / "border_cae_spn_context"
-    if not (context_fit / "checkpoints" / "last.ckpt").is_file():
+    if any(v.fit == context_fit.name for v in variants) and not (context_fit / "checkpoints" / "last.ckpt").is_file():
         _run(["fit", *_base_args(args, "cae_spn.yaml", "cae_spn"), *ae, "--model.init_args.context", "true",
               "--run.name", context_fit.name, "--run.root", str(runs), "--run.results_dir", str(eval_dir)], log)
     split = ["--data.init_args.evaluate_on", args.split]
     rows = []
     for variant in variants:
-        base = _base_args(args, variant.config, variant.fit) + (ae if variant.needs_autoencoder else [])
+        base = _base_args(args, variant.config, variant.fit) + (ae if variant.needs_autoencoder else []) + list(variant.data)
         ckpt = table1_stages.checkpoint_path(runs, variant.fit)  # best.ckpt (else last.ckpt), as Table 1 tests
         if variant.config.endswith("_spn.yaml"):
             # scoring options before the calibration, which ranks what the model scores; a RAT-SPN variant
             # scores unsmoothed unless it says so, whatever smoothing Table 1's fit carries
-            hparams = {"score_smoothing_px": 0.0, "smooth_calibrated": False, **dict(variant.hparams)}
+            hparams = {"score_smoothing_px": 0.0, "smooth_calibrated": False, "contralateral": "none",
+                       **dict(variant.hparams)}
             ckpt = with_hparams(ckpt, ckpt.with_name(f"{_slug(variant.name)}.ckpt"), hparams)
         if variant.calibration is not None:
             calibrated = ckpt.with_name(f"calibrated-{_slug(variant.name)}.ckpt")
@@ -251,3 +277,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                                         "lesion_validation)")
     parser.add_argument("--smoothing-px", type=float, nargs="+", default=[table1_stages.DEFAULT_SMOOTHING_PX],
                         metavar="SIGMA", help="a mondrian+smooth<SIGMA> variant per sigma (px) of the grid smoothing")
+    parser.add_argument("--bilateral-radius-px", type=float, nargs="*", default=[32.0], metavar="PX",
+                        help="a ...+bilateral-mean<PX> and ...+bilateral-max<PX> variant per radius (the other breast's "
+                             "reference square); none with no value")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                        help="only these variants (by name, e.g. mondrian+smooth16 mondrian+smooth16+bilateral-mean32)")

@@ -120,7 +120,7 @@ class ConformalCalibration(pl.Callback):
         if pl_module.contralateral_reference and not any(i.get("other") is not None for h in halves.values()
                                                          for i in h):
             log.warning("calibration: the model scores bilateral asymmetry (contralateral %s) but no healthy "
-                        "validation image came with its other breast (data.contralateral: true? pairs listed?), so "
+                        "validation image came with its other breast (data.with_contralateral: true? pairs listed?), so "
                         "every image is scored one-sided", pl_module.contralateral_reference)
         folds = [("fit", "check"), ("check", "fit")] if self.cross_fit else [("fit", "check")]
         checked = []

@@ -136,7 +136,7 @@ DEFAULT_SMOOTHING_PX = 16.0
 #: ``raw``: the raw -log p(z), calibrated once. Chosen on lesion validation, README "Border-aware scoring".
 SMOOTHING_SPACES = ("calibrated", "raw")
 #: ``--contralateral``: the calibrated RAT-SPN rows score bilateral asymmetry against the woman's other breast
-#: (`RatSpnStage(contralateral=...)`, ``data.contralateral``); "none" = one-sided
+#: (`RatSpnStage(contralateral=...)`, ``data.with_contralateral``); "none" = one-sided
 CONTRALATERAL = ("none", "mean", "max")
 #: ``--contralateral-radius-px`` default: half the side of the reference square around the mirrored place
 DEFAULT_CONTRALATERAL_RADIUS_PX = 32.0
@@ -208,7 +208,7 @@ def build_stages(
         if not contralateral_radius_px >= 0:
             raise ValueError(f"--contralateral-radius-px must be >= 0, got {contralateral_radius_px:g}")
         spn_extra += ["--model.init_args.contralateral", contralateral, "--model.init_args.contralateral_radius_px",
-                      f"{contralateral_radius_px:g}", "--data.init_args.contralateral", "true"]
+                      f"{contralateral_radius_px:g}", "--data.init_args.with_contralateral", "true"]
     # models with a seed of their own take the stage's seed too: Lightning refuses a model and a data module
     # whose logged ``seed`` hyper-parameters differ, and --seed N must move every random choice
     seeded = ["--model.init_args.seed", str(seed)]

@@ -231,7 +231,7 @@ class AnomalyDetector(pl.LightningModule):
         is fitted.
 
         With the ``contralateral`` option and a fitted `bilateral_calibrator`, an item that carries its other
-        breast (``batch["contralateral"]``, ``data.contralateral: true``) scores the calibrated bilateral asymmetry
+        breast (``batch["contralateral"]``, ``data.with_contralateral: true``) scores the calibrated bilateral asymmetry
         instead (`bilateral_input`, then `bilateral_calibrator`); without a pair it keeps its one-sided score.
         ``border_suppression_px`` (a model option, default 0) gives every patch whose centre lies closer
         than that to the skin line or the chest wall the image's lowest score: the naive border fix,
@@ -267,8 +267,12 @@ class AnomalyDetector(pl.LightningModule):
         trainer = self._trainer
         if trainer is not None and trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING, TrainerFn.PREDICTING):
             checkpoint.pop("callbacks", None)
-        state = checkpoint.get("state_dict", {})
-        for key, value in self.state_dict().items():  # also a nested model's (the RAT-SPN stage's autoencoder)
+        self.restore_calibrators(checkpoint.get("state_dict", {}))
+
+    def restore_calibrators(self, state: dict[str, Tensor]) -> None:
+        """Sizes every calibrator (also a nested model's, the RAT-SPN stage's autoencoder) like its saved state, and
+        gives a calibrator the checkpoint lacks (saved before it existed) its empty, unfitted state."""
+        for key, value in self.state_dict().items():
             if "calibrator." in key or key.rpartition(".")[2] == "calibration_alpha":
                 state.setdefault(key, value)
         for prefix, module in self.named_modules():

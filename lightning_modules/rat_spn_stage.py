@@ -96,7 +96,7 @@ class RatSpnStage(AnomalyDetector):
         contralateral: scoring option, bilateral asymmetry (`lightning_modules.contralateral`): "none" (default),
             or "mean" / "max": each calibrated grid score minus the mean / maximum calibrated score of the woman's
             other breast (mirrored and registered by the breast masks) within ``contralateral_radius_px``,
-            calibrated again on healthy women's pairs (a third calibrator). Needs ``data.contralateral: true``;
+            calibrated again on healthy women's pairs (a third calibrator). Needs ``data.with_contralateral: true``;
             an image without a pair keeps its one-sided calibrated score.
         contralateral_radius_px: half the side of the square around a patch's mirrored place whose contralateral
             scores form its reference (px at evaluation spacing).
@@ -487,6 +487,7 @@ class RatSpnStage(AnomalyDetector):
         for name in ("latent_mean", "latent_std"):
             if name in state:
                 setattr(self, name, torch.empty_like(state[name]))
+        self.restore_calibrators(state)  # the autoencoder just built has calibrators too
 
     def extra_repr(self) -> str:
         spn = self.spn

@@ -201,6 +201,18 @@ def test_calibrated_checkpoint_loads_and_scores_minus_log_p(tmp_path):
     item = {"patches": healthy.images[:32], "context": ctx[:32]}
     torch.testing.assert_close(restored.score_item(item), -torch.log(calibrator.p_value(raw[:32], ctx[:32])))
     assert restored.threshold == pytest.approx(-math.log(0.05))
+    # a checkpoint saved before the bilateral calibrator existed (also its autoencoder's) loads, that one unfitted,
+    # whether the stage is rebuilt from the checkpoint alone or its autoencoder file is still there
+    state = torch.load(tmp_path / "calibrated.ckpt", weights_only=False)
+    dropped = [k for k in state["state_dict"] if "bilateral_calibrator." in k]
+    assert any(k.startswith("autoencoder.") for k in dropped)
+    for key in dropped:
+        del state["state_dict"][key]
+    torch.save(state, tmp_path / "older.ckpt")
+    for older in (RatSpnStage.load_from_checkpoint(tmp_path / "older.ckpt"),
+                  RatSpnStage.load_from_checkpoint(tmp_path / "older.ckpt", contralateral="mean")):
+        assert not older.bilateral_calibrator.fitted
+        torch.testing.assert_close(older.score_item(item), restored.score_item(item))
     # the naive border fix as a load-time option: patches by the skin line get the image's lowest score
     suppressed = RatSpnStage.load_from_checkpoint(tmp_path / "calibrated.ckpt", border_suppression_px=10.0)
     scores = suppressed.score_item(item)

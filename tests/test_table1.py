@@ -372,7 +372,7 @@ def test_scoring_adds_a_calibration_stage_per_ratspn(scoring: str, tmp_path: Pat
 def test_contralateral_scores_the_ratspn_rows_against_the_other_breast(tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
     """``--contralateral mean``: every RAT-SPN stage (fit, calibration, tests) gets the model option, the radius and
-    ``data.contralateral``, which the CLI accepts; no other row does; raw scoring or a bad value is refused."""
+    ``data.with_contralateral``, which the CLI accepts; no other row does; raw scoring or a bad value is refused."""
     import yaml
 
     from experiments import cli
@@ -380,7 +380,7 @@ def test_contralateral_scores_the_ratspn_rows_against_the_other_breast(tmp_path:
     runs, evals = tmp_path / "runs", tmp_path / "eval"
     stages = table1_stages.build_stages("smoke", contralateral="mean", contralateral_radius_px=48.0)
     for stage in stages:
-        paired = "--data.init_args.contralateral" in stage.overrides
+        paired = "--data.init_args.with_contralateral" in stage.overrides
         assert paired == stage.model.endswith("-RATSPN"), stage.name
         if paired:
             o = stage.overrides
@@ -390,7 +390,7 @@ def test_contralateral_scores_the_ratspn_rows_against_the_other_breast(tmp_path:
     with pytest.raises(SystemExit):
         cli.run_cli([*table1_stages.stage_args(spn_fit, runs, evals, "g"), "--print_config"])
     config = yaml.safe_load(capsys.readouterr().out)
-    assert config["model"]["init_args"]["contralateral"] == "mean" and config["data"]["init_args"]["contralateral"]
+    assert config["model"]["init_args"]["contralateral"] == "mean" and config["data"]["init_args"]["with_contralateral"]
     assert all("contralateral" not in " ".join(s.overrides) for s in table1_stages.build_stages("smoke"))
     with pytest.raises(ValueError, match="--contralateral needs calibrated RAT-SPN rows"):
         table1_stages.build_stages("smoke", scoring="raw", contralateral="max")
