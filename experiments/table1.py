@@ -33,6 +33,7 @@ from experiments.table1_runs import run_stages
 from experiments.table1_stages import (
     CONTRALATERAL,
     DATA_CHOICES,
+    DEFAULT_CONTRALATERAL,
     DEFAULT_CONTRALATERAL_RADIUS_PX,
     DEFAULT_SMOOTHING_PX,
     FITS,
@@ -82,11 +83,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="with a calibrated --scoring: smooth the -log p of a first calibration and calibrate the "
                              "smoothed values again (calibrated, default), or smooth the raw -log p(z) and calibrate "
                              "once (raw)")
-    parser.add_argument("--contralateral", choices=CONTRALATERAL, default="none",
+    parser.add_argument("--contralateral", choices=CONTRALATERAL, default=DEFAULT_CONTRALATERAL,
                         help="with a calibrated --scoring: the RAT-SPN rows score each patch against the same place "
                              "in the woman's other breast (mirrored, registered by the breast masks): their calibrated "
                              "-log p minus the other breast's mean / max within --contralateral-radius-px, calibrated "
-                             "again on healthy women's pairs; images without a pair stay one-sided")
+                             f"again on healthy women's pairs (default {DEFAULT_CONTRALATERAL}; none = one-sided); images "
+                             "without a pair stay one-sided")
     parser.add_argument("--contralateral-radius-px", type=float, default=DEFAULT_CONTRALATERAL_RADIUS_PX,
                         metavar="PX", help="half the side of the square whose other-breast scores form the reference")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,

@@ -8,7 +8,8 @@ that: it ranks every unusual patch as unlikely. Here the other breast's calibrat
 score loses the other breast's score around the same place (`contralateral_reference`: the mean or the maximum
 of its grid scores within ``radius_px``, which absorbs what the mask registration cannot align). The difference is
 calibrated again on healthy women's pairs (`AnomalyDetector.score_item`), so it is a p-value like the one-sided
-score; an image without a pair keeps its one-sided score.
+score; an image without a pair keeps its one-sided score. The references are centred on their median over the
+image, so the other breast removes local structure both breasts share, not the breast's overall level.
 """
 
 from __future__ import annotations
@@ -42,13 +43,17 @@ def register_mirrored(mask: Tensor, other: Tensor, step: int = 8, max_shift: flo
 
 def contralateral_reference(scores: Tensor, centers: Tensor, other_scores: Tensor, other_centers: Tensor,
                             other_width: int, shift: tuple[int, int], radius_px: float,
-                            reference: str = "mean", chunk: int = 4096) -> Tensor:
+                            reference: str = "mean", centre: bool = True, chunk: int = 4096) -> Tensor:
     """The other breast's score around each grid centre of this one (float32, one per ``centers`` row).
 
     ``other_centers`` (row, column px in an image ``other_width`` wide) are mirrored left-right and moved by
     ``shift`` (`register_mirrored`); a centre's reference is the ``reference`` ("mean" or "max") of the other
     breast's ``other_scores`` at the centres within ``radius_px`` (a square window: rows and columns each within
     it), or the median of ``other_scores`` where none lies that close (tissue the other breast has no match for).
+    ``centre`` (default) subtracts the median of those references over this image's grid: the reference then says
+    where the other breast is unusual, not how unusual it is overall. Uncentred, a woman whose other breast scores
+    high everywhere (dense on both sides) shifted all of this breast's scores down, an image-level shift that cost
+    the pooled pixel AUC on mini-MIAS lesion validation (README "Bilateral asymmetry").
     """
     if reference not in REFERENCES:
         raise ValueError(f"contralateral reference must be one of {REFERENCES}, got {reference!r}")
@@ -73,6 +78,8 @@ def contralateral_reference(scores: Tensor, centers: Tensor, other_scores: Tenso
         else:
             ref = torch.where(near, values[None, :], torch.tensor(-torch.inf, dtype=torch.float64)).max(1).values
         out[start:start + chunk] = torch.where(count > 0, ref, fill)
+    if centre and out.numel():
+        out = out - out.median()
     return out.float()
 
 

@@ -39,7 +39,7 @@ def test_register_mirrored_finds_the_shift_of_the_mirrored_other_breast(dy: int,
     assert register_mirrored(mask, torch.zeros_like(mask)) == (0, 0)  # nothing to register: no shift
 
 
-def _brute_reference(centers, other_centers, other_scores, width, shift, radius, reference):
+def _brute_reference(centers, other_centers, other_scores, width, shift, radius, reference, centre):
     out = []
     for r, c in centers.tolist():
         near = [float(s) for (orow, ocol), s in zip(other_centers.tolist(), other_scores.tolist())
@@ -49,19 +49,21 @@ def _brute_reference(centers, other_centers, other_scores, width, shift, radius,
                        float(torch.median(other_scores)))
         else:
             out.append(sum(near) / len(near) if reference == "mean" else max(near))
-    return torch.tensor(out)
+    out = torch.tensor(out, dtype=torch.float64)
+    return (out - out.median() if centre else out).float()
 
 
 @pytest.mark.parametrize("reference", ["mean", "max"])
 @pytest.mark.parametrize("radius", [0.0, 16.0, 40.0])
-def test_contralateral_reference_matches_brute_force(reference: str, radius: float) -> None:
+@pytest.mark.parametrize("centre", [True, False])
+def test_contralateral_reference_matches_brute_force(reference: str, radius: float, centre: bool) -> None:
     gen = torch.Generator().manual_seed(3)
     centers = torch.randint(0, 12, (40, 2), generator=gen) * 8
     other_centers = torch.randint(0, 12, (33, 2), generator=gen) * 8
     other_scores = torch.randn(33, generator=gen)
     got = contralateral_reference(torch.randn(40), centers, other_scores, other_centers, 96, (8, -16), radius,
-                                  reference, chunk=7)
-    want = _brute_reference(centers, other_centers, other_scores, 96, (8, -16), radius, reference)
+                                  reference, centre, chunk=7)
+    want = _brute_reference(centers, other_centers, other_scores, 96, (8, -16), radius, reference, centre)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert got.dtype == torch.float32
 

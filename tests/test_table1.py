@@ -372,7 +372,7 @@ def test_scoring_adds_a_calibration_stage_per_ratspn(scoring: str, tmp_path: Pat
 def test_contralateral_scores_the_ratspn_rows_against_the_other_breast(tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
     """``--contralateral mean``: every RAT-SPN stage (fit, calibration, tests) gets the model option, the radius and
-    ``data.with_contralateral``, which the CLI accepts; no other row does; raw scoring or a bad value is refused."""
+    ``data.with_contralateral``, which the CLI accepts; no other row does, nor raw rows; a bad value is refused."""
     import yaml
 
     from experiments import cli
@@ -391,9 +391,11 @@ def test_contralateral_scores_the_ratspn_rows_against_the_other_breast(tmp_path:
         cli.run_cli([*table1_stages.stage_args(spn_fit, runs, evals, "g"), "--print_config"])
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["init_args"]["contralateral"] == "mean" and config["data"]["init_args"]["with_contralateral"]
-    assert all("contralateral" not in " ".join(s.overrides) for s in table1_stages.build_stages("smoke"))
-    with pytest.raises(ValueError, match="--contralateral needs calibrated RAT-SPN rows"):
-        table1_stages.build_stages("smoke", scoring="raw", contralateral="max")
+    for one_sided in (table1_stages.build_stages("smoke", contralateral="none"),
+                      table1_stages.build_stages("smoke", scoring="raw")):  # the paper's raw rows: each breast alone
+        assert all("contralateral" not in " ".join(s.overrides) for s in one_sided)
+    default = {s.name: s for s in table1_stages.build_stages("smoke")}
+    assert "--data.init_args.with_contralateral" in default["cae_spn"].overrides  # bilateral mean by default
     with pytest.raises(ValueError, match="--contralateral must be one of"):
         table1_stages.build_stages("smoke", contralateral="min")
     with pytest.raises(ValueError, match="--contralateral-radius-px must be >= 0"):
