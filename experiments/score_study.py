@@ -22,7 +22,8 @@ fitted on every healthy validation image) and evaluation (`EvaluationAccumulator
 Every calibrated rule is checked by two-fold cross-fitting over the healthy validation halves (share of held-out
 breast pixels with p < 0.05, ideal 0.05). The saved scores are reused while Table 1's checkpoints are the ones they
 came from (sha256). Written to ``OUT/score_study-<split>.md`` / ``.json``. Choose on ``--split lesion_validation``;
-the test split only reports.
+the test split only reports. Every rule here scores each breast alone; Table 1's default scores mini-MIAS images
+against the other breast as well (`RatSpnStage(contralateral=...)`), whose rows `mammospn border-study` runs.
 """
 
 from __future__ import annotations
@@ -168,9 +169,11 @@ def minus_image_median(inner: Callable[[list[Image]], Rule]) -> Callable[[list[I
 
 
 SMOOTH = table1_stages.DEFAULT_SMOOTHING_PX
-#: Table 1's default RAT-SPN row: the calibrated -log p smoothed, calibrated again (`RatSpnStage(smooth_calibrated)`)
+#: Table 1's default RAT-SPN row for an image without its other breast (and the one-sided step of the bilateral
+#: default): the calibrated -log p smoothed, calibrated again (`RatSpnStage(smooth_calibrated)`). The bilateral rows
+#: need the other breast's item: `mammospn border-study` scores them.
 DEFAULT = mondrian(smoothed(mondrian(term("likelihood")), SMOOTH))
-DEFAULT_NAME = f"likelihood mondrian, smooth{SMOOTH:g}, mondrian (default)"
+DEFAULT_NAME = f"likelihood mondrian, smooth{SMOOTH:g}, mondrian (default, one-sided)"
 RULES: dict[str, tuple[Callable[[list[Image]], Rule], bool]] = {  # name: (rule, calibrated)
     "likelihood raw (paper)": (term("likelihood"), False),
     "reconstruction raw (CAE)": (term("reconstruction"), False),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import border_study, score_study, table1_stages, tools
+from experiments import border_study, calibration, score_study, table1_stages, tools
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,8 @@ def test_border_study_runs_every_variant_on_a_smoke_table(
     args = ["border-study", "--table1", str(out), "--profile", "smoke", "--data-root", synth]
     assert tools.main(args) == 0
     rows = list(csv.DictReader((out / "border_study.csv").open()))
-    variants = border_study.VARIANTS + border_study.smoothing_variants([table1_stages.DEFAULT_SMOOTHING_PX])
+    variants = (border_study.VARIANTS + border_study.smoothing_variants([table1_stages.DEFAULT_SMOOTHING_PX])
+                + border_study.bilateral_variants(table1_stages.DEFAULT_SMOOTHING_PX, [32.0]))
     assert [r["variant"] for r in rows] == [v.name for v in variants]
     for r in rows:
         assert 0.0 <= float(r["pixel_auc"]) <= 1.0 and 0.0 <= float(r["lesion_hit_rate"]) <= 1.0
@@ -65,8 +66,17 @@ def test_border_study_runs_every_variant_on_a_smoke_table(
     # a second run reuses every step and also scores the lesion validation set
     assert tools.main([*args, "--split", "lesion_validation", "--smoothing-px", "8", "16"]) == 0
     assert (out / "border-eval" / "mondrian-lesion_validation" / "metrics.json").is_file()
-    swept = [r["variant"] for r in csv.DictReader((out / "border_study.csv").open())][-2:]
-    assert swept == ["mondrian+smooth8", "mondrian+smooth16"]
+    swept = [r["variant"] for r in csv.DictReader((out / "border_study.csv").open())][-4:]
+    assert swept == ["mondrian+smooth8", "mondrian+smooth16", *(v.name for v in variants[-2:])]
+    # the synthetic lesion images (CBIS-DDSM-shaped) have no other breast listed, so the bilateral rows score them
+    # one-sided, exactly the mondrian+smooth16 row; the healthy validation women (DDSM-shaped) are all pairs
+    by_name = {r["variant"]: r for r in rows}
+    for bilateral in variants[-2:]:
+        assert by_name[bilateral.name]["pixel_auc"] == smooth["pixel_auc"]
+        report = json.loads(calibration.report_path(checkpoints / f"calibrated-{border_study._slug(bilateral.name)}.ckpt")
+                            .read_text())
+        assert report["contralateral"] == bilateral.name.rpartition("-")[2].rstrip("0123456789")
+        assert report["paired_fit_images"] == report["fit_images"] >= 2
     # what the steps came from: the digests of Table 1's checkpoints, so a refit is not silently reused
     from datamodules.fileio import file_sha256
 
