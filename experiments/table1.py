@@ -32,6 +32,7 @@ from experiments.table1_report import (
 from experiments.table1_runs import run_stages
 from experiments.table1_stages import (
     CONTRALATERAL,
+    CONTRALATERAL_TEST_SETS,
     DATA_CHOICES,
     DEFAULT_CONTRALATERAL,
     DEFAULT_CONTRALATERAL_RADIUS_PX,
@@ -84,7 +85,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "smoothed values again (calibrated, default), or smooth the raw -log p(z) and calibrate "
                              "once (raw)")
     parser.add_argument("--contralateral", choices=CONTRALATERAL, default=DEFAULT_CONTRALATERAL,
-                        help="with a calibrated --scoring: the RAT-SPN rows score each patch against the same place "
+                        help="with a calibrated --scoring: the mass RAT-SPN rows score each patch against the same place "
                              "in the woman's other breast (mirrored, registered by the breast masks): their calibrated "
                              "-log p minus the other breast's mean / max within --contralateral-radius-px, calibrated "
                              f"again on healthy women's pairs (default {DEFAULT_CONTRALATERAL}; none = one-sided); images "
@@ -278,9 +279,11 @@ def _smoothing_note(args: argparse.Namespace) -> str:
 def _contralateral_note(args: argparse.Namespace) -> str:
     if getattr(args, "contralateral", "none") == "none" or args.scoring == "raw":
         return ""
-    return (f" Bilateral: each calibrated -log p minus the {args.contralateral} of the other breast's within "
-            f"{args.contralateral_radius_px:g} px of the mirrored place, calibrated again on healthy pairs "
-            "(`--contralateral`; images without a pair one-sided).")
+    sets = " and ".join(CONTRALATERAL_TEST_SETS)
+    return (f" Bilateral on the {sets} rows: each calibrated -log p minus the {args.contralateral} of the other breast's "
+            f"within {args.contralateral_radius_px:g} px of the mirrored place (centred on its image median), calibrated "
+            "again on healthy pairs (`--contralateral`); images without a listed other breast, and the other test "
+            "sets' rows, one-sided.")
 
 
 def _printer() -> Any:

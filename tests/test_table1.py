@@ -371,8 +371,9 @@ def test_scoring_adds_a_calibration_stage_per_ratspn(scoring: str, tmp_path: Pat
 
 def test_contralateral_scores_the_ratspn_rows_against_the_other_breast(tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    """``--contralateral mean``: every RAT-SPN stage (fit, calibration, tests) gets the model option, the radius and
-    ``data.with_contralateral``, which the CLI accepts; no other row does, nor raw rows; a bad value is refused."""
+    """``--contralateral mean``: every RAT-SPN stage (fit, calibration, tests) gets the model option and the radius,
+    the calibration and the mass tests ``data.with_contralateral``, which the CLI accepts; no other row does, nor
+    raw rows; a bad value is refused."""
     import yaml
 
     from experiments import cli
@@ -380,22 +381,27 @@ def test_contralateral_scores_the_ratspn_rows_against_the_other_breast(tmp_path:
     runs, evals = tmp_path / "runs", tmp_path / "eval"
     stages = table1_stages.build_stages("smoke", contralateral="mean", contralateral_radius_px=48.0)
     for stage in stages:
-        paired = "--data.init_args.with_contralateral" in stage.overrides
-        assert paired == stage.model.endswith("-RATSPN"), stage.name
-        if paired:
+        ratspn = stage.model.endswith("-RATSPN")
+        assert ("--model.init_args.contralateral" in stage.overrides) == ratspn, stage.name
+        if ratspn:
             o = stage.overrides
             assert o[o.index("--model.init_args.contralateral") + 1] == "mean"
             assert o[o.index("--model.init_args.contralateral_radius_px") + 1] == "48"
-    spn_fit = next(s for s in stages if s.name == "cae_spn")
+        # the other breast is read where the bilateral score is fitted and used: the calibration and the mass tests
+        # (calcifications are scored one-sided by the same checkpoint, chosen on lesion validation)
+        paired = "--data.init_args.with_contralateral" in stage.overrides
+        assert paired == (ratspn and (stage.kind == "validate" or stage.test_set in table1_stages.CONTRALATERAL_TEST_SETS))
+    assert table1_stages.CONTRALATERAL_TEST_SETS == ("mass",)
+    calibrate = next(s for s in stages if s.name == "cae_spn_calibrate")
     with pytest.raises(SystemExit):
-        cli.run_cli([*table1_stages.stage_args(spn_fit, runs, evals, "g"), "--print_config"])
+        cli.run_cli([*table1_stages.stage_args(calibrate, runs, evals, "g"), "--print_config"])
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["init_args"]["contralateral"] == "mean" and config["data"]["init_args"]["with_contralateral"]
     for one_sided in (table1_stages.build_stages("smoke", contralateral="none"),
                       table1_stages.build_stages("smoke", scoring="raw")):  # the paper's raw rows: each breast alone
         assert all("contralateral" not in " ".join(s.overrides) for s in one_sided)
     default = {s.name: s for s in table1_stages.build_stages("smoke")}
-    assert "--data.init_args.with_contralateral" in default["cae_spn"].overrides  # bilateral mean by default
+    assert "--data.init_args.with_contralateral" in default["test-mass-cae_ratspn"].overrides  # bilateral by default
     with pytest.raises(ValueError, match="--contralateral must be one of"):
         table1_stages.build_stages("smoke", contralateral="min")
     with pytest.raises(ValueError, match="--contralateral-radius-px must be >= 0"):
