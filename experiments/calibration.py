@@ -15,6 +15,10 @@ left the border strata 3-5x over-flagged on lesion images. It writes
 false-positive rate of the calibrated threshold) and ``calibrated.calibration.json`` + ``.png`` beside
 the checkpoint (named after the output checkpoint). Test and predict with ``--ckpt_path .../calibrated.ckpt`` then score -log p. Nothing here
 ever sees a test or lesion image.
+
+A model that scores bilateral asymmetry (``contralateral``) gets a third calibrator, fitted on the healthy images
+that carry their other breast (``data.with_contralateral``; a healthy woman's two images are in the same half), and
+the check then measures the p-values the model gives: bilateral where an image has its pair, one-sided where not.
 """
 
 from __future__ import annotations
