@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from types import SimpleNamespace
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -203,3 +204,28 @@ def test_bilateral_scoring_ranks_a_one_sided_blob_above_tissue_both_breasts_shar
     torch.testing.assert_close(model.score_item(alone), one_sided)  # no pair: the one-sided score
     model.hparams.contralateral = "none"
     torch.testing.assert_close(model.score_item(test), one_sided)  # option off: the pair is ignored
+
+
+def test_predict_files_pair_among_themselves_by_their_names(tmp_path) -> None:
+    """``lightning predict`` on a folder: files named like DDSM's (patient, side, view) pair with the other breast's
+    file of the same view; with ``with_contralateral`` off, nothing extra is read."""
+    from datamodules.datamodules import MammographyDataModule
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for name, mask in (("A_0007_1.LEFT_MLO", _breast(160, 128, 30)), ("A_0007_1.RIGHT_MLO", _breast(160, 128, 50).flip(-1)),
+                       ("A_0007_1.LEFT_CC", _breast(160, 128, 40))):
+        cv2.imwrite(str(folder / f"{name}.png"), np.where(mask.numpy(), 170, 8).astype(np.uint8))
+
+    def items(with_contralateral: bool) -> dict:
+        dm = MammographyDataModule(source="manifest", root=str(tmp_path / "none.csv"), predict_path=str(folder),
+                                   predict_options={"spacing_mm": 0.2}, cache_dir=str(tmp_path / "cache"),
+                                   patch_size=32, progress=False, with_contralateral=with_contralateral)
+        dataset = dm.prediction.dataset("predict")
+        return {dataset[i]["image_id"]: dataset[i] for i in range(len(dataset))}
+
+    paired = items(True)
+    assert paired["A_0007_1.LEFT_MLO"]["contralateral"]["image_id"] == "A_0007_1.RIGHT_MLO"
+    assert paired["A_0007_1.RIGHT_MLO"]["contralateral"]["image_id"] == "A_0007_1.LEFT_MLO"
+    assert "contralateral" not in paired["A_0007_1.LEFT_CC"]  # no right CC among the files
+    assert not any("contralateral" in item for item in items(False).values())
