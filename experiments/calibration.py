@@ -119,7 +119,8 @@ class ConformalCalibration(pl.Callback):
             info["paired_images"] = len(paired)
             return pre, calibrator, bilateral, info
 
-        halves = {part: [_scored(pl_module, item) for item in dm.calibration_dataloader(part)]
+        known: dict[str, torch.Tensor] = {}  # raw scores by image: a healthy woman's two images are each other's pair
+        halves = {part: [_scored(pl_module, item, known) for item in dm.calibration_dataloader(part)]
                   for part in ("fit", "check")}
         if pl_module.contralateral_reference and not any(i.get("other") is not None for h in halves.values()
                                                          for i in h):
@@ -159,16 +160,25 @@ class ConformalCalibration(pl.Callback):
                     "p < 0.05: %.3f, p < 0.01: %.3f)", out, fit_info["n"], n_fit_images, at[0.05], at[0.01])
 
 
-def _scored(pl_module: pl.LightningModule, item: dict) -> dict[str, Any]:
+def _scored(pl_module: pl.LightningModule, item: dict, known: dict[str, torch.Tensor] | None = None,
+            nested: bool = False) -> dict[str, Any]:
     """One healthy validation image, scored once: raw grid scores (`AnomalyDetector.score_grid`, unsmoothed),
     context, and what its smoothing and pixel map need; for a model that scores bilateral asymmetry, its other
-    breast's (``other``) too, when the item carries it."""
+    breast's (``other``) too, when the item carries it. ``known`` keeps the raw scores by image id, so an image met
+    again (as a pair's other breast, or itself after its partner) is not scored twice."""
+    known = {} if known is None else known
+    key = item.get("image_id")
     context = item["context"].reshape(-1, 2)
-    raw = pl_module.score_grid(batch_patches(item), context).detach().cpu()
+    raw = known.get(key) if key is not None else None
+    if raw is None:
+        raw = pl_module.score_grid(batch_patches(item), context).detach().cpu()
+        if key is not None:
+            known[key] = raw
     other = item.get("contralateral")
+    pair = (_scored(pl_module, other, known, nested=True)
+            if other is not None and not nested and pl_module.contralateral_reference else None)
     return {"raw": raw, "context": context.cpu(), "centers": item["centers"], "breast_mask": item["breast_mask"],
-            "stride": int(item["stride"]),
-            "other": _scored(pl_module, other) if other is not None and pl_module.contralateral_reference else None}
+            "stride": int(item["stride"]), "other": pair}
 
 
 def _input(pl_module: pl.LightningModule, image: dict[str, Any], pre: Any) -> torch.Tensor:

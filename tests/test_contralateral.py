@@ -177,16 +177,25 @@ def test_bilateral_scoring_ranks_a_one_sided_blob_above_tissue_both_breasts_shar
     bilateral, the one-sided blob outranks the shared one, both stay p-values, and the callback's path and the
     model's agree (the calibrator fitted on healthy pairs, checked by cross-fitting)."""
     shared, lesion = (40, 24), (80, 40)
-    healthy = [_pair(s, [shared] if s % 2 else [], [shared] if s % 2 else [], shift=8 * (s % 3)) for s in range(16)]
-    dm = SimpleNamespace(calibration_dataloader=lambda part: healthy[0::2] if part == "fit" else healthy[1::2])
+    pairs = [_pair(s, [shared] if s % 2 else [], [shared] if s % 2 else [], shift=8 * (s % 3)) for s in range(16)]
+    # each healthy woman's two images are both validation items, each carrying the other (as the datamodule gives)
+    women = [[a, {**a["contralateral"], "contralateral": {k: v for k, v in a.items() if k != "contralateral"}}]
+             for a in pairs]
+    halves = {"fit": [i for w in women[0::2] for i in w], "check": [i for w in women[1::2] for i in w]}
+    dm = SimpleNamespace(calibration_dataloader=lambda part: halves[part])
     model = Brightness()
+    calls = []
+    score_grid = model.score_grid
+    model.score_grid = lambda x, *a: calls.append(len(x)) or score_grid(x, *a)
     saved = {}
     trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, datamodule=dm,
                               ckpt_path=str(tmp_path / "best.ckpt"), save_checkpoint=lambda p: saved.setdefault("p", p))
     ConformalCalibration(alpha=0.05, bins_px=[8.0], min_count=20).on_validation_end(trainer, model)
     assert model.calibrator.fitted and model.bilateral_calibrator.fitted and saved["p"] == tmp_path / "calibrated.ckpt"
     report = __import__("json").loads((tmp_path / "calibrated.calibration.json").read_text())
-    assert report["contralateral"] == "mean" and report["paired_fit_images"] == 16
+    assert report["contralateral"] == "mean" and report["paired_fit_images"] == 32
+    assert len(calls) == 32  # every image scored once, not again as its partner's other breast
+    del model.score_grid
 
     test = _pair(99, [shared, lesion], [shared], shift=8)
     index = {tuple(c): i for i, c in enumerate(test["centers"].tolist())}
