@@ -238,3 +238,13 @@ def test_predict_files_pair_among_themselves_by_their_names(tmp_path) -> None:
     assert paired["A_0007_1.RIGHT_MLO"]["contralateral"]["image_id"] == "A_0007_1.LEFT_MLO"
     assert "contralateral" not in paired["A_0007_1.LEFT_CC"]  # no right CC among the files
     assert not any("contralateral" in item for item in items(False).values())
+
+
+def test_the_model_options_are_checked_in_one_line_naming_the_key() -> None:
+    from lightning_modules.rat_spn_stage import RatSpnStage
+
+    with pytest.raises(ValueError, match=r"^model.init_args.contralateral must be one of \('none', 'mean', 'max'\)"):
+        RatSpnStage(autoencoder_ckpt="x.ckpt", contralateral="median")
+    with pytest.raises(ValueError, match=r"^model.init_args.contralateral_radius_px must be >= 0, got -4"):
+        RatSpnStage(autoencoder_ckpt="x.ckpt", contralateral="mean", contralateral_radius_px=-4.0)
+    assert RatSpnStage(autoencoder_ckpt="x.ckpt").contralateral_reference is None  # off unless asked
