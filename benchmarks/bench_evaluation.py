@@ -4,7 +4,8 @@ Synthetic-sized images (1000 x 600 px at evaluation spacing, stride 16, reflect-
 scored by the CAE-sized network: images/s and patches/s of ``trainer.test`` with the evaluation
 callback (grid -> anomaly map -> AUC, Hausdorff, files), next to the bare ``score_patches``
 throughput of the same model on the same patches, as a ratio (target >= 0.8). Also times the exact
-pooled pixel AUC against sklearn on a few million pixels.
+pooled pixel AUC against sklearn on a few million pixels, and the bilateral score (the other breast scored,
+registered and referenced, `lightning_modules.contralateral`) against the one-sided score of the same image.
 """
 
 from __future__ import annotations
@@ -122,6 +123,39 @@ def _pixel_auc_timing(n: int = 3_000_000) -> tuple[float, float, float]:
     return t_ours, t_ref, ours
 
 
+def _bilateral_cost(model: pl.LightningModule, items: list[dict], rounds: int = 3) -> tuple[float, float, float]:
+    """Seconds per image of ``score_item`` one-sided and bilateral (its other breast: the second item, mirrored),
+    best of ``rounds``, and of the registration + reference alone. Calibrators fitted on the items' own scores."""
+    from lightning_modules.calibration import MondrianConformal
+
+    model.eval()
+    model.hparams.contralateral, model.hparams.contralateral_radius_px = "mean", 32.0
+    this = {**items[0], "context": torch.zeros(len(items[0]["centers"]), 2) + 100.0}
+    other = {**items[1], "context": torch.zeros(len(items[1]["centers"]), 2) + 100.0,
+             "breast_mask": items[1]["breast_mask"].flip(-1),
+             "centers": torch.stack([items[1]["centers"][:, 0], WIDTH - 1 - items[1]["centers"][:, 1]], 1)}
+    model.calibrator = MondrianConformal((), 10)
+    model.calibrator.fit(model.grid_scores(this), this["context"])
+    one_sided, other_scores = model.one_sided_scores(this), model.one_sided_scores(other)
+    model.bilateral_calibrator = MondrianConformal((), 10)
+    model.bilateral_calibrator.fit(model.bilateral_input(one_sided, this, other_scores, other), this["context"])
+    paired = {**this, "contralateral": other}
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    t_one = best(lambda: model.score_item(this))
+    t_two = best(lambda: model.score_item(paired))
+    t_ref = best(lambda: model.bilateral_input(one_sided, this, other_scores, other))
+    model.hparams.contralateral = "none"
+    return t_one, t_two, t_ref
+
+
 def main() -> None:
     torch.manual_seed(0)
     threads = torch.get_num_threads()
@@ -157,6 +191,9 @@ def main() -> None:
         anomaly_maps.anomaly_map(scores, item["centers"].numpy(), item["breast_mask"].numpy(), STRIDE)
     t_map = (time.perf_counter() - start) / 5
     print(f"anomaly_map alone: {t_map * 1000:.1f} ms/image")
+    t_one, t_two, t_reg = _bilateral_cost(model, items)
+    print(f"bilateral / one-sided score_item: {t_two / t_one:.2f} ({t_one:.2f} -> {t_two:.2f} s/image; 2 = the other "
+          f"breast scored too; registration + reference alone {t_reg * 1000:.0f} ms, {t_reg / t_one:.1%} of one-sided)")
     t_ours, t_ref, value = _pixel_auc_timing()
     print(f"exact pooled pixel AUC, 3M pixels in 10 updates: {t_ours:.2f} s (sklearn on all at once "
           f"{t_ref:.2f} s), AUC {value:.4f}, identical")
