@@ -18,7 +18,8 @@ ever sees a test or lesion image.
 
 A model that scores bilateral asymmetry (``contralateral``) gets a third calibrator, fitted on the healthy images
 that carry their other breast (``data.with_contralateral``; a healthy woman's two images are in the same half), and
-the check then measures the p-values the model gives: bilateral where an image has its pair, one-sided where not.
+the check then measures the p-values the model gives: bilateral where an image has its pair, one-sided where not;
+``one_sided_pixel_rate`` is the same curve for the one-sided p-values the checkpoint gives an image without its pair.
 """
 
 from __future__ import annotations
@@ -128,11 +129,14 @@ class ConformalCalibration(pl.Callback):
                         "validation image came with its other breast (data.with_contralateral: true? pairs listed?), so "
                         "every image is scored one-sided", pl_module.contralateral_reference)
         folds = [("fit", "check"), ("check", "fit")] if self.cross_fit else [("fit", "check")]
-        checked = []
+        checked, one_sided = [], []  # what the model gives; for a bilateral model also the one-sided p-values
         for fit_part, check_part in folds:
             pre, calibrator, bilateral, _ = make(halves[fit_part])
             checked += [_p_values(image, _final(pl_module, image, pre, calibrator, bilateral))
                         for image in halves[check_part]]
+            if bilateral.fitted:  # the rows scored one-sided by the same checkpoint (calcifications, unpaired images)
+                one_sided += [_p_values(image, _one_sided(pl_module, image, pre, calibrator))
+                              for image in halves[check_part]]
         kept = halves["fit"] + halves["check"] if self.cross_fit else halves["fit"]
         pre, calibrator, bilateral, fit_info = make(kept)
         pl_module.pre_calibrator = pre.to(pl_module.device)
@@ -140,6 +144,8 @@ class ConformalCalibration(pl.Callback):
         pl_module.bilateral_calibrator = bilateral.to(pl_module.device)
         pl_module.calibration_alpha.fill_(self.alpha)
         report = _check_report(checked)
+        if one_sided:
+            report["one_sided_pixel_rate"] = _check_report(one_sided)["pixel_rate"]
         n_fit_images = len(kept)
         report.update(alpha=self.alpha, bins_px=self.bins_px, normalise=self.normalise, min_count=self.min_count,
                       smooth_calibrated=pl_module.smooths_calibrated,

@@ -194,7 +194,11 @@ def test_bilateral_scoring_ranks_a_one_sided_blob_above_tissue_both_breasts_shar
     assert model.calibrator.fitted and model.bilateral_calibrator.fitted and saved["p"] == tmp_path / "calibrated.ckpt"
     report = __import__("json").loads((tmp_path / "calibrated.calibration.json").read_text())
     assert report["contralateral"] == "mean" and report["paired_fit_images"] == 32
-    assert len(calls) == 32  # every image scored once, not again as its partner's other breast
+    # both curves of the cross-fit check: the bilateral p-values and the one-sided ones (calcification rows)
+    for curve in (report["pixel_rate"], report["one_sided_pixel_rate"]):
+        assert len(curve) == len(report["alphas"]) and curve == sorted(curve) and 0.0 < curve[-1] < 0.5
+    assert report["one_sided_pixel_rate"] != report["pixel_rate"]
+    assert len(calls) == 32  # every image scored once, not again as its partner's other breast (nor for the curves)
     del model.score_grid
 
     test = _pair(99, [shared, lesion], [shared], shift=8)
