@@ -116,6 +116,7 @@ def list_source_records(
         other = [list_source("cbis_ddsm", cbis, abnormality=a, split=sp)
                  for a in TEST_SET_KINDS if a != abnormality for sp in ("test", "train")]
         every_lesion = [r for listing in other for r in listing]
+        everything = [*test, *val, *every_lesion]  # + the healthy images, below (also a healthy_root's)
     elif source == "cbis_ddsm":
         if healthy_root is None:
             raise DataError("data.source cbis_ddsm has no normal mammograms: set data.healthy_root to a DDSM "
@@ -125,6 +126,7 @@ def list_source_records(
         other = [list_source("cbis_ddsm", root, abnormality=a, split=sp, **opts)
                  for a in TEST_SET_KINDS if a != abnormality for sp in ("test", "train")]
         every_lesion = [r for listing in other for r in listing]
+        everything = [*test, *val, *every_lesion]
         healthy = []
     elif source == "ddsm":
         diagnoses = opts.pop("lesion_diagnoses", ["cancers", "benigns"])
@@ -149,8 +151,6 @@ def list_source_records(
             healthy = [r for r in healthy if r.label == 0]
     # every woman with a lesion image in a test or lesion-validation set of this source, of either test_set
     # (a calc evaluation must not meet the other breast of its women in a mass-configured training set)
-    if source in ("synthetic", "cbis_ddsm"):
-        everything = [*healthy, *test, *val, *every_lesion]
     contralateral = contralateral_pairs({r.image_id: r for r in [*everything, *healthy]}.values())
     lesion_patients = {r.patient_id for r in [*test, *val, *every_lesion]}
     overlap = [r for r in healthy if r.patient_id in lesion_patients]
