@@ -41,6 +41,7 @@ from typing import Any
 from datamodules.fileio import atomic_write, file_sha256, read_json, write_json
 from experiments import calibration, table1_stages
 from experiments.table1_runs import move_aside
+from lightning_modules import contralateral
 
 #: rank within each stratum: the callback's default strata (16 / 32 / 64 px, at least 50 patches each)
 MONDRIAN = ["--trainer.callbacks.bins_px", "[16,32,64]", "--trainer.callbacks.min_count", "50"]
@@ -97,7 +98,7 @@ def bilateral_variants(sigma_px: float, radii_px: list[float]) -> tuple[Variant,
     return tuple(Variant(f"mondrian+smooth{sigma_px:g}+bilateral-{ref}{radius:g}", "cae_spn.yaml", "cae_spn",
                          calibration=MONDRIAN, data=("--data.init_args.with_contralateral", "true"),
                          hparams=(*smooth, ("contralateral", ref), ("contralateral_radius_px", float(radius))))
-                 for ref in ("mean", "max") for radius in radii_px)
+                 for ref in contralateral.REFERENCES for radius in radii_px)
 
 
 def _slug(name: str) -> str:

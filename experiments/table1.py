@@ -277,7 +277,7 @@ def _smoothing_note(args: argparse.Namespace) -> str:
 
 
 def _contralateral_note(args: argparse.Namespace) -> str:
-    if getattr(args, "contralateral", "none") == "none" or args.scoring == "raw":
+    if args.contralateral == "none" or args.scoring == "raw":
         return ""
     sets = " and ".join(CONTRALATERAL_TEST_SETS)
     return (f" Bilateral on the {sets} rows: each calibrated -log p minus the {args.contralateral} of the other breast's "

@@ -137,6 +137,8 @@ DEFAULT_SMOOTHING_PX = 16.0
 SMOOTHING_SPACES = ("calibrated", "raw")
 #: ``--contralateral``: the calibrated RAT-SPN rows score bilateral asymmetry against the woman's other breast
 #: (`RatSpnStage(contralateral=...)`, ``data.with_contralateral``); "none" = one-sided
+#: (`lightning_modules.contralateral.OPTIONS`, spelled out: importing it would load torch and every model into this
+#: module, which the `mammospn` commands import at start-up; a test keeps the two equal)
 CONTRALATERAL = ("none", "mean", "max")
 #: ``--contralateral`` / ``--contralateral-radius-px`` defaults: the mean of the other breast's calibrated scores in
 #: the square of half-side 32 px around the mirrored place (centred on its image median); chosen on mini-MIAS lesion

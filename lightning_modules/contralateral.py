@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 
 REFERENCES = ("mean", "max")
+#: the values of the ``contralateral`` option (`RatSpnStage`, ``mammospn table1 --contralateral``): "none" = one-sided
+OPTIONS = ("none", *REFERENCES)
 
 
 def register_mirrored(mask: Tensor, other: Tensor, step: int = 8, max_shift: float = 0.25) -> tuple[int, int]:
@@ -83,4 +85,4 @@ def contralateral_reference(scores: Tensor, centers: Tensor, other_scores: Tenso
     return out.float()
 
 
-__all__ = ["REFERENCES", "contralateral_reference", "register_mirrored"]
+__all__ = ["OPTIONS", "REFERENCES", "contralateral_reference", "register_mirrored"]

@@ -20,7 +20,7 @@ from pytorch_lightning.utilities import move_data_to_device
 from torch import Tensor
 
 from lightning_modules.base import AnomalyDetector, batch_patches, class_tag
-from lightning_modules.contralateral import REFERENCES
+from lightning_modules.contralateral import OPTIONS as CONTRALATERAL_OPTIONS
 from spn import RatSpn, broadcast_module, em_step_size, is_distributed
 
 #: extra RAT-SPN variables of the conditional model (``context=True``): skin-line and chest-wall distance features
@@ -129,8 +129,8 @@ class RatSpnStage(AnomalyDetector):
         contralateral_radius_px: float = 32.0,
     ) -> None:
         super().__init__()
-        if contralateral not in ("none", *REFERENCES):
-            raise ValueError(f"model.init_args.contralateral must be one of {('none', *REFERENCES)}, got {contralateral!r}")
+        if contralateral not in CONTRALATERAL_OPTIONS:
+            raise ValueError(f"model.init_args.contralateral must be one of {CONTRALATERAL_OPTIONS}, got {contralateral!r}")
         if not contralateral_radius_px >= 0:
             raise ValueError(f"model.init_args.contralateral_radius_px must be >= 0, got {contralateral_radius_px}")
         if not 0 < step_size <= 1:

@@ -392,6 +392,9 @@ def test_contralateral_scores_the_ratspn_rows_against_the_other_breast(tmp_path:
         paired = "--data.init_args.with_contralateral" in stage.overrides
         assert paired == (ratspn and (stage.kind == "validate" or stage.test_set in table1_stages.CONTRALATERAL_TEST_SETS))
     assert table1_stages.CONTRALATERAL_TEST_SETS == ("mass",)
+    from lightning_modules import contralateral
+
+    assert table1_stages.CONTRALATERAL == contralateral.OPTIONS  # the flag's choices are the model option's values
     calibrate = next(s for s in stages if s.name == "cae_spn_calibrate")
     with pytest.raises(SystemExit):
         cli.run_cli([*table1_stages.stage_args(calibrate, runs, evals, "g"), "--print_config"])
