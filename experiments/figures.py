@@ -347,17 +347,18 @@ def val_loss_figure(curves: Mapping[str, Mapping[int, float]], out_path: str | P
         return None
     cols = min(4, len(curves))
     rows = (len(curves) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
-    for ax in axes.ravel()[len(curves):]:
-        ax.axis("off")
-    for ax, (name, curve) in zip(axes.ravel(), curves.items()):
-        epochs = sorted(curve)
-        ax.plot(epochs, [curve[e] for e in epochs], marker=".")
-        best = min(epochs, key=curve.__getitem__)
-        ax.axvline(best, color="grey", lw=0.6, ls=":")
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("epoch", fontsize=8)
-        ax.set_ylabel("val/loss", fontsize=8)
+    with style():  # constrained layout: a row's epoch labels never run into the next row's titles
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, layout="constrained")
+        for ax in axes.ravel()[len(curves):]:
+            ax.axis("off")
+        for ax, (name, curve) in zip(axes.ravel(), curves.items()):
+            epochs = sorted(curve)
+            ax.plot(epochs, [curve[e] for e in epochs], marker=".")
+            best = min(epochs, key=curve.__getitem__)
+            ax.axvline(best, color="grey", lw=0.6, ls=":")
+            ax.set_title(f"{name}: best epoch {best}, last {epochs[-1]}", fontsize=9)
+            ax.set_xlabel("epoch", fontsize=8)
+            ax.set_ylabel("val/loss", fontsize=8)
     return save_figure(fig, out_path)
 
 
