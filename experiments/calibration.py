@@ -34,6 +34,7 @@ import torch
 
 from experiments import anomaly_maps, evaluation_results
 from lightning_modules.base import batch_patches
+from lightning_modules.calibration import MondrianConformal
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,6 @@ class ConformalCalibration(pl.Callback):
         dm = trainer.datamodule
         if not hasattr(dm, "calibration_dataloader"):
             raise RuntimeError("ConformalCalibration needs a datamodule with calibration_dataloader(part)")
-        from lightning_modules.calibration import MondrianConformal
-
         def conformal(values: list[torch.Tensor], images: list[dict[str, Any]],
                       device: torch.device | str) -> tuple[MondrianConformal, dict[str, Any]]:
             calibrator = MondrianConformal(self.bins_px, self.min_count, self.normalise).to(device)
@@ -196,9 +195,7 @@ def _input(pl_module: pl.LightningModule, image: dict[str, Any], pre: Any) -> to
 
 def _one_sided(pl_module: pl.LightningModule, image: dict[str, Any], pre: Any, calibrator: Any) -> torch.Tensor:
     """One scored image's calibrated -log p (CPU) under the calibrator pair (``pre``, ``calibrator``)."""
-    device = calibrator.sorted_scores.device
-    values = _input(pl_module, image, pre).to(device)
-    return calibrator(values, image["context"].to(device)).detach().cpu()
+    return _final(pl_module, {**image, "other": None}, pre, calibrator, MondrianConformal())
 
 
 def _bilateral(pl_module: pl.LightningModule, image: dict[str, Any], pre: Any, calibrator: Any) -> torch.Tensor:
@@ -209,11 +206,12 @@ def _bilateral(pl_module: pl.LightningModule, image: dict[str, Any], pre: Any, c
 
 def _final(pl_module: pl.LightningModule, image: dict[str, Any], pre: Any, calibrator: Any,
            bilateral: Any) -> torch.Tensor:
-    """A scored image's -log p as the model would score it with these calibrators (`AnomalyDetector.score_item`):
-    the calibrated bilateral asymmetry where it has its other breast and ``bilateral`` is fitted, else one-sided."""
-    if image.get("other") is not None and bilateral.fitted:
-        return bilateral(_bilateral(pl_module, image, pre, calibrator), image["context"])
-    return _one_sided(pl_module, image, pre, calibrator)
+    """A scored image's -log p (CPU) as the model would score it with these calibrators: the model's own path
+    (`AnomalyDetector.calibrated_scores`), bilateral where the image has its other breast and ``bilateral`` is
+    fitted, else one-sided."""
+    other = image.get("other")
+    return pl_module.calibrated_scores(image["raw"], image, None if other is None else other["raw"], other,
+                                       (pre, calibrator, bilateral)).detach().cpu()
 
 
 def _p_values(image: dict[str, Any], calibrated: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

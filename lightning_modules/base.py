@@ -177,9 +177,7 @@ class AnomalyDetector(pl.LightningModule):
     def grid_scores(self, item: Mapping[str, Any]) -> Tensor:
         """The scores `calibrator` ranks, of an evaluation item's grid patches: the one path calibration and scoring
         share (`score_grid`, then `calibration_input`)."""
-        context = item.get("context")
-        raw = self.score_grid(batch_patches(item), None if context is None else context.reshape(-1, 2))
-        return self.calibration_input(raw, item)
+        return self.calibration_input(self.raw_grid_scores(item), item)
 
     def calibration_input(self, raw: Tensor, item: Mapping[str, Any],
                           pre_calibrator: MondrianConformal | None = None) -> Tensor:
@@ -218,17 +216,44 @@ class AnomalyDetector(pl.LightningModule):
             shift, float(getattr(self.hparams, "contralateral_radius_px", 32.0)), self.contralateral_reference)
         return scores - reference.to(scores.device)
 
-    def one_sided_scores(self, item: Mapping[str, Any]) -> Tensor:
-        """An item's grid scores (`grid_scores`), calibrated (-log p) when the calibrator is fitted."""
-        scores = self.grid_scores(item)
+    def raw_grid_scores(self, item: Mapping[str, Any]) -> Tensor:
+        """An item's raw grid scores (`score_grid` over its patches, given their context), before any calibration."""
         context = item.get("context")
-        if context is not None and self.calibrator.fitted:
-            scores = self.calibrator(scores, context.reshape(-1, 2).to(scores.device))
+        return self.score_grid(batch_patches(item), None if context is None else context.reshape(-1, 2))
+
+    def calibrated_scores(self, raw: Tensor, item: Mapping[str, Any], other_raw: Tensor | None = None,
+                          other: Mapping[str, Any] | None = None,
+                          calibrators: tuple[MondrianConformal, MondrianConformal, MondrianConformal] | None = None,
+                          ) -> Tensor:
+        """From an item's raw grid scores to its scores under ``calibrators`` (first, main and bilateral
+        calibrator; default the model's own): `calibration_input`, then -log p by the main calibrator when it is
+        fitted (one-sided); with the other breast's raw scores ``other_raw`` (the item ``other``) and a fitted
+        bilateral calibrator, the calibrated bilateral asymmetry instead (`bilateral_input`). The one path
+        `score_item` and the calibration check (`experiments.calibration`, with candidate calibrators) share."""
+        pre, calibrator, bilateral = (calibrators if calibrators is not None
+                                      else (self.pre_calibrator, self.calibrator, self.bilateral_calibrator))
+
+        def one_sided(values: Tensor, of: Mapping[str, Any]) -> Tensor:
+            values = self.calibration_input(values, of, pre)
+            context = of.get("context")
+            if context is not None and calibrator.fitted:
+                values = calibrator(values, context.reshape(-1, 2).to(values.device))
+            return values
+
+        scores = one_sided(raw, item)
+        if other_raw is not None and other is not None and self.contralateral_reference and bilateral.fitted \
+                and scores.numel() and other_raw.numel():
+            difference = self.bilateral_input(scores, item, one_sided(other_raw, other), other)
+            scores = bilateral(difference, item["context"].reshape(-1, 2).to(scores.device))
         return scores
 
+    def one_sided_scores(self, item: Mapping[str, Any]) -> Tensor:
+        """An item's grid scores (`grid_scores`), calibrated (-log p) when the calibrator is fitted."""
+        return self.calibrated_scores(self.raw_grid_scores(item), item)
+
     def score_item(self, batch: Mapping[str, Any]) -> Tensor:
-        """Scores of an evaluation item's grid patches (`one_sided_scores`): calibrated (-log p) when the calibrator
-        is fitted.
+        """Scores of an evaluation item's grid patches (`calibrated_scores`): calibrated (-log p) when the
+        calibrator is fitted.
 
         With the ``contralateral`` option and a fitted `bilateral_calibrator`, an item that carries its other
         breast (``batch["contralateral"]``, ``data.with_contralateral: true``) scores the calibrated bilateral asymmetry
@@ -238,14 +263,11 @@ class AnomalyDetector(pl.LightningModule):
         kept as a comparison row (it hides lesions by the border too).
         """
         context = batch.get("context")
-        scores = self.one_sided_scores(batch)
         other = batch.get("contralateral")
-        if (other is not None and self.contralateral_reference and self.bilateral_calibrator.fitted
-                and scores.numel()):
-            other_scores = self.one_sided_scores(other)
-            if other_scores.numel():
-                scores = self.bilateral_calibrator(self.bilateral_input(scores, batch, other_scores, other),
-                                                   context.reshape(-1, 2).to(scores.device))
+        if not (self.contralateral_reference and self.bilateral_calibrator.fitted):
+            other = None  # scored one-sided: the other breast need not be scored at all
+        scores = self.calibrated_scores(self.raw_grid_scores(batch), batch,
+                                        None if other is None else self.raw_grid_scores(other), other)
         if context is not None:
             context = context.reshape(-1, 2).to(scores.device)
             suppress = float(getattr(self.hparams, "border_suppression_px", 0.0) or 0.0)
