@@ -194,8 +194,10 @@ def _input(pl_module: pl.LightningModule, image: dict[str, Any], pre: Any) -> to
 
 
 def _one_sided(pl_module: pl.LightningModule, image: dict[str, Any], pre: Any, calibrator: Any) -> torch.Tensor:
-    """One scored image's calibrated -log p (CPU) under the calibrator pair (``pre``, ``calibrator``)."""
-    return _final(pl_module, {**image, "other": None}, pre, calibrator, MondrianConformal())
+    """One scored image's calibrated -log p (CPU) under the calibrator pair (``pre``, ``calibrator``): the model's
+    path given no other breast (the bilateral calibrator, unfitted here, is then never read)."""
+    return pl_module.calibrated_scores(image["raw"], image,
+                                       calibrators=(pre, calibrator, MondrianConformal())).detach().cpu()
 
 
 def _bilateral(pl_module: pl.LightningModule, image: dict[str, Any], pre: Any, calibrator: Any) -> torch.Tensor:
